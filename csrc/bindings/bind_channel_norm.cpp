@@ -1,0 +1,123 @@
+// normkit bindings: channel norms (BatchNorm), view (B, C, S) or channels-last (B, S, C).
+// Each entry: check everything, fill the params struct, release the GIL, run the kernel.
+#include <cmath>
+
+#include "bindings/arrays.h"
+#include "cpu/kernels.h"
+
+namespace nk::bind {
+
+namespace {
+
+struct ChannelShape {
+  int64_t B, C, S;
+};
+
+ChannelShape channel_shape(const py::array& x, bool channels_last, const char* fn) {
+  check(x.ndim() == 3, std::string(fn) + ": x must be 3-D (B, C, S) or (B, S, C), got shape " +
+                           shape_str(x));
+  return channels_last ? ChannelShape{x.shape(0), x.shape(2), x.shape(1)}
+                       : ChannelShape{x.shape(0), x.shape(1), x.shape(2)};
+}
+
+void channel_forward(const py::array& x, bool channels_last, const py::object& weight,
+                     const py::object& bias, const py::object& running_mean,
+                     const py::object& running_var, bool training, double momentum, double eps,
+                     py::array& y, const py::object& mean, const py::object& rstd) {
+  const char* fn = "channel_norm_forward";
+  const DType d = data_dtype(x, fn, "x");
+  const ChannelShape s = channel_shape(x, channels_last, fn);
+  check(!std::isnan(eps) && eps >= 0, std::string(fn) + ": eps must be >= 0");
+  check(!std::isnan(momentum) && momentum >= 0 && momentum <= 1,
+        std::string(fn) + ": momentum must be in [0, 1]");
+  check(running_mean.is_none() == running_var.is_none(),
+        std::string(fn) + ": running_mean and running_var must be given together");
+  check(training || !running_mean.is_none(),
+        std::string(fn) + ": training=False requires running_mean and running_var");
+  check(!training || s.C == 0 || s.B * s.S > 1,
+        std::string(fn) + ": expected more than 1 value per channel when training");
+  dispatch_dtype(d, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    using A = acc_t<T>;
+    ChannelForwardParams<T> p;
+    const std::vector<int64_t> shape = {x.shape(0), x.shape(1), x.shape(2)};
+    p.x = data_in<T>(x, d, shape, fn, "x");
+    p.y = data_out<T>(y, d, shape, fn, "y");
+    check_out_alias(y, x, fn, "y", "x");
+    p.weight = acc_array<A>(weight, d, s.C, false, fn, "weight");
+    p.bias = acc_array<A>(bias, d, s.C, false, fn, "bias");
+    p.mean = acc_array<A>(mean, d, s.C, true, fn, "mean");
+    p.rstd = acc_array<A>(rstd, d, s.C, true, fn, "rstd");
+    check(p.mean && p.rstd, std::string(fn) + ": mean and rstd are required");
+    int64_t stride_mean = 1, stride_var = 1;
+    p.running_mean = acc_strided<A>(running_mean, d, s.C, stride_mean, fn, "running_mean");
+    p.running_var = acc_strided<A>(running_var, d, s.C, stride_var, fn, "running_var");
+    check(stride_mean == stride_var,
+          std::string(fn) + ": running_mean and running_var must have the same stride");
+    p.running_stride = stride_mean;
+    p.B = s.B;
+    p.C = s.C;
+    p.S = s.S;
+    p.eps = eps;
+    p.momentum = momentum;
+    p.training = training;
+    p.channels_last = channels_last;
+    {
+      py::gil_scoped_release nogil;  // no Python objects touched here
+      cpu::channel_norm_forward(p);
+    }
+  });
+}
+
+void channel_backward(const py::array& dy, const py::array& x, bool channels_last,
+                      const py::object& mean, const py::object& rstd, const py::object& weight,
+                      bool training, py::array& dx, const py::object& dweight,
+                      const py::object& dbias) {
+  const char* fn = "channel_norm_backward";
+  const DType d = data_dtype(x, fn, "x");
+  const ChannelShape s = channel_shape(x, channels_last, fn);
+  dispatch_dtype(d, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    using A = acc_t<T>;
+    ChannelBackwardParams<T> p;
+    const std::vector<int64_t> shape = {x.shape(0), x.shape(1), x.shape(2)};
+    p.x = data_in<T>(x, d, shape, fn, "x");
+    p.dy = data_in<T>(dy, d, shape, fn, "dy");
+    p.dx = data_out<T>(dx, d, shape, fn, "dx");
+    check_out_alias(dx, x, fn, "dx", "x");
+    check_out_alias(dx, dy, fn, "dx", "dy");
+    p.mean = acc_array<A>(mean, d, s.C, false, fn, "mean");
+    p.rstd = acc_array<A>(rstd, d, s.C, false, fn, "rstd");
+    p.weight = acc_array<A>(weight, d, s.C, false, fn, "weight");
+    p.dweight = acc_array<A>(dweight, d, s.C, true, fn, "dweight");
+    p.dbias = acc_array<A>(dbias, d, s.C, true, fn, "dbias");
+    check(p.mean && p.rstd && p.dweight && p.dbias,
+          std::string(fn) + ": mean, rstd, dweight and dbias are required");
+    p.B = s.B;
+    p.C = s.C;
+    p.S = s.S;
+    p.training = training;
+    p.channels_last = channels_last;
+    {
+      py::gil_scoped_release nogil;  // no Python objects touched here
+      cpu::channel_norm_backward(p);
+    }
+  });
+}
+
+}  // namespace
+
+void bind_channel_norm(py::module_& m) {
+  m.def("channel_norm_forward", &channel_forward, py::arg("x"), py::arg("channels_last"),
+        py::arg("weight"), py::arg("bias"), py::arg("running_mean"), py::arg("running_var"),
+        py::arg("training"), py::arg("momentum"), py::arg("eps"), py::arg("y"), py::arg("mean"),
+        py::arg("rstd"),
+        "Channel view forward (BatchNorm). Writes y, mean, rstd; updates running statistics "
+        "in place when training.");
+  m.def("channel_norm_backward", &channel_backward, py::arg("dy"), py::arg("x"),
+        py::arg("channels_last"), py::arg("mean"), py::arg("rstd"), py::arg("weight"),
+        py::arg("training"), py::arg("dx"), py::arg("dweight"), py::arg("dbias"),
+        "Channel view backward. Writes dx, dweight, dbias in place.");
+}
+
+}  // namespace nk::bind

@@ -1,0 +1,111 @@
+// normkit bindings: the private extension module normkit._core.
+// Runtime settings, build information, and small entry points that expose the shared math of
+// csrc/core to the tests (conversions, moment merges), so it is tested on the CPU.
+#include <string>
+#include <vector>
+
+#include "bindings/arrays.h"
+#include "core/types.h"
+#include "core/welford.h"
+#include "cpu/parallel.h"
+
+#ifndef NORMKIT_VERSION
+#define NORMKIT_VERSION "unknown"
+#endif
+#ifndef NORMKIT_CXX_COMPILER
+#define NORMKIT_CXX_COMPILER "unknown"
+#endif
+
+namespace nk::bind {
+void bind_row_norm(py::module_& m);
+void bind_channel_norm(py::module_& m);
+}  // namespace nk::bind
+
+namespace {
+
+namespace py = pybind11;
+
+const char* simd_level() {
+#if defined(__AVX512F__)
+  return "avx512";
+#elif defined(__AVX2__)
+  return "avx2";
+#elif defined(__SSE2__) || defined(_M_X64)
+  return "sse2";
+#elif defined(__ARM_NEON)
+  return "neon";
+#else
+  return "scalar";
+#endif
+}
+
+py::dict build_info() {
+  py::dict d;
+  d["version"] = NORMKIT_VERSION;
+  d["compiler"] = NORMKIT_CXX_COMPILER;
+  d["simd"] = simd_level();
+  d["threading"] = nk::cpu::threading_backend();
+  d["default_num_threads"] = nk::cpu::default_num_threads();
+#if defined(NORMKIT_WITH_CUDA)
+  d["cuda_compiled"] = true;
+#else
+  d["cuda_compiled"] = false;
+#endif
+  return d;
+}
+
+py::array_t<uint16_t> float_to_half_array(const py::array_t<float, py::array::c_style>& a) {
+  py::array_t<uint16_t> out(a.size());
+  const float* src = a.data();
+  uint16_t* dst = out.mutable_data();
+  for (py::ssize_t i = 0; i < a.size(); ++i) dst[i] = nk::float_to_half(src[i]);
+  return out;
+}
+
+py::array_t<float> half_to_float_array(const py::array_t<uint16_t, py::array::c_style>& a) {
+  py::array_t<float> out(a.size());
+  for (py::ssize_t i = 0; i < a.size(); ++i) out.mutable_data()[i] = nk::half_to_float(a.data()[i]);
+  return out;
+}
+
+py::array_t<uint16_t> float_to_bfloat16_array(const py::array_t<float, py::array::c_style>& a) {
+  py::array_t<uint16_t> out(a.size());
+  for (py::ssize_t i = 0; i < a.size(); ++i)
+    out.mutable_data()[i] = nk::float_to_bfloat16(a.data()[i]);
+  return out;
+}
+
+// Moments of `values` built by Welford pushes inside pieces cut at `cuts`, pieces merged in
+// order with Chan's formula: returns (count, mean, population variance).
+py::tuple moments_by_pieces(const py::array_t<double, py::array::c_style>& values,
+                            const std::vector<int64_t>& cuts) {
+  nk::Moments<double> total;
+  int64_t start = 0;
+  std::vector<int64_t> ends = cuts;
+  ends.push_back(values.size());
+  for (int64_t end : ends) {
+    nk::Moments<double> piece;
+    for (int64_t i = start; i < end; ++i) nk::welford_push(piece, values.data()[i]);
+    nk::welford_merge(total, piece);
+    start = end;
+  }
+  return py::make_tuple(total.count, total.mean, nk::population_var(total));
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_core, m) {
+  m.doc() = "normkit's private native core; use the normkit package instead.";
+  nk::bind::bind_row_norm(m);
+  nk::bind::bind_channel_norm(m);
+  m.def("set_num_threads", [](int n) {
+    if (n < 1) throw std::invalid_argument("set_num_threads: n must be >= 1, got " + std::to_string(n));
+    nk::cpu::set_num_threads(n);
+  }, py::arg("n"));
+  m.def("get_num_threads", &nk::cpu::num_threads);
+  m.def("build_info", &build_info);
+  m.def("_float_to_half", &float_to_half_array);
+  m.def("_half_to_float", &half_to_float_array);
+  m.def("_float_to_bfloat16", &float_to_bfloat16_array);
+  m.def("_moments_by_pieces", &moments_by_pieces);
+}

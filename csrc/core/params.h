@@ -1,0 +1,70 @@
+// normkit core: the plain parameter structs handed from the bindings to the kernels.
+//
+// Pointers are typed, sizes are int64_t (tensors past 2^31 elements must work), and all arrays
+// are dense in the layout named by the struct; the bindings guarantee it before a kernel runs.
+//
+// Row view (LayerNorm, RMSNorm): x is (M, N), row-major; one statistic per row; weight/bias (N,).
+// Channel view (BatchNorm): x is (B, C, S) for channels-first or (B, S, C) for channels-last;
+//   one statistic per channel over B * S elements; weight/bias, mean, rstd (C,).
+#pragma once
+
+#include <cstdint>
+
+#include "core/types.h"
+
+namespace nk {
+
+template <class T> struct RowForwardParams {
+  const T* x = nullptr;
+  T* y = nullptr;
+  const acc_t<T>* weight = nullptr;  // (N,) or null (= 1)
+  const acc_t<T>* bias = nullptr;    // (N,) or null (= 0)
+  acc_t<T>* mean = nullptr;          // (M,); null for RMSNorm
+  acc_t<T>* rstd = nullptr;          // (M,)
+  int64_t M = 0, N = 0;
+  double eps = 0.0;
+};
+
+template <class T> struct RowBackwardParams {
+  const T* dy = nullptr;
+  const T* x = nullptr;
+  const acc_t<T>* mean = nullptr;    // (M,); null for RMSNorm (no centring)
+  const acc_t<T>* rstd = nullptr;    // (M,)
+  const acc_t<T>* weight = nullptr;  // (N,) or null
+  T* dx = nullptr;
+  acc_t<T>* dweight = nullptr;       // (N,)
+  acc_t<T>* dbias = nullptr;         // (N,) or null (RMSNorm)
+  int64_t M = 0, N = 0;
+};
+
+template <class T> struct ChannelForwardParams {
+  const T* x = nullptr;
+  T* y = nullptr;
+  const acc_t<T>* weight = nullptr;  // (C,) or null
+  const acc_t<T>* bias = nullptr;    // (C,) or null
+  acc_t<T>* mean = nullptr;          // (C,) out: statistics used
+  acc_t<T>* rstd = nullptr;          // (C,) out
+  acc_t<T>* running_mean = nullptr;  // (C,) in/out, element stride running_stride, or null
+  acc_t<T>* running_var = nullptr;
+  int64_t running_stride = 1;
+  int64_t B = 0, C = 0, S = 0;
+  double eps = 0.0, momentum = 0.0;
+  bool training = true;
+  bool channels_last = false;
+};
+
+template <class T> struct ChannelBackwardParams {
+  const T* dy = nullptr;
+  const T* x = nullptr;
+  const acc_t<T>* mean = nullptr;    // (C,)
+  const acc_t<T>* rstd = nullptr;    // (C,)
+  const acc_t<T>* weight = nullptr;  // (C,) or null
+  T* dx = nullptr;
+  acc_t<T>* dweight = nullptr;       // (C,)
+  acc_t<T>* dbias = nullptr;         // (C,)
+  int64_t B = 0, C = 0, S = 0;
+  bool training = true;
+  bool channels_last = false;
+};
+
+}  // namespace nk

@@ -1,0 +1,72 @@
+// normkit core: mergeable first and second moments (count, mean, M2).
+//
+// A group's statistics are built from pieces: a piece's mean and M2 = sum((x - mean)^2) come
+// from two passes over data that is still in cache (or from Welford pushes, one element at a
+// time, where two passes are not possible), and pieces are combined with Chan et al.'s parallel
+// formula:
+//   n = na + nb,  d = mean_b - mean_a,
+//   mean = mean_a + d * nb / n,   M2 = M2a + M2b + d^2 * na * nb / n.
+// Neither form subtracts two large sums (E[x^2] - E[x]^2), so a large mean with a small spread
+// keeps its precision. Pieces are always merged in a fixed order so that the result does not
+// depend on how the work was split among threads (SPEC section 5).
+//
+// References: B. P. Welford, Technometrics 4(3), 1962; T. F. Chan, G. H. Golub, R. J. LeVeque,
+// "Updating formulae and a pairwise algorithm for computing sample variances", 1979.
+#pragma once
+
+#include <cstdint>
+
+#include "core/macros.h"
+
+namespace nk {
+
+template <class A> struct Moments {
+  int64_t count = 0;
+  A mean = A(0);
+  A m2 = A(0);  // sum of squared deviations from mean
+};
+
+// Welford's update with one value.
+template <class A> NK_HOST_DEVICE NK_INLINE void welford_push(Moments<A>& m, A v) {
+  m.count += 1;
+  const A delta = v - m.mean;
+  m.mean += delta / static_cast<A>(m.count);
+  m.m2 += delta * (v - m.mean);
+}
+
+// Chan's merge: a <- a U b.
+template <class A> NK_HOST_DEVICE NK_INLINE void welford_merge(Moments<A>& a, const Moments<A>& b) {
+  if (b.count == 0) return;
+  if (a.count == 0) {
+    a = b;
+    return;
+  }
+  const int64_t n = a.count + b.count;
+  const A na = static_cast<A>(a.count), nb = static_cast<A>(b.count), nt = static_cast<A>(n);
+  const A delta = b.mean - a.mean;
+  const A wb = nb / nt;
+  a.mean += delta * wb;
+  a.m2 += b.m2 + delta * delta * na * wb;
+  a.count = n;
+}
+
+// A piece from its two-pass sums: count, sum of values, sum of squared deviations from sum/count.
+template <class A> NK_HOST_DEVICE NK_INLINE Moments<A> moments_from_two_pass(int64_t count, A mean, A m2) {
+  Moments<A> m;
+  m.count = count;
+  m.mean = mean;
+  m.m2 = m2;
+  return m;
+}
+
+// Population (biased) variance; 0 for an empty group.
+template <class A> NK_HOST_DEVICE NK_INLINE A population_var(const Moments<A>& m) {
+  return m.count > 0 ? m.m2 / static_cast<A>(m.count) : A(0);
+}
+
+// Unbiased variance m2 / (n - 1), used for running statistics.
+template <class A> NK_HOST_DEVICE NK_INLINE A unbiased_var(const Moments<A>& m) {
+  return m.count > 1 ? m.m2 / static_cast<A>(m.count - 1) : A(0);
+}
+
+}  // namespace nk

@@ -1,0 +1,176 @@
+// normkit CPU: row norms — LayerNorm, and RMSNorm as the same kernel with centring compiled out.
+//
+// View: x is (M, N) row-major, one group per row (STYLE section 2); weight/bias (N,).
+// Forward per row:
+//   1) stats: two passes over the row (it is in L1/L2 after the first): mean = sum(x) / N, then
+//      var = sum((x - mean)^2) / N, both in double with fixed-order lanes (cpu/lanes.h).
+//      RMSNorm: mean = 0, var = sum(x^2) / N.
+//   2) normalize + affine: y = xhat * w + b (core/norm_math.h).
+//   3) write y, mean, rstd. The row is fully reduced before any of its y is written, so y may
+//      be x itself (in place).
+// Backward per row: c1, c2 from one pass (both sums), then dx; dweight/dbias are sums over rows,
+// accumulated per fixed chunk of kRowsPerChunk rows and combined in chunk order (determinism).
+//
+// Threads: rows are independent; parallel_for over rows (forward) or row chunks (backward).
+#include <vector>
+
+#include "core/norm_math.h"
+#include "cpu/kernels.h"
+#include "cpu/lanes.h"
+#include "cpu/parallel.h"
+
+namespace nk::cpu {
+
+namespace {
+
+// Rows per dweight/dbias partial in the backward: a constant, so the summation order of
+// dweight and dbias never depends on the thread count.
+constexpr int64_t kRowsPerChunk = 64;
+
+// Assumptions: x, y dense (M, N); N >= 1; rows [r0, r1) owned by the caller.
+template <class T, bool kCenter, bool kHasWeight, bool kHasBias>
+void row_forward_rows(const RowForwardParams<T>& p, int64_t r0, int64_t r1) {
+  using C = compute_t<T>;
+  const int64_t N = p.N;
+  const double inv_n = 1.0 / static_cast<double>(N);
+  for (int64_t r = r0; r < r1; ++r) {
+    const T* x = p.x + r * N;
+    T* y = p.y + r * N;
+    // 1) stats
+    double mean = 0.0, var = 0.0;
+    if constexpr (kCenter) {
+      mean = lane_sum(N, [&](int64_t j) { return static_cast<double>(load(x[j])); }) * inv_n;
+      var = lane_sum(N, [&](int64_t j) {
+              const double d = static_cast<double>(load(x[j])) - mean;
+              return d * d;
+            }) * inv_n;
+    } else {
+      var = lane_sum(N, [&](int64_t j) {
+              const double v = static_cast<double>(load(x[j]));
+              return v * v;
+            }) * inv_n;
+    }
+    const double rstd = rstd_from_var(var, p.eps);
+    // 2) normalize + affine
+    const GroupStats<C> st = make_group_stats<C>(mean, rstd);
+    for (int64_t j = 0; j < N; ++j) {
+      const C w = kHasWeight ? static_cast<C>(p.weight[j]) : C(1);
+      const C b = kHasBias ? static_cast<C>(p.bias[j]) : C(0);
+      y[j] = store<T>(affine(xhat_of(static_cast<C>(load(x[j])), st), w, b));
+    }
+    // 3) write mean, rstd
+    if constexpr (kCenter) p.mean[r] = static_cast<acc_t<T>>(mean);
+    p.rstd[r] = static_cast<acc_t<T>>(rstd);
+  }
+}
+
+// Assumptions: dy, x, dx dense (M, N); rows [r0, r1) lie in one chunk whose partial dweight and
+// dbias rows are pdw, pdb (N doubles each, zeroed by the caller).
+template <class T, bool kCenter, bool kHasWeight>
+void row_backward_rows(const RowBackwardParams<T>& p, int64_t r0, int64_t r1, double* pdw,
+                       double* pdb) {
+  using C = compute_t<T>;
+  const int64_t N = p.N;
+  const double inv_n = 1.0 / static_cast<double>(N);
+  for (int64_t r = r0; r < r1; ++r) {
+    const T* x = p.x + r * N;
+    const T* dy = p.dy + r * N;
+    T* dx = p.dx + r * N;
+    const double mean = kCenter ? static_cast<double>(p.mean[r]) : 0.0;
+    const GroupStats<C> st = make_group_stats<C>(mean, static_cast<double>(p.rstd[r]));
+    // c1, c2
+    double sum_gx = 0.0, sum_g = 0.0;
+    lane_sum2(N, sum_gx, sum_g, [&](int64_t j, double& a, double& b) {
+      const C w = kHasWeight ? static_cast<C>(p.weight[j]) : C(1);
+      const C g = static_cast<C>(load(dy[j])) * w;
+      const C xh = xhat_of(static_cast<C>(load(x[j])), st);
+      a += static_cast<double>(g) * static_cast<double>(xh);
+      b += static_cast<double>(g);
+    });
+    const C c1 = static_cast<C>(sum_gx * inv_n);
+    const C c2 = kCenter ? static_cast<C>(sum_g * inv_n) : C(0);
+    // dx
+    for (int64_t j = 0; j < N; ++j) {
+      const C w = kHasWeight ? static_cast<C>(p.weight[j]) : C(1);
+      const C d = static_cast<C>(load(dy[j]));
+      const C xh = xhat_of(static_cast<C>(load(x[j])), st);
+      dx[j] = store<T>(input_grad(d * w, xh, st.rstd, c1, c2));
+    }
+    // partial dweight, dbias
+    for (int64_t j = 0; j < N; ++j) {
+      const double d = static_cast<double>(load(dy[j]));
+      const C xh = xhat_of(static_cast<C>(load(x[j])), st);
+      pdw[j] += d * static_cast<double>(xh);
+      pdb[j] += d;
+    }
+  }
+}
+
+}  // namespace
+
+template <class T> void row_norm_forward(const RowForwardParams<T>& p) {
+  if (p.M <= 0 || p.N <= 0) return;
+  bool_switch(p.mean != nullptr, [&](auto center) {
+    bool_switch(p.weight != nullptr, [&](auto has_w) {
+      bool_switch(p.bias != nullptr, [&](auto has_b) {
+        parallel_for(p.M, grain_for(p.N), [&](int64_t r0, int64_t r1) {
+          row_forward_rows<T, decltype(center)::value, decltype(has_w)::value,
+                           decltype(has_b)::value>(p, r0, r1);
+        });
+      });
+    });
+  });
+}
+
+template <class T> void row_norm_backward(const RowBackwardParams<T>& p) {
+  using A = acc_t<T>;
+  const int64_t M = p.M, N = p.N;
+  if (N <= 0) return;
+  if (M <= 0) {
+    for (int64_t j = 0; j < N; ++j) {
+      p.dweight[j] = A(0);
+      if (p.dbias) p.dbias[j] = A(0);
+    }
+    return;
+  }
+  const int64_t n_chunks = (M + kRowsPerChunk - 1) / kRowsPerChunk;
+  // Partial sums, one row pair per chunk; offset by 16 doubles so that the dweight and dbias
+  // rows of a chunk do not start at the same offset within a page (4K aliasing).
+  const int64_t stride = 2 * N + 16;
+  std::vector<double> partial(static_cast<size_t>(n_chunks * stride), 0.0);
+  bool_switch(p.mean != nullptr, [&](auto center) {
+    bool_switch(p.weight != nullptr, [&](auto has_w) {
+      parallel_for(n_chunks, grain_for(kRowsPerChunk * N), [&](int64_t c0, int64_t c1) {
+        for (int64_t c = c0; c < c1; ++c) {
+          double* pdw = partial.data() + c * stride;
+          const int64_t r0 = c * kRowsPerChunk, r1 = std::min(M, r0 + kRowsPerChunk);
+          row_backward_rows<T, decltype(center)::value, decltype(has_w)::value>(
+              p, r0, r1, pdw, pdw + N + 16);
+        }
+      });
+    });
+  });
+  // Combine the chunks' partials in chunk order.
+  parallel_for(N, grain_for(n_chunks), [&](int64_t j0, int64_t j1) {
+    for (int64_t j = j0; j < j1; ++j) {
+      double dw = 0.0, db = 0.0;
+      for (int64_t c = 0; c < n_chunks; ++c) {
+        dw += partial[static_cast<size_t>(c * stride + j)];
+        db += partial[static_cast<size_t>(c * stride + N + 16 + j)];
+      }
+      p.dweight[j] = static_cast<A>(dw);
+      if (p.dbias) p.dbias[j] = static_cast<A>(db);
+    }
+  });
+}
+
+#define NK_INSTANTIATE(T)                                              \
+  template void row_norm_forward<T>(const RowForwardParams<T>&);       \
+  template void row_norm_backward<T>(const RowBackwardParams<T>&);
+NK_INSTANTIATE(float)
+NK_INSTANTIATE(double)
+NK_INSTANTIATE(half)
+NK_INSTANTIATE(bfloat16)
+#undef NK_INSTANTIATE
+
+}  // namespace nk::cpu

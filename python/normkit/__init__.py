@@ -1,0 +1,62 @@
+"""normkit: fast, accurate forward and backward normalization kernels for NumPy.
+
+    import numpy as np
+    import normkit as nk
+    y, mean, rstd = nk.layer_norm(x, 768, weight, bias)
+    dx, dweight, dbias = nk.layer_norm_backward(dy, x, mean, rstd, weight)
+
+See SPEC-level documentation in the README. The native core is the private ``normkit._core``.
+"""
+
+from __future__ import annotations
+
+from . import _core
+from .functional import (
+    NormGrads,
+    NormOutput,
+    batch_norm,
+    batch_norm_backward,
+    layer_norm,
+    layer_norm_backward,
+)
+
+__version__ = _core.build_info()["version"]
+
+__all__ = [
+    "NormOutput",
+    "NormGrads",
+    "batch_norm",
+    "batch_norm_backward",
+    "layer_norm",
+    "layer_norm_backward",
+    "set_num_threads",
+    "get_num_threads",
+    "build_info",
+]
+
+
+def set_num_threads(n: int) -> None:
+    """Set the number of threads the CPU kernels use (n >= 1). Results do not depend on it."""
+    if isinstance(n, bool) or not isinstance(n, int):
+        try:
+            import operator
+
+            n = operator.index(n)
+        except TypeError:
+            raise TypeError(f"set_num_threads: n must be an int, got {n!r}") from None
+    if n < 1:
+        raise ValueError(f"set_num_threads: n must be >= 1, got {n}")
+    _core.set_num_threads(int(n))
+
+
+def get_num_threads() -> int:
+    """The number of threads the CPU kernels use (default: every core)."""
+    return _core.get_num_threads()
+
+
+def build_info() -> dict:
+    """Build facts: version, compiler, SIMD level, threading backend, CUDA compiled/usable."""
+    info = dict(_core.build_info())
+    info["cuda_available"] = False  # no CUDA kernels are shipped yet (see README, Limitations)
+    info["num_threads"] = _core.get_num_threads()
+    return info
