@@ -23,10 +23,19 @@ ChannelShape channel_shape(const py::array& x, bool channels_last, const char* f
 void channel_forward(const py::array& x, bool channels_last, const py::object& weight,
                      const py::object& bias, const py::object& running_mean,
                      const py::object& running_var, bool training, double momentum, double eps,
-                     py::array& y, const py::object& mean, const py::object& rstd) {
+                     py::array& y, const py::object& mean, const py::object& rstd,
+                     int64_t groups) {
   const char* fn = "channel_norm_forward";
   const DType d = data_dtype(x, fn, "x");
   const ChannelShape s = channel_shape(x, channels_last, fn);
+  const bool per_sample = groups > 0;
+  check(!per_sample || s.C % groups == 0,
+        std::string(fn) + ": number of channels " + std::to_string(s.C) +
+            " is not divisible by num_groups " + std::to_string(groups));
+  check(!per_sample || training, std::string(fn) + ": per-sample statistics require training=True");
+  check(!per_sample || running_mean.is_none() || groups == s.C,
+        std::string(fn) + ": running statistics with per-sample groups need one group per channel");
+  const int64_t n_stats = per_sample ? s.B * groups : s.C;
   check(!std::isnan(eps) && eps >= 0, std::string(fn) + ": eps must be >= 0");
   check(!std::isnan(momentum) && momentum >= 0 && momentum <= 1,
         std::string(fn) + ": momentum must be in [0, 1]");
@@ -34,8 +43,10 @@ void channel_forward(const py::array& x, bool channels_last, const py::object& w
         std::string(fn) + ": running_mean and running_var must be given together");
   check(training || !running_mean.is_none(),
         std::string(fn) + ": training=False requires running_mean and running_var");
-  check(!training || s.C == 0 || s.B * s.S > 1,
+  check(per_sample || !training || s.C == 0 || s.B * s.S > 1,
         std::string(fn) + ": expected more than 1 value per channel when training");
+  check(!per_sample || s.S * (s.C / groups) > 0 || s.B == 0,
+        std::string(fn) + ": empty reduction");
   dispatch_dtype(d, [&](auto tag) {
     using T = typename decltype(tag)::type;
     using A = acc_t<T>;
@@ -46,8 +57,8 @@ void channel_forward(const py::array& x, bool channels_last, const py::object& w
     check_out_alias(y, x, fn, "y", "x");
     p.weight = acc_array<A>(weight, d, s.C, false, fn, "weight");
     p.bias = acc_array<A>(bias, d, s.C, false, fn, "bias");
-    p.mean = acc_array<A>(mean, d, s.C, true, fn, "mean");
-    p.rstd = acc_array<A>(rstd, d, s.C, true, fn, "rstd");
+    p.mean = acc_array<A>(mean, d, n_stats, true, fn, "mean");
+    p.rstd = acc_array<A>(rstd, d, n_stats, true, fn, "rstd");
     check(p.mean && p.rstd, std::string(fn) + ": mean and rstd are required");
     int64_t stride_mean = 1, stride_var = 1;
     p.running_mean = acc_strided<A>(running_mean, d, s.C, stride_mean, fn, "running_mean");
@@ -60,8 +71,10 @@ void channel_forward(const py::array& x, bool channels_last, const py::object& w
     p.S = s.S;
     p.eps = eps;
     p.momentum = momentum;
+    p.G = per_sample ? groups : s.C;
     p.training = training;
     p.channels_last = channels_last;
+    p.per_sample = per_sample;
     {
       py::gil_scoped_release nogil;  // no Python objects touched here
       cpu::channel_norm_forward(p);
@@ -72,10 +85,15 @@ void channel_forward(const py::array& x, bool channels_last, const py::object& w
 void channel_backward(const py::array& dy, const py::array& x, bool channels_last,
                       const py::object& mean, const py::object& rstd, const py::object& weight,
                       bool training, py::array& dx, const py::object& dweight,
-                      const py::object& dbias) {
+                      const py::object& dbias, int64_t groups) {
   const char* fn = "channel_norm_backward";
   const DType d = data_dtype(x, fn, "x");
   const ChannelShape s = channel_shape(x, channels_last, fn);
+  const bool per_sample = groups > 0;
+  check(!per_sample || s.C % groups == 0,
+        std::string(fn) + ": number of channels " + std::to_string(s.C) +
+            " is not divisible by num_groups " + std::to_string(groups));
+  const int64_t n_stats = per_sample ? s.B * groups : s.C;
   dispatch_dtype(d, [&](auto tag) {
     using T = typename decltype(tag)::type;
     using A = acc_t<T>;
@@ -86,8 +104,8 @@ void channel_backward(const py::array& dy, const py::array& x, bool channels_las
     p.dx = data_out<T>(dx, d, shape, fn, "dx");
     check_out_alias(dx, x, fn, "dx", "x");
     check_out_alias(dx, dy, fn, "dx", "dy");
-    p.mean = acc_array<A>(mean, d, s.C, false, fn, "mean");
-    p.rstd = acc_array<A>(rstd, d, s.C, false, fn, "rstd");
+    p.mean = acc_array<A>(mean, d, n_stats, false, fn, "mean");
+    p.rstd = acc_array<A>(rstd, d, n_stats, false, fn, "rstd");
     p.weight = acc_array<A>(weight, d, s.C, false, fn, "weight");
     p.dweight = acc_array<A>(dweight, d, s.C, true, fn, "dweight");
     p.dbias = acc_array<A>(dbias, d, s.C, true, fn, "dbias");
@@ -96,8 +114,10 @@ void channel_backward(const py::array& dy, const py::array& x, bool channels_las
     p.B = s.B;
     p.C = s.C;
     p.S = s.S;
+    p.G = per_sample ? groups : s.C;
     p.training = training;
     p.channels_last = channels_last;
+    p.per_sample = per_sample;
     {
       py::gil_scoped_release nogil;  // no Python objects touched here
       cpu::channel_norm_backward(p);
@@ -111,13 +131,15 @@ void bind_channel_norm(py::module_& m) {
   m.def("channel_norm_forward", &channel_forward, py::arg("x"), py::arg("channels_last"),
         py::arg("weight"), py::arg("bias"), py::arg("running_mean"), py::arg("running_var"),
         py::arg("training"), py::arg("momentum"), py::arg("eps"), py::arg("y"), py::arg("mean"),
-        py::arg("rstd"),
-        "Channel view forward (BatchNorm). Writes y, mean, rstd; updates running statistics "
-        "in place when training.");
+        py::arg("rstd"), py::arg("groups") = 0,
+        "Channel view forward. groups=0: BatchNorm (statistics per channel, (C,)); groups=G > 0: "
+        "GroupNorm (statistics per sample and group, (B, G)). Writes y, mean, rstd; updates "
+        "running statistics in place when training.");
   m.def("channel_norm_backward", &channel_backward, py::arg("dy"), py::arg("x"),
         py::arg("channels_last"), py::arg("mean"), py::arg("rstd"), py::arg("weight"),
         py::arg("training"), py::arg("dx"), py::arg("dweight"), py::arg("dbias"),
-        "Channel view backward. Writes dx, dweight, dbias in place.");
+        py::arg("groups") = 0,
+        "Channel view backward (groups as in the forward). Writes dx, dweight, dbias in place.");
 }
 
 }  // namespace nk::bind

@@ -4,8 +4,11 @@
 // are dense in the layout named by the struct; the bindings guarantee it before a kernel runs.
 //
 // Row view (LayerNorm, RMSNorm): x is (M, N), row-major; one statistic per row; weight/bias (N,).
-// Channel view (BatchNorm): x is (B, C, S) for channels-first or (B, S, C) for channels-last;
-//   one statistic per channel over B * S elements; weight/bias, mean, rstd (C,).
+// Channel view (BatchNorm, GroupNorm, InstanceNorm): x is (B, C, S) for channels-first or
+//   (B, S, C) for channels-last; weight/bias (C,). Channels form G groups of D = C / G.
+//   per_sample=false (BatchNorm, G = C): one statistic per channel over B * S elements; (C,).
+//   per_sample=true (GroupNorm; InstanceNorm is G = C): one per (sample, group) over D * S
+//   elements; mean, rstd (B, G).
 #pragma once
 
 #include <cstdint>
@@ -42,29 +45,33 @@ template <class T> struct ChannelForwardParams {
   T* y = nullptr;
   const acc_t<T>* weight = nullptr;  // (C,) or null
   const acc_t<T>* bias = nullptr;    // (C,) or null
-  acc_t<T>* mean = nullptr;          // (C,) out: statistics used
-  acc_t<T>* rstd = nullptr;          // (C,) out
-  acc_t<T>* running_mean = nullptr;  // (C,) in/out, element stride running_stride, or null
+  acc_t<T>* mean = nullptr;          // (C,) or (B, G) out: statistics used
+  acc_t<T>* rstd = nullptr;          // (C,) or (B, G) out
+  // (C,) in/out, element stride running_stride, or null. per_sample (InstanceNorm, G = C):
+  // updated with the batch averages of the per-sample means and unbiased variances.
+  acc_t<T>* running_mean = nullptr;
   acc_t<T>* running_var = nullptr;
   int64_t running_stride = 1;
-  int64_t B = 0, C = 0, S = 0;
+  int64_t B = 0, C = 0, S = 0, G = 0;
   double eps = 0.0, momentum = 0.0;
-  bool training = true;
+  bool training = true;  // false: statistics from the running ones (per_sample must be false)
   bool channels_last = false;
+  bool per_sample = false;
 };
 
 template <class T> struct ChannelBackwardParams {
   const T* dy = nullptr;
   const T* x = nullptr;
-  const acc_t<T>* mean = nullptr;    // (C,)
-  const acc_t<T>* rstd = nullptr;    // (C,)
+  const acc_t<T>* mean = nullptr;    // (C,) or (B, G)
+  const acc_t<T>* rstd = nullptr;    // (C,) or (B, G)
   const acc_t<T>* weight = nullptr;  // (C,) or null
   T* dx = nullptr;
   acc_t<T>* dweight = nullptr;       // (C,)
   acc_t<T>* dbias = nullptr;         // (C,)
-  int64_t B = 0, C = 0, S = 0;
-  bool training = true;
+  int64_t B = 0, C = 0, S = 0, G = 0;
+  bool training = true;  // false: statistics are constants
   bool channels_last = false;
+  bool per_sample = false;
 };
 
 }  // namespace nk

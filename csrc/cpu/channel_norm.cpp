@@ -1,21 +1,27 @@
-// normkit CPU: channel norms — BatchNorm (statistics per channel over batch and space).
+// normkit CPU: channel norms — BatchNorm, GroupNorm (and InstanceNorm, GroupNorm with G = C).
 //
-// View: every layout is reduced to (O, C, I) row-major, one statistic group per channel c over
-// O * I elements:
-//   channels-first (B, C, S):  O = B,     I = S
-//   channels-last  (B, S, C):  O = B * S, I = 1
+// View: every layout and op is reduced to x[s][o][c][i], dense and row-major, with
+//   s < samples: independent sample blocks (1 for BatchNorm, B for GroupNorm),
+//   o < O:       rows within a block that share statistics,
+//   c < C:       channels, in G groups of D = C / G (BatchNorm: G = C, D = 1),
+//   i < I:       innermost positions.
+//                     channels-first (B, C, S)      channels-last (B, S, C)
+//   BatchNorm         samples 1, O = B, I = S       samples 1, O = B * S, I = 1
+//   GroupNorm         samples B, O = 1, I = S       samples B, O = S,     I = 1
+// A statistic group is (s, g): n = O * D * I elements. Statistics (s, g) are written at s * G + g.
+//
 // Two traversals of that one view, chosen from the shape alone (never from the thread count):
-//   planes (I >= kMinPlane): threads own channels; a channel's planes (o, c, :) are reduced in
-//     pieces of at most kPiece elements and then normalized right away, while still in cache.
-//   rows   (I <  kMinPlane): x is a matrix (O, C * I); threads own fixed chunks of rows and keep
-//     per-column partials, which are merged per channel in (chunk, i) order.
+//   planes (I >= kMinPlane): threads own groups; a group's planes x[s][o][c][:] are reduced in
+//     pieces of at most kPiece elements, then normalized right away, while still in cache.
+//   rows   (I <  kMinPlane): each block is a matrix (O, C * I); threads own fixed chunks of rows
+//     and keep per-column partials, merged per group in (chunk, column) order.
 // Forward: 1) stats — two passes per piece in double, pieces merged with Chan's formula
-// (core/welford.h); running statistics updated with the unbiased variance. 2) normalize +
-// affine with core/norm_math.h. 3) write y, mean, rstd. A channel is fully reduced before any y
-// is written, so y may be x (in place).
-// Backward: per channel sum(dy) and sum(dy * xhat) (= dbias, dweight), then
-//   dx = rstd * (g - c2 - xhat * c1), g = w * dy, c1 = w * dweight / n, c2 = w * dbias / n;
-//   training=False: statistics are constants, c1 = c2 = 0.
+// (core/welford.h). 2) normalize + affine (core/norm_math.h). 3) write y, mean, rstd; running
+// statistics updated with unbiased variances. A group is fully reduced before any of its y is
+// written, so y may be x (in place).
+// Backward: per (s, c) sums S1 = sum(dy * xhat), S2 = sum(dy); dweight = sum_s S1, dbias = sum_s S2;
+// per group c1 = sum_c w_c S1 / n, c2 = sum_c w_c S2 / n; dx = rstd * (w dy - c2 - xhat c1);
+// training=False: statistics are constants, c1 = c2 = 0.
 #include <algorithm>
 #include <vector>
 
@@ -29,21 +35,41 @@ namespace nk::cpu {
 
 namespace {
 
-constexpr int64_t kMinPlane = 64;         // planes shorter than this use the row traversal
-constexpr int64_t kPiece = 4096;          // elements per two-pass piece in the plane traversal
-constexpr int64_t kChunkElements = 65536; // elements per row chunk in the row traversal
+constexpr int64_t kMinPlane = 64;          // planes shorter than this use the row traversal
+constexpr int64_t kPiece = 4096;           // elements per two-pass piece in the plane traversal
+constexpr int64_t kChunkElements = 65536;  // elements per row chunk in the row traversal
 
 struct View {
-  int64_t O, C, I;
+  int64_t samples, O, C, I, G, D;
+  int64_t offset(int64_t s, int64_t o, int64_t c) const { return ((s * O + o) * C + c) * I; }
+  int64_t group_size() const { return O * D * I; }
+  int64_t cols() const { return C * I; }
+  int64_t rows_per_chunk() const {
+    return std::max<int64_t>(1, kChunkElements / std::max<int64_t>(1, cols()));
+  }
+  int64_t chunks() const { return (O + rows_per_chunk() - 1) / rows_per_chunk(); }
+  int64_t chunk_rows(int64_t k) const {
+    return std::min(O, (k + 1) * rows_per_chunk()) - k * rows_per_chunk();
+  }
 };
 
 template <class P> View view_of(const P& p) {
-  return p.channels_last ? View{p.B * p.S, p.C, 1} : View{p.B, p.C, p.S};
+  View v;
+  v.samples = p.per_sample ? p.B : 1;
+  v.C = p.C;
+  v.G = p.per_sample ? p.G : p.C;
+  v.D = v.G > 0 ? p.C / v.G : 0;
+  if (p.channels_last) {
+    v.O = p.per_sample ? p.S : p.B * p.S;
+    v.I = 1;
+  } else {
+    v.O = p.per_sample ? 1 : p.B;
+    v.I = p.S;
+  }
+  return v;
 }
 
-int64_t rows_per_chunk(const View& v) {
-  return std::max<int64_t>(1, kChunkElements / std::max<int64_t>(1, v.C * v.I));
-}
+inline size_t at(int64_t i) { return static_cast<size_t>(i); }
 
 // Two-pass moments of a contiguous piece.
 template <class T> Moments<double> piece_moments(const T* x, int64_t len) {
@@ -56,85 +82,107 @@ template <class T> Moments<double> piece_moments(const T* x, int64_t len) {
   return moments_from_two_pass(len, mean, m2);
 }
 
-// Statistics of channel c: from the batch (training; running statistics updated) or from the
-// running statistics (evaluation). Writes p.mean[c], p.rstd[c] and returns them in double.
+// Statistics of group t (= s * G + g): from its moments (training) or from the running
+// statistics (evaluation; only without per_sample, so t is the channel). Writes mean, rstd.
 template <class T>
-GroupStats<compute_t<T>> finish_channel(const ChannelForwardParams<T>& p, int64_t c,
-                                        const Moments<double>& m) {
-  using A = acc_t<T>;
+GroupStats<compute_t<T>> finish_group(const ChannelForwardParams<T>& p, int64_t t,
+                                      const Moments<double>& m) {
   double mean, var;
   if (p.training) {
     mean = m.mean;
     var = population_var(m);
-    if (p.running_mean) {
-      A& rm = p.running_mean[c * p.running_stride];
-      A& rv = p.running_var[c * p.running_stride];
-      rm = running_update(rm, mean, p.momentum);
-      rv = running_update(rv, unbiased_var(m), p.momentum);
-    }
   } else {
-    mean = static_cast<double>(p.running_mean[c * p.running_stride]);
-    var = static_cast<double>(p.running_var[c * p.running_stride]);
+    mean = static_cast<double>(p.running_mean[t * p.running_stride]);
+    var = static_cast<double>(p.running_var[t * p.running_stride]);
   }
   const double rstd = rstd_from_var(var, p.eps);
-  p.mean[c] = static_cast<A>(mean);
-  p.rstd[c] = static_cast<A>(rstd);
+  p.mean[t] = static_cast<acc_t<T>>(mean);
+  p.rstd[t] = static_cast<acc_t<T>>(rstd);
   return make_group_stats<compute_t<T>>(mean, rstd);
+}
+
+// Running statistics after a training forward. BatchNorm: the channel's batch moments.
+// InstanceNorm (per_sample, D = 1): averages over the batch of per-sample means and unbiased
+// variances, added in sample order.
+template <class T>
+void update_running(const ChannelForwardParams<T>& p, const View& v,
+                    const std::vector<Moments<double>>& gm) {
+  using A = acc_t<T>;
+  if (!p.training || !p.running_mean) return;
+  for (int64_t c = 0; c < v.C; ++c) {
+    double mean = 0.0, var = 0.0;
+    for (int64_t s = 0; s < v.samples; ++s) {
+      mean += gm[at(s * v.G + c)].mean;
+      var += unbiased_var(gm[at(s * v.G + c)]);
+    }
+    mean /= static_cast<double>(v.samples);
+    var /= static_cast<double>(v.samples);
+    A& rm = p.running_mean[c * p.running_stride];
+    A& rv = p.running_var[c * p.running_stride];
+    rm = running_update(rm, mean, p.momentum);
+    rv = running_update(rv, var, p.momentum);
+  }
 }
 
 template <class T, bool kHasWeight, bool kHasBias>
 void forward_planes(const ChannelForwardParams<T>& p, const View& v) {
   using C = compute_t<T>;
-  // Assumptions: I >= 1; threads own whole channels, so no partials are shared.
-  parallel_for(v.C, grain_for(v.O * v.I), [&](int64_t ch0, int64_t ch1) {
-    for (int64_t c = ch0; c < ch1; ++c) {
+  const int64_t tasks = v.samples * v.G;
+  std::vector<Moments<double>> gm(at(tasks));
+  // Assumptions: I >= 1; each thread owns whole groups, so nothing is shared while it runs.
+  parallel_for(tasks, grain_for(v.group_size()), [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t s = t / v.G, g = t % v.G;
       // 1) stats
       Moments<double> m;
       if (p.training) {
-        for (int64_t o = 0; o < v.O; ++o) {
-          const T* plane = p.x + (o * v.C + c) * v.I;
-          for (int64_t s = 0; s < v.I; s += kPiece)
-            welford_merge(m, piece_moments(plane + s, std::min(kPiece, v.I - s)));
-        }
+        for (int64_t o = 0; o < v.O; ++o)
+          for (int64_t c = g * v.D; c < (g + 1) * v.D; ++c) {
+            const T* plane = p.x + v.offset(s, o, c);
+            for (int64_t i = 0; i < v.I; i += kPiece)
+              welford_merge(m, piece_moments(plane + i, std::min(kPiece, v.I - i)));
+          }
       }
-      const GroupStats<C> st = finish_channel(p, c, m);
+      gm[at(t)] = m;
+      const GroupStats<C> st = finish_group(p, t, m);
       // 2) normalize + affine, 3) write y
-      const C w = kHasWeight ? static_cast<C>(p.weight[c]) : C(1);
-      const C b = kHasBias ? static_cast<C>(p.bias[c]) : C(0);
-      for (int64_t o = 0; o < v.O; ++o) {
-        const T* xp = p.x + (o * v.C + c) * v.I;
-        T* yp = p.y + (o * v.C + c) * v.I;
-        for (int64_t i = 0; i < v.I; ++i)
-          yp[i] = store<T>(affine(xhat_of(static_cast<C>(load(xp[i])), st), w, b));
-      }
+      for (int64_t o = 0; o < v.O; ++o)
+        for (int64_t c = g * v.D; c < (g + 1) * v.D; ++c) {
+          const C w = kHasWeight ? static_cast<C>(p.weight[c]) : C(1);
+          const C b = kHasBias ? static_cast<C>(p.bias[c]) : C(0);
+          const T* xp = p.x + v.offset(s, o, c);
+          T* yp = p.y + v.offset(s, o, c);
+          for (int64_t i = 0; i < v.I; ++i)
+            yp[i] = store<T>(affine(xhat_of(static_cast<C>(load(xp[i])), st), w, b));
+        }
     }
   });
+  update_running(p, v, gm);
 }
 
 template <class T, bool kHasWeight, bool kHasBias>
 void forward_rows(const ChannelForwardParams<T>& p, const View& v) {
   using C = compute_t<T>;
-  const int64_t cols = v.C * v.I;
-  const int64_t rpc = rows_per_chunk(v);
-  const int64_t n_chunks = (v.O + rpc - 1) / rpc;
-  std::vector<GroupStats<C>> st(static_cast<size_t>(v.C));
-  // 1) stats: per-column (mean, M2) of each chunk, by two passes over the chunk.
+  const int64_t cols = v.cols(), rpc = v.rows_per_chunk(), n_chunks = v.chunks();
+  const int64_t tasks = v.samples * n_chunks;
+  // 1) stats: per-column (mean, M2) of each (sample, chunk), two passes over the chunk.
   std::vector<double> partial;
-  if (p.training) partial.assign(static_cast<size_t>(n_chunks * 2 * cols), 0.0);
   if (p.training) {
-    parallel_for(n_chunks, grain_for(rpc * cols), [&](int64_t k0, int64_t k1) {
-      for (int64_t k = k0; k < k1; ++k) {
-        const int64_t r0 = k * rpc, r1 = std::min(v.O, r0 + rpc);
-        double* mean = partial.data() + k * 2 * cols;
+    partial.assign(at(tasks * 2 * cols), 0.0);
+    parallel_for(tasks, grain_for(rpc * cols), [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t s = t / n_chunks, k = t % n_chunks;
+        const int64_t r0 = k * rpc, r1 = r0 + v.chunk_rows(k);
+        double* mean = partial.data() + t * 2 * cols;
         double* m2 = mean + cols;
         for (int64_t r = r0; r < r1; ++r) {
-          const T* xr = p.x + r * cols;
+          const T* xr = p.x + v.offset(s, r, 0);
           for (int64_t j = 0; j < cols; ++j) mean[j] += static_cast<double>(load(xr[j]));
         }
         const double inv = 1.0 / static_cast<double>(r1 - r0);
         for (int64_t j = 0; j < cols; ++j) mean[j] *= inv;
         for (int64_t r = r0; r < r1; ++r) {
-          const T* xr = p.x + r * cols;
+          const T* xr = p.x + v.offset(s, r, 0);
           for (int64_t j = 0; j < cols; ++j) {
             const double d = static_cast<double>(load(xr[j])) - mean[j];
             m2[j] += d * d;
@@ -143,143 +191,192 @@ void forward_rows(const ChannelForwardParams<T>& p, const View& v) {
       }
     });
   }
-  for (int64_t c = 0; c < v.C; ++c) {
+  const int64_t groups = v.samples * v.G;
+  std::vector<Moments<double>> gm(at(groups));
+  std::vector<GroupStats<C>> scol(at(v.samples * cols));  // per (sample, column)
+  for (int64_t t = 0; t < groups; ++t) {
+    const int64_t s = t / v.G, g = t % v.G;
+    const int64_t j0 = g * v.D * v.I, j1 = (g + 1) * v.D * v.I;
     Moments<double> m;
     if (p.training) {
       for (int64_t k = 0; k < n_chunks; ++k) {
-        const int64_t len = std::min(v.O, (k + 1) * rpc) - k * rpc;
-        const double* mean = partial.data() + k * 2 * cols;
-        for (int64_t i = 0; i < v.I; ++i)
-          welford_merge(m, moments_from_two_pass(len, mean[c * v.I + i], mean[cols + c * v.I + i]));
+        const double* mean = partial.data() + (s * n_chunks + k) * 2 * cols;
+        for (int64_t j = j0; j < j1; ++j)
+          welford_merge(m, moments_from_two_pass(v.chunk_rows(k), mean[j], mean[cols + j]));
       }
     }
-    st[static_cast<size_t>(c)] = finish_channel(p, c, m);
+    gm[at(t)] = m;
+    const GroupStats<C> st = finish_group(p, t, m);
+    for (int64_t j = j0; j < j1; ++j) scol[at(s * cols + j)] = st;
   }
+  update_running(p, v, gm);
   // 2) normalize + affine, 3) write y
-  std::vector<C> wcol(static_cast<size_t>(cols)), bcol(static_cast<size_t>(cols));
-  std::vector<GroupStats<C>> scol(static_cast<size_t>(cols));
+  std::vector<C> wcol(at(cols)), bcol(at(cols));
   for (int64_t j = 0; j < cols; ++j) {
-    const int64_t c = j / v.I;
-    wcol[static_cast<size_t>(j)] = kHasWeight ? static_cast<C>(p.weight[c]) : C(1);
-    bcol[static_cast<size_t>(j)] = kHasBias ? static_cast<C>(p.bias[c]) : C(0);
-    scol[static_cast<size_t>(j)] = st[static_cast<size_t>(c)];
+    wcol[at(j)] = kHasWeight ? static_cast<C>(p.weight[j / v.I]) : C(1);
+    bcol[at(j)] = kHasBias ? static_cast<C>(p.bias[j / v.I]) : C(0);
   }
-  parallel_for(v.O, grain_for(cols), [&](int64_t r0, int64_t r1) {
+  parallel_for(v.samples * v.O, grain_for(cols), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
+      const GroupStats<C>* st = scol.data() + (r / v.O) * cols;
       const T* xr = p.x + r * cols;
       T* yr = p.y + r * cols;
       for (int64_t j = 0; j < cols; ++j)
-        yr[j] = store<T>(affine(xhat_of(static_cast<C>(load(xr[j])), scol[static_cast<size_t>(j)]),
-                                wcol[static_cast<size_t>(j)], bcol[static_cast<size_t>(j)]));
+        yr[j] = store<T>(affine(xhat_of(static_cast<C>(load(xr[j])), st[j]), wcol[at(j)], bcol[at(j)]));
     }
   });
+}
+
+// c1 and c2 of group t from its channels' sums S1, S2 (sample s's row of C).
+template <class T>
+void group_coefficients(const ChannelBackwardParams<T>& p, const View& v, const double* s1,
+                        const double* s2, int64_t g, compute_t<T>& c1, compute_t<T>& c2) {
+  using C = compute_t<T>;
+  if (!p.training) {
+    c1 = c2 = C(0);
+    return;
+  }
+  double a = 0.0, b = 0.0;
+  for (int64_t c = g * v.D; c < (g + 1) * v.D; ++c) {
+    const double w = p.weight ? static_cast<double>(p.weight[c]) : 1.0;
+    a += w * s1[c];
+    b += w * s2[c];
+  }
+  const double n = static_cast<double>(v.group_size());
+  c1 = static_cast<C>(a / n);
+  c2 = static_cast<C>(b / n);
+}
+
+// dweight, dbias: per-channel sums over samples, in sample order.
+template <class T>
+void write_param_grads(const ChannelBackwardParams<T>& p, const View& v, const std::vector<double>& s1,
+                       const std::vector<double>& s2) {
+  for (int64_t c = 0; c < v.C; ++c) {
+    double dw = 0.0, db = 0.0;
+    for (int64_t s = 0; s < v.samples; ++s) {
+      dw += s1[at(s * v.C + c)];
+      db += s2[at(s * v.C + c)];
+    }
+    p.dweight[c] = static_cast<acc_t<T>>(dw);
+    p.dbias[c] = static_cast<acc_t<T>>(db);
+  }
 }
 
 // Backward, plane traversal. Assumptions as forward_planes.
 template <class T, bool kHasWeight>
 void backward_planes(const ChannelBackwardParams<T>& p, const View& v) {
   using C = compute_t<T>;
-  const double n = static_cast<double>(v.O * v.I);
-  parallel_for(v.C, grain_for(v.O * v.I), [&](int64_t ch0, int64_t ch1) {
-    for (int64_t c = ch0; c < ch1; ++c) {
+  std::vector<double> s1(at(v.samples * v.C)), s2(at(v.samples * v.C));
+  parallel_for(v.samples * v.G, grain_for(v.group_size()), [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t s = t / v.G, g = t % v.G;
       const GroupStats<C> st =
-          make_group_stats<C>(static_cast<double>(p.mean[c]), static_cast<double>(p.rstd[c]));
-      // partial dweight, dbias: per plane, added in plane order
-      double sum_dy_xhat = 0.0, sum_dy = 0.0;
-      for (int64_t o = 0; o < v.O; ++o) {
-        const T* xp = p.x + (o * v.C + c) * v.I;
-        const T* dyp = p.dy + (o * v.C + c) * v.I;
-        double a, b;
-        lane_sum2(v.I, a, b, [&](int64_t i, double& acc_a, double& acc_b) {
-          const double d = static_cast<double>(load(dyp[i]));
-          acc_a += d * static_cast<double>(xhat_of(static_cast<C>(load(xp[i])), st));
-          acc_b += d;
-        });
-        sum_dy_xhat += a;
-        sum_dy += b;
+          make_group_stats<C>(static_cast<double>(p.mean[t]), static_cast<double>(p.rstd[t]));
+      // partial dweight, dbias: per channel, planes added in row order
+      for (int64_t c = g * v.D; c < (g + 1) * v.D; ++c) {
+        double sum_dy_xhat = 0.0, sum_dy = 0.0;
+        for (int64_t o = 0; o < v.O; ++o) {
+          const T* xp = p.x + v.offset(s, o, c);
+          const T* dyp = p.dy + v.offset(s, o, c);
+          double a, b;
+          lane_sum2(v.I, a, b, [&](int64_t i, double& acc_a, double& acc_b) {
+            const double d = static_cast<double>(load(dyp[i]));
+            acc_a += d * static_cast<double>(xhat_of(static_cast<C>(load(xp[i])), st));
+            acc_b += d;
+          });
+          sum_dy_xhat += a;
+          sum_dy += b;
+        }
+        s1[at(s * v.C + c)] = sum_dy_xhat;
+        s2[at(s * v.C + c)] = sum_dy;
       }
-      p.dweight[c] = static_cast<acc_t<T>>(sum_dy_xhat);
-      p.dbias[c] = static_cast<acc_t<T>>(sum_dy);
       // c1, c2
-      const C w = kHasWeight ? static_cast<C>(p.weight[c]) : C(1);
-      const C c1 = p.training ? static_cast<C>(static_cast<double>(w) * sum_dy_xhat / n) : C(0);
-      const C c2 = p.training ? static_cast<C>(static_cast<double>(w) * sum_dy / n) : C(0);
+      C c1, c2;
+      group_coefficients(p, v, s1.data() + s * v.C, s2.data() + s * v.C, g, c1, c2);
       // dx
-      for (int64_t o = 0; o < v.O; ++o) {
-        const T* xp = p.x + (o * v.C + c) * v.I;
-        const T* dyp = p.dy + (o * v.C + c) * v.I;
-        T* dxp = p.dx + (o * v.C + c) * v.I;
-        for (int64_t i = 0; i < v.I; ++i)
-          dxp[i] = store<T>(input_grad(static_cast<C>(load(dyp[i])) * w,
-                                       xhat_of(static_cast<C>(load(xp[i])), st), st.rstd, c1, c2));
-      }
+      for (int64_t o = 0; o < v.O; ++o)
+        for (int64_t c = g * v.D; c < (g + 1) * v.D; ++c) {
+          const C w = kHasWeight ? static_cast<C>(p.weight[c]) : C(1);
+          const T* xp = p.x + v.offset(s, o, c);
+          const T* dyp = p.dy + v.offset(s, o, c);
+          T* dxp = p.dx + v.offset(s, o, c);
+          for (int64_t i = 0; i < v.I; ++i)
+            dxp[i] = store<T>(input_grad(static_cast<C>(load(dyp[i])) * w,
+                                         xhat_of(static_cast<C>(load(xp[i])), st), st.rstd, c1, c2));
+        }
     }
   });
+  write_param_grads(p, v, s1, s2);
 }
 
 // Backward, row traversal. Assumptions as forward_rows.
 template <class T, bool kHasWeight>
 void backward_rows(const ChannelBackwardParams<T>& p, const View& v) {
   using C = compute_t<T>;
-  const int64_t cols = v.C * v.I;
-  const int64_t rpc = rows_per_chunk(v);
-  const int64_t n_chunks = (v.O + rpc - 1) / rpc;
-  const double n = static_cast<double>(v.O * v.I);
-  std::vector<GroupStats<C>> scol(static_cast<size_t>(cols));
-  std::vector<C> wcol(static_cast<size_t>(cols)), c1col(static_cast<size_t>(cols)),
-      c2col(static_cast<size_t>(cols));
-  for (int64_t j = 0; j < cols; ++j) {
-    const int64_t c = j / v.I;
-    scol[static_cast<size_t>(j)] =
-        make_group_stats<C>(static_cast<double>(p.mean[c]), static_cast<double>(p.rstd[c]));
-    wcol[static_cast<size_t>(j)] = kHasWeight ? static_cast<C>(p.weight[c]) : C(1);
-  }
-  // partial dweight, dbias: per chunk and column
-  std::vector<double> partial(static_cast<size_t>(n_chunks * 2 * cols), 0.0);
-  parallel_for(n_chunks, grain_for(rpc * cols), [&](int64_t k0, int64_t k1) {
-    for (int64_t k = k0; k < k1; ++k) {
-      double* s_dy_xhat = partial.data() + k * 2 * cols;
+  const int64_t cols = v.cols(), rpc = v.rows_per_chunk(), n_chunks = v.chunks();
+  const int64_t tasks = v.samples * n_chunks;
+  std::vector<GroupStats<C>> scol(at(v.samples * cols));
+  for (int64_t s = 0; s < v.samples; ++s)
+    for (int64_t j = 0; j < cols; ++j) {
+      const int64_t t = s * v.G + (j / v.I) / v.D;
+      scol[at(s * cols + j)] =
+          make_group_stats<C>(static_cast<double>(p.mean[t]), static_cast<double>(p.rstd[t]));
+    }
+  // partial dweight, dbias: per (sample, chunk) and column
+  std::vector<double> partial(at(tasks * 2 * cols), 0.0);
+  parallel_for(tasks, grain_for(rpc * cols), [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t s = t / n_chunks, k = t % n_chunks;
+      const GroupStats<C>* st = scol.data() + s * cols;
+      double* s_dy_xhat = partial.data() + t * 2 * cols;
       double* s_dy = s_dy_xhat + cols;
-      const int64_t r1 = std::min(v.O, (k + 1) * rpc);
-      for (int64_t r = k * rpc; r < r1; ++r) {
-        const T* xr = p.x + r * cols;
-        const T* dyr = p.dy + r * cols;
+      const int64_t r0 = k * rpc, r1 = r0 + v.chunk_rows(k);
+      for (int64_t r = r0; r < r1; ++r) {
+        const T* xr = p.x + v.offset(s, r, 0);
+        const T* dyr = p.dy + v.offset(s, r, 0);
         for (int64_t j = 0; j < cols; ++j) {
           const double d = static_cast<double>(load(dyr[j]));
-          s_dy_xhat[j] +=
-              d * static_cast<double>(xhat_of(static_cast<C>(load(xr[j])), scol[static_cast<size_t>(j)]));
+          s_dy_xhat[j] += d * static_cast<double>(xhat_of(static_cast<C>(load(xr[j])), st[j]));
           s_dy[j] += d;
         }
       }
     }
   });
-  for (int64_t c = 0; c < v.C; ++c) {
-    double sum_dy_xhat = 0.0, sum_dy = 0.0;
-    for (int64_t k = 0; k < n_chunks; ++k)
-      for (int64_t i = 0; i < v.I; ++i) {
-        sum_dy_xhat += partial[static_cast<size_t>(k * 2 * cols + c * v.I + i)];
-        sum_dy += partial[static_cast<size_t>(k * 2 * cols + cols + c * v.I + i)];
+  // S1, S2 per (sample, channel): chunks in order, then the channel's columns in order.
+  std::vector<double> s1(at(v.samples * v.C), 0.0), s2(at(v.samples * v.C), 0.0);
+  for (int64_t s = 0; s < v.samples; ++s)
+    for (int64_t k = 0; k < n_chunks; ++k) {
+      const double* part = partial.data() + (s * n_chunks + k) * 2 * cols;
+      for (int64_t j = 0; j < cols; ++j) {
+        s1[at(s * v.C + j / v.I)] += part[j];
+        s2[at(s * v.C + j / v.I)] += part[cols + j];
       }
-    p.dweight[c] = static_cast<acc_t<T>>(sum_dy_xhat);
-    p.dbias[c] = static_cast<acc_t<T>>(sum_dy);
-    // c1, c2
-    const double w = kHasWeight ? static_cast<double>(p.weight[c]) : 1.0;
-    for (int64_t i = 0; i < v.I; ++i) {
-      c1col[static_cast<size_t>(c * v.I + i)] = p.training ? static_cast<C>(w * sum_dy_xhat / n) : C(0);
-      c2col[static_cast<size_t>(c * v.I + i)] = p.training ? static_cast<C>(w * sum_dy / n) : C(0);
     }
-  }
+  write_param_grads(p, v, s1, s2);
+  // c1, c2 per (sample, column)
+  std::vector<C> c1col(at(v.samples * cols)), c2col(at(v.samples * cols)), wcol(at(cols));
+  for (int64_t s = 0; s < v.samples; ++s)
+    for (int64_t g = 0; g < v.G; ++g) {
+      C c1, c2;
+      group_coefficients(p, v, s1.data() + s * v.C, s2.data() + s * v.C, g, c1, c2);
+      for (int64_t j = g * v.D * v.I; j < (g + 1) * v.D * v.I; ++j) {
+        c1col[at(s * cols + j)] = c1;
+        c2col[at(s * cols + j)] = c2;
+      }
+    }
+  for (int64_t j = 0; j < cols; ++j) wcol[at(j)] = kHasWeight ? static_cast<C>(p.weight[j / v.I]) : C(1);
   // dx
-  parallel_for(v.O, grain_for(cols), [&](int64_t r0, int64_t r1) {
+  parallel_for(v.samples * v.O, grain_for(cols), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
+      const int64_t base = (r / v.O) * cols;
       const T* xr = p.x + r * cols;
       const T* dyr = p.dy + r * cols;
       T* dxr = p.dx + r * cols;
       for (int64_t j = 0; j < cols; ++j) {
-        const size_t u = static_cast<size_t>(j);
-        dxr[j] = store<T>(input_grad(static_cast<C>(load(dyr[j])) * wcol[u],
-                                     xhat_of(static_cast<C>(load(xr[j])), scol[u]), scol[u].rstd,
-                                     c1col[u], c2col[u]));
+        const GroupStats<C>& st = scol[at(base + j)];
+        dxr[j] = store<T>(input_grad(static_cast<C>(load(dyr[j])) * wcol[at(j)],
+                                     xhat_of(static_cast<C>(load(xr[j])), st), st.rstd,
+                                     c1col[at(base + j)], c2col[at(base + j)]));
       }
     }
   });
@@ -289,7 +386,7 @@ void backward_rows(const ChannelBackwardParams<T>& p, const View& v) {
 
 template <class T> void channel_norm_forward(const ChannelForwardParams<T>& p) {
   const View v = view_of(p);
-  if (v.C <= 0) return;
+  if (v.C <= 0 || v.samples <= 0) return;
   bool_switch(p.weight != nullptr, [&](auto has_w) {
     bool_switch(p.bias != nullptr, [&](auto has_b) {
       constexpr bool kW = decltype(has_w)::value, kB = decltype(has_b)::value;
@@ -313,8 +410,8 @@ template <class T> void channel_norm_backward(const ChannelBackwardParams<T>& p)
   });
 }
 
-#define NK_INSTANTIATE(T)                                                     \
-  template void channel_norm_forward<T>(const ChannelForwardParams<T>&);     \
+#define NK_INSTANTIATE(T)                                                  \
+  template void channel_norm_forward<T>(const ChannelForwardParams<T>&);  \
   template void channel_norm_backward<T>(const ChannelBackwardParams<T>&);
 NK_INSTANTIATE(float)
 NK_INSTANTIATE(double)

@@ -16,8 +16,14 @@ from .functional import (
     NormOutput,
     batch_norm,
     batch_norm_backward,
+    group_norm,
+    group_norm_backward,
+    instance_norm,
+    instance_norm_backward,
     layer_norm,
     layer_norm_backward,
+    rms_norm,
+    rms_norm_backward,
 )
 
 __version__ = _core.build_info()["version"]
@@ -29,6 +35,12 @@ __all__ = [
     "batch_norm_backward",
     "layer_norm",
     "layer_norm_backward",
+    "group_norm",
+    "group_norm_backward",
+    "instance_norm",
+    "instance_norm_backward",
+    "rms_norm",
+    "rms_norm_backward",
     "set_num_threads",
     "get_num_threads",
     "build_info",

@@ -4,7 +4,8 @@ Every function validates its arguments completely before any memory is written, 
 input to one of the two canonical views of the C++ core, and calls ``normkit._core``:
 
 * row view ``(M, N)``: LayerNorm (and RMSNorm), one statistic per row;
-* channel view ``(B, C, S)`` or channels-last ``(B, S, C)``: BatchNorm, one statistic per channel.
+* channel view ``(B, C, S)`` or channels-last ``(B, S, C)``: BatchNorm (one statistic per
+  channel), GroupNorm (one per sample and group) and InstanceNorm (GroupNorm with G = C).
 
 C-contiguous inputs, and channels-last memory with ``channel_axis=1``, are used without a copy;
 any other strides are copied once to a dense array first.
@@ -27,6 +28,12 @@ __all__ = [
     "batch_norm_backward",
     "layer_norm",
     "layer_norm_backward",
+    "group_norm",
+    "group_norm_backward",
+    "instance_norm",
+    "instance_norm_backward",
+    "rms_norm",
+    "rms_norm_backward",
 ]
 
 
@@ -248,7 +255,56 @@ def _output(out: Optional[np.ndarray], x: np.ndarray, xp: np.ndarray, perm):
 
 
 # --------------------------------------------------------------------------------------------
-# BatchNorm
+# channel norms: BatchNorm, GroupNorm, InstanceNorm
+
+
+def _channel_input(x, fn: str, channel_axis):
+    x = _data_array(x, fn)
+    if x.ndim < 2:
+        raise ValueError(f"{fn}: x must have at least 2 dimensions (N, C, ...), got shape {x.shape}")
+    ca = _channel_axis(channel_axis, fn)
+    return x, ca, x.shape[ca], _stat_dtype(x.dtype)
+
+
+def _spatial_size(x: np.ndarray, ca: int) -> int:
+    return _prod(x.shape[2:]) if ca == 1 else _prod(x.shape[1:-1])
+
+
+def _channel_forward(fn, x, ca, w, b, rm, rv, training, momentum, eps, out, groups, stat_shape):
+    out = _check_out(out, x, fn)
+    xp, channels_last, perm = _channel_view(x, ca)
+    yp, y, copy_back = _output(out, x, xp, perm)
+    sd = _stat_dtype(x.dtype)
+    mean = np.empty(stat_shape, sd)
+    rstd = np.empty(stat_shape, sd)
+    _core.channel_norm_forward(
+        xp, channels_last, w, b, rm, rv, training, momentum, eps, yp,
+        mean.reshape(-1), rstd.reshape(-1), groups,
+    )
+    if copy_back is not None:
+        np.copyto(out, copy_back)
+    return NormOutput(y, mean, rstd)
+
+
+def _channel_backward(fn, dy, x, ca, mean, rstd, w, training, groups):
+    xp, channels_last, perm = _channel_view(x, ca)
+    dyp = _like_view(dy, perm, xp.shape)
+    dxp, dx, _ = _output(None, x, xp, perm)
+    C = x.shape[ca]
+    sd = _stat_dtype(x.dtype)
+    dweight = np.empty(C, sd)
+    dbias = np.empty(C, sd)
+    _core.channel_norm_backward(
+        dyp, xp, channels_last, mean.reshape(-1), rstd.reshape(-1), w, training, dxp, dweight,
+        dbias, groups,
+    )
+    return NormGrads(dx, dweight, dbias)
+
+
+def _saved_stats(mean, rstd, fn, shape, sd, what):
+    if mean is None or rstd is None:
+        raise ValueError(f"{fn}: mean and rstd from the forward are required")
+    return _vector(mean, fn, "mean", shape, sd, what), _vector(rstd, fn, "rstd", shape, sd, what)
 
 
 def batch_norm(
@@ -264,7 +320,7 @@ def batch_norm(
     channel_axis: int = 1,
     out: Optional[np.ndarray] = None,
 ) -> NormOutput:
-    """Batch normalization over every axis but the channel axis.
+    """Batch normalization: statistics per channel over every other axis.
 
     x: ``(N, C, *spatial)`` (``channel_axis=1``) or ``(N, *spatial, C)`` (``channel_axis=-1``),
     float32/float64/float16/bfloat16. weight, bias: ``(C,)`` or None.
@@ -275,12 +331,7 @@ def batch_norm(
     mean and rstd ``(C,)`` in float64 for float64 x, else float32.
     """
     fn = "batch_norm"
-    x = _data_array(x, fn)
-    if x.ndim < 2:
-        raise ValueError(f"{fn}: x must have at least 2 dimensions (N, C, ...), got shape {x.shape}")
-    ca = _channel_axis(channel_axis, fn)
-    C = x.shape[ca]
-    sd = _stat_dtype(x.dtype)
+    x, ca, C, sd = _channel_input(x, fn, channel_axis)
     w = _vector(weight, fn, "weight", (C,), sd, "the number of channels")
     b = _vector(bias, fn, "bias", (C,), sd, "the number of channels")
     rm, rv = _running(running_mean, running_var, fn, C, sd)
@@ -299,15 +350,7 @@ def batch_norm(
             raise ValueError(f"{fn}: training=False requires running_mean and running_var")
         if np.any(rv < 0):
             raise ValueError(f"{fn}: running_var has negative entries")
-    out = _check_out(out, x, fn)
-    xp, channels_last, perm = _channel_view(x, ca)
-    yp, y, copy_back = _output(out, x, xp, perm)
-    mean = np.empty(C, sd)
-    rstd = np.empty(C, sd)
-    _core.channel_norm_forward(xp, channels_last, w, b, rm, rv, bool(training), m, e, yp, mean, rstd)
-    if copy_back is not None:
-        np.copyto(out, copy_back)
-    return NormOutput(y, mean, rstd)
+    return _channel_forward(fn, x, ca, w, b, rm, rv, bool(training), m, e, out, 0, (C,))
 
 
 def batch_norm_backward(
@@ -320,31 +363,135 @@ def batch_norm_backward(
     dtype; dweight = sum(dy * xhat), dbias = sum(dy), ``(C,)``, in the statistics dtype.
     """
     fn = "batch_norm_backward"
-    x = _data_array(x, fn)
+    x, ca, C, sd = _channel_input(x, fn, channel_axis)
     dy = _grad_array(dy, x, fn)
-    if x.ndim < 2:
-        raise ValueError(f"{fn}: x must have at least 2 dimensions (N, C, ...), got shape {x.shape}")
-    ca = _channel_axis(channel_axis, fn)
-    C = x.shape[ca]
-    sd = _stat_dtype(x.dtype)
-    if mean is None or rstd is None:
-        raise ValueError(f"{fn}: mean and rstd from the forward are required")
-    mean = _vector(mean, fn, "mean", (C,), sd, "the number of channels")
-    rstd = _vector(rstd, fn, "rstd", (C,), sd, "the number of channels")
+    mean, rstd = _saved_stats(mean, rstd, fn, (C,), sd, "the number of channels")
     w = _vector(weight, fn, "weight", (C,), sd, "the number of channels")
     if training and C and x.size == 0:
         raise ValueError(f"{fn}: empty reduction: x has shape {x.shape}")
-    xp, channels_last, perm = _channel_view(x, ca)
-    dyp = _like_view(dy, perm, xp.shape)
-    dxp, dx, _ = _output(None, x, xp, perm)
-    dweight = np.empty(C, sd)
-    dbias = np.empty(C, sd)
-    _core.channel_norm_backward(dyp, xp, channels_last, mean, rstd, w, bool(training), dxp, dweight, dbias)
-    return NormGrads(dx, dweight, dbias)
+    return _channel_backward(fn, dy, x, ca, mean, rstd, w, bool(training), 0)
+
+
+def _num_groups(num_groups, C: int, fn: str) -> int:
+    try:
+        G = operator.index(num_groups)
+    except TypeError:
+        raise TypeError(f"{fn}: num_groups must be an int, got {num_groups!r}") from None
+    if G < 1:
+        raise ValueError(f"{fn}: num_groups must be >= 1, got {G}")
+    if C % G:
+        raise ValueError(f"{fn}: num_groups {G} does not divide the number of channels {C}")
+    return G
+
+
+def group_norm(
+    x,
+    num_groups: int,
+    weight=None,
+    bias=None,
+    *,
+    eps: float = 1e-5,
+    channel_axis: int = 1,
+    out: Optional[np.ndarray] = None,
+) -> NormOutput:
+    """Group normalization: per sample, statistics over each group of ``C / num_groups``
+    channels and all spatial positions.
+
+    x: ``(N, C, *spatial)`` or channels-last with ``channel_axis=-1``. weight, bias: ``(C,)``.
+    Returns ``NormOutput(y, mean, rstd)`` with mean and rstd of shape ``(N, num_groups)``.
+    """
+    fn = "group_norm"
+    x, ca, C, sd = _channel_input(x, fn, channel_axis)
+    G = _num_groups(num_groups, C, fn)
+    w = _vector(weight, fn, "weight", (C,), sd, "the number of channels")
+    b = _vector(bias, fn, "bias", (C,), sd, "the number of channels")
+    e = _eps(eps, fn)
+    N = x.shape[0]
+    if N and (C // G) * _spatial_size(x, ca) == 0:
+        raise ValueError(f"{fn}: empty reduction: x has shape {x.shape}")
+    return _channel_forward(fn, x, ca, w, b, None, None, True, 0.0, e, out, G, (N, G))
+
+
+def group_norm_backward(dy, x, mean, rstd, weight=None, *, channel_axis: int = 1) -> NormGrads:
+    """Gradients of :func:`group_norm`; the number of groups is ``mean.shape[1]``."""
+    fn = "group_norm_backward"
+    x, ca, C, sd = _channel_input(x, fn, channel_axis)
+    dy = _grad_array(dy, x, fn)
+    if mean is None or rstd is None:
+        raise ValueError(f"{fn}: mean and rstd from the forward are required")
+    mean_a = np.asarray(mean)
+    if mean_a.ndim != 2 or mean_a.shape[0] != x.shape[0]:
+        raise ValueError(f"{fn}: mean has shape {mean_a.shape} but (N, num_groups) with N = {x.shape[0]} is required")
+    G = _num_groups(mean_a.shape[1], C, fn)
+    mean, rstd = _saved_stats(mean_a, rstd, fn, (x.shape[0], G), sd, "(N, num_groups)")
+    w = _vector(weight, fn, "weight", (C,), sd, "the number of channels")
+    return _channel_backward(fn, dy, x, ca, mean, rstd, w, True, G)
+
+
+def instance_norm(
+    x,
+    weight=None,
+    bias=None,
+    running_mean=None,
+    running_var=None,
+    *,
+    training: bool = True,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    channel_axis: int = 1,
+    out: Optional[np.ndarray] = None,
+) -> NormOutput:
+    """Instance normalization: per sample and channel, statistics over the spatial axes
+    (GroupNorm with one group per channel).
+
+    training=True: returns mean/rstd of shape ``(N, C)``; running statistics ``(C,)``, when
+    given, are updated with the batch averages of the per-instance means and unbiased variances.
+    training=False: the running statistics are used (and required); mean/rstd are ``(C,)``.
+    """
+    fn = "instance_norm"
+    x, ca, C, sd = _channel_input(x, fn, channel_axis)
+    w = _vector(weight, fn, "weight", (C,), sd, "the number of channels")
+    b = _vector(bias, fn, "bias", (C,), sd, "the number of channels")
+    rm, rv = _running(running_mean, running_var, fn, C, sd)
+    m = _momentum(momentum, fn)
+    e = _eps(eps, fn)
+    S = _spatial_size(x, ca)
+    N = x.shape[0]
+    if training:
+        if N and C and S == 0:
+            raise ValueError(f"{fn}: empty reduction: x has shape {x.shape}")
+        if S == 1 and N and C:
+            raise ValueError(
+                f"{fn}: expected more than 1 spatial element when training, got input of shape {x.shape}"
+            )
+        if rm is not None and N == 0:
+            raise ValueError(f"{fn}: cannot update running statistics from an empty batch")
+        return _channel_forward(fn, x, ca, w, b, rm, rv, True, m, e, out, C if C else 1, (N, C))
+    if rm is None:
+        raise ValueError(f"{fn}: training=False requires running_mean and running_var")
+    if np.any(rv < 0):
+        raise ValueError(f"{fn}: running_var has negative entries")
+    return _channel_forward(fn, x, ca, w, b, rm, rv, False, m, e, out, 0, (C,))
+
+
+def instance_norm_backward(
+    dy, x, mean, rstd, weight=None, *, training: bool = True, channel_axis: int = 1
+) -> NormGrads:
+    """Gradients of :func:`instance_norm`. training=True: mean/rstd ``(N, C)``; training=False:
+    the running statistics used, ``(C,)``, held constant."""
+    fn = "instance_norm_backward"
+    x, ca, C, sd = _channel_input(x, fn, channel_axis)
+    dy = _grad_array(dy, x, fn)
+    w = _vector(weight, fn, "weight", (C,), sd, "the number of channels")
+    if training:
+        mean, rstd = _saved_stats(mean, rstd, fn, (x.shape[0], C), sd, "(N, C)")
+        return _channel_backward(fn, dy, x, ca, mean, rstd, w, True, C if C else 1)
+    mean, rstd = _saved_stats(mean, rstd, fn, (C,), sd, "(C,)")
+    return _channel_backward(fn, dy, x, ca, mean, rstd, w, False, 0)
 
 
 # --------------------------------------------------------------------------------------------
-# LayerNorm
+# row norms: LayerNorm, RMSNorm
 
 
 def _row_setup(x: np.ndarray, ns: Tuple[int, ...], fn: str):
@@ -366,6 +513,60 @@ def _rows(a: np.ndarray, M: int, N: int) -> np.ndarray:
     return (a if a.flags.c_contiguous else np.ascontiguousarray(a)).reshape(M, N)
 
 
+def _flat(v: Optional[np.ndarray], n: int) -> Optional[np.ndarray]:
+    return None if v is None else v.reshape(n)
+
+
+def _row_forward(fn, x, normalized_shape, weight, bias, eps, out, center: bool) -> NormOutput:
+    x = _data_array(x, fn)
+    ns = _normalized_shape(normalized_shape, fn)
+    lead, M, N = _row_setup(x, ns, fn)
+    sd = _stat_dtype(x.dtype)
+    w = _vector(weight, fn, "weight", ns, sd, "normalized_shape")
+    b = _vector(bias, fn, "bias", ns, sd, "normalized_shape")
+    if eps is None and not center:  # RMSNorm's default: machine epsilon of the compute type
+        eps = np.finfo(np.float64 if x.dtype == np.float64 else np.float32).eps
+    e = _eps(eps, fn)
+    out = _check_out(out, x, fn)
+    xp = _rows(x, M, N)
+    yp, y, copy_back = _output(out, x, xp, tuple(range(x.ndim)))
+    mean = np.empty(lead, sd) if center else None
+    rstd = np.empty(lead, sd)
+    _core.row_norm_forward(
+        xp, _flat(w, N), _flat(b, N), e, yp, _flat(mean, M), rstd.reshape(M)
+    )
+    if copy_back is not None:
+        np.copyto(out, copy_back)
+    return NormOutput(y, mean, rstd)
+
+
+def _row_backward(fn, dy, x, mean, rstd, weight, center: bool) -> NormGrads:
+    x = _data_array(x, fn)
+    dy = _grad_array(dy, x, fn)
+    if rstd is None or (center and mean is None):
+        raise ValueError(f"{fn}: the statistics saved by the forward are required")
+    rstd_a = np.asarray(rstd)
+    k = x.ndim - rstd_a.ndim
+    if k < 1:
+        raise ValueError(
+            f"{fn}: rstd has shape {rstd_a.shape} but x has shape {x.shape}; the statistics must have fewer axes than x"
+        )
+    ns = x.shape[x.ndim - k:]
+    lead, M, N = _row_setup(x, ns, fn)
+    sd = _stat_dtype(x.dtype)
+    rstd = _vector(rstd_a, fn, "rstd", lead, sd, "x.shape[:-k]")
+    mean = _vector(mean, fn, "mean", lead, sd, "x.shape[:-k]") if center else None
+    w = _vector(weight, fn, "weight", ns, sd, "the normalized shape")
+    dx = np.empty(x.shape, x.dtype)
+    dweight = np.empty(ns, sd)
+    dbias = np.empty(ns, sd) if center else None
+    _core.row_norm_backward(
+        _rows(dy, M, N), _rows(x, M, N), _flat(mean, M), rstd.reshape(M), _flat(w, N),
+        dx.reshape(M, N), dweight.reshape(N), _flat(dbias, N),
+    )
+    return NormGrads(dx, dweight, dbias)
+
+
 def layer_norm(
     x,
     normalized_shape: ShapeLike,
@@ -381,31 +582,7 @@ def layer_norm(
     shape and dtype (it is ``out`` when given); mean and rstd have shape
     ``x.shape[:-len(normalized_shape)]``, float64 for float64 x, else float32.
     """
-    fn = "layer_norm"
-    x = _data_array(x, fn)
-    ns = _normalized_shape(normalized_shape, fn)
-    lead, M, N = _row_setup(x, ns, fn)
-    sd = _stat_dtype(x.dtype)
-    w = _vector(weight, fn, "weight", ns, sd, "normalized_shape")
-    b = _vector(bias, fn, "bias", ns, sd, "normalized_shape")
-    e = _eps(eps, fn)
-    out = _check_out(out, x, fn)
-    xp = _rows(x, M, N)
-    yp, y, copy_back = _output(out, x, xp, tuple(range(x.ndim)))
-    mean = np.empty(lead, sd)
-    rstd = np.empty(lead, sd)
-    _core.row_norm_forward(
-        xp,
-        None if w is None else w.reshape(N),
-        None if b is None else b.reshape(N),
-        e,
-        yp,
-        mean.reshape(M),
-        rstd.reshape(M),
-    )
-    if copy_back is not None:
-        np.copyto(out, copy_back)
-    return NormOutput(y, mean, rstd)
+    return _row_forward("layer_norm", x, normalized_shape, weight, bias, eps, out, True)
 
 
 def layer_norm_backward(dy, x, mean, rstd, weight=None) -> NormGrads:
@@ -413,36 +590,24 @@ def layer_norm_backward(dy, x, mean, rstd, weight=None) -> NormGrads:
     ``k = x.ndim - mean.ndim`` axes. Returns ``NormGrads(dx, dweight, dbias)`` with dweight and
     dbias of shape ``x.shape[-k:]`` in the statistics dtype.
     """
-    fn = "layer_norm_backward"
-    x = _data_array(x, fn)
-    dy = _grad_array(dy, x, fn)
-    if mean is None or rstd is None:
-        raise ValueError(f"{fn}: mean and rstd from the forward are required")
-    mean_a = np.asarray(mean)
-    k = x.ndim - mean_a.ndim
-    if k < 1:
-        raise ValueError(
-            f"{fn}: mean has shape {mean_a.shape} but x has shape {x.shape}; mean must have fewer axes than x"
-        )
-    ns = x.shape[x.ndim - k:]
-    lead, M, N = _row_setup(x, ns, fn)
-    sd = _stat_dtype(x.dtype)
-    mean = _vector(mean_a, fn, "mean", lead, sd, "x.shape[:-k]")
-    rstd = _vector(rstd, fn, "rstd", lead, sd, "x.shape[:-k]")
-    w = _vector(weight, fn, "weight", ns, sd, "the normalized shape")
-    xp = _rows(x, M, N)
-    dyp = _rows(dy, M, N)
-    dx = np.empty(x.shape, x.dtype)
-    dweight = np.empty(ns, sd)
-    dbias = np.empty(ns, sd)
-    _core.row_norm_backward(
-        dyp,
-        xp,
-        mean.reshape(M),
-        rstd.reshape(M),
-        None if w is None else w.reshape(N),
-        dx.reshape(M, N),
-        dweight.reshape(N),
-        dbias.reshape(N),
-    )
-    return NormGrads(dx, dweight, dbias)
+    return _row_backward("layer_norm_backward", dy, x, mean, rstd, weight, True)
+
+
+def rms_norm(
+    x,
+    normalized_shape: ShapeLike,
+    weight=None,
+    *,
+    eps: Optional[float] = None,
+    out: Optional[np.ndarray] = None,
+) -> NormOutput:
+    """Root-mean-square normalization over the trailing axes: ``y = x * rstd * weight`` with
+    ``rstd = 1 / sqrt(mean(x**2) + eps)``. ``eps=None``: float32's machine epsilon for float32 and
+    half inputs, float64's for float64. Returns ``NormOutput(y, None, rstd)``.
+    """
+    return _row_forward("rms_norm", x, normalized_shape, weight, None, eps, out, False)
+
+
+def rms_norm_backward(dy, x, rstd, weight=None) -> NormGrads:
+    """Gradients of :func:`rms_norm`; ``NormGrads(dx, dweight, None)``."""
+    return _row_backward("rms_norm_backward", dy, x, None, rstd, weight, False)
