@@ -11,6 +11,7 @@ See SPEC-level documentation in the README. The native core is the private ``nor
 from __future__ import annotations
 
 from . import _core
+from .layers import BatchNorm, GroupNorm, InstanceNorm, LayerNorm, RMSNorm
 from .functional import (
     NormGrads,
     NormOutput,
@@ -29,6 +30,11 @@ from .functional import (
 __version__ = _core.build_info()["version"]
 
 __all__ = [
+    "BatchNorm",
+    "LayerNorm",
+    "GroupNorm",
+    "InstanceNorm",
+    "RMSNorm",
     "NormOutput",
     "NormGrads",
     "batch_norm",

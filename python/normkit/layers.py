@@ -1,0 +1,308 @@
+"""Stateful normalization layers for NumPy networks (SPEC section 4).
+
+Each layer holds its parameters (``weight``, ``bias``), running statistics where the operation
+has them, and what its last forward needs for ``backward``: a reference to the input (not a copy:
+do not modify an input in place between ``forward`` and ``backward``) and the saved statistics.
+``backward(dy)`` returns ``dx`` and overwrites ``grad_weight``/``grad_bias``.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any, Dict, Optional, Tuple
+
+import numpy as np
+
+from . import functional as F
+
+__all__ = ["BatchNorm", "LayerNorm", "GroupNorm", "InstanceNorm", "RMSNorm"]
+
+
+def _param_dtype(dtype) -> np.dtype:
+    dt = np.dtype(dtype)
+    if dt not in (np.float32, np.float64):
+        raise TypeError(f"dtype must be float32 or float64 (the statistics dtypes), got {dt}")
+    return dt
+
+
+def _positive_int(v, what: str) -> int:
+    try:
+        n = operator.index(v)
+    except TypeError:
+        raise TypeError(f"{what} must be an int, got {v!r}") from None
+    if n < 1:
+        raise ValueError(f"{what} must be >= 1, got {n}")
+    return n
+
+
+class _Norm:
+    """Shared machinery: train/eval, parameters, state_dict, saved context for backward."""
+
+    _state_names: Tuple[str, ...] = ()
+
+    def __init__(self) -> None:
+        self.training = True
+        self.grad_weight: Optional[np.ndarray] = None
+        self.grad_bias: Optional[np.ndarray] = None
+        self._saved: Optional[Tuple[Any, ...]] = None
+
+    # -- mode -----------------------------------------------------------------------------
+    def train(self, mode: bool = True):
+        """Training mode (batch statistics; running statistics updated). Returns self."""
+        self.training = bool(mode)
+        return self
+
+    def eval(self):
+        """Evaluation mode (running statistics used where tracked). Returns self."""
+        return self.train(False)
+
+    def __call__(self, x):
+        return self.forward(x)
+
+    def forward(self, x):  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def _saved_context(self):
+        if self._saved is None:
+            raise RuntimeError(f"{type(self).__name__}.backward called before forward")
+        return self._saved
+
+    def _set_grads(self, grads: F.NormGrads) -> np.ndarray:
+        self.grad_weight = grads.dweight if getattr(self, "weight", None) is not None else None
+        self.grad_bias = grads.dbias if getattr(self, "bias", None) is not None else None
+        return grads.dx
+
+    # -- state ----------------------------------------------------------------------------
+    def _state_items(self):
+        for name in self._state_names:
+            value = getattr(self, name)
+            if value is not None:
+                yield name, value
+
+    def state_dict(self) -> Dict[str, np.ndarray]:
+        """A plain dict of NumPy arrays (copies): parameters, running statistics and
+        ``num_batches_tracked`` where the layer has them."""
+        out = {}
+        for name, value in self._state_items():
+            out[name] = np.array(value, copy=True) if isinstance(value, np.ndarray) else np.array(value, dtype=np.int64)
+        return out
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """Copy arrays from ``state`` into this layer. Keys must match ``state_dict()`` exactly;
+        shapes and dtypes must match. On any error nothing is changed."""
+        own = dict(self._state_items())
+        missing = sorted(set(own) - set(state))
+        unexpected = sorted(set(state) - set(own))
+        if missing or unexpected:
+            raise KeyError(
+                f"{type(self).__name__}.load_state_dict: missing keys {missing}, unexpected keys {unexpected}"
+            )
+        staged = {}
+        for name, current in own.items():
+            value = np.asarray(state[name])
+            if name == "num_batches_tracked":
+                if value.shape != () or value.dtype.kind not in "iu":
+                    raise TypeError(
+                        f"{type(self).__name__}.load_state_dict: num_batches_tracked must be an integer scalar, "
+                        f"got shape {value.shape} and dtype {value.dtype}"
+                    )
+                staged[name] = int(value)
+                continue
+            if value.shape != current.shape:
+                raise ValueError(
+                    f"{type(self).__name__}.load_state_dict: {name} has shape {value.shape} but {current.shape} is required"
+                )
+            if value.dtype != current.dtype:
+                raise TypeError(
+                    f"{type(self).__name__}.load_state_dict: {name} has dtype {value.dtype} but {current.dtype} is required"
+                )
+            staged[name] = value
+        for name, value in staged.items():
+            if name == "num_batches_tracked":
+                self.num_batches_tracked = value
+            else:
+                np.copyto(getattr(self, name), value)
+
+    def extra_repr(self) -> str:  # pragma: no cover - overridden
+        return ""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.extra_repr()})"
+
+
+class _RunningStatsNorm(_Norm):
+    """BatchNorm and InstanceNorm: momentum, running statistics, num_batches_tracked."""
+
+    _state_names = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+    _functional = staticmethod(F.batch_norm)
+    _functional_backward = staticmethod(F.batch_norm_backward)
+
+    def __init__(self, num_features, eps, momentum, affine, track_running_stats, channel_axis, dtype):
+        super().__init__()
+        self.num_features = _positive_int(num_features, "num_features")
+        self.eps = F._eps(eps, type(self).__name__)
+        if momentum is not None:
+            momentum = F._momentum(momentum, type(self).__name__)
+        self.momentum = momentum
+        self.affine = bool(affine)
+        self.track_running_stats = bool(track_running_stats)
+        self.channel_axis = F._channel_axis(channel_axis, type(self).__name__)
+        dt = _param_dtype(dtype)
+        C = self.num_features
+        self.weight = np.ones(C, dt) if self.affine else None
+        self.bias = np.zeros(C, dt) if self.affine else None
+        if self.track_running_stats:
+            self.running_mean: Optional[np.ndarray] = np.zeros(C, dt)
+            self.running_var: Optional[np.ndarray] = np.ones(C, dt)
+            self.num_batches_tracked: Optional[int] = 0
+        else:
+            self.running_mean = self.running_var = None
+            self.num_batches_tracked = None
+
+    def forward(self, x):
+        """Normalize x; in training mode (with tracked statistics) update the running ones."""
+        use_batch = self.training or not self.track_running_stats
+        update = self.training and self.track_running_stats
+        momentum = self.momentum
+        if update and momentum is None:  # cumulative moving average
+            momentum = 1.0 / (self.num_batches_tracked + 1)
+        result = self._functional(
+            x,
+            self.weight,
+            self.bias,
+            self.running_mean if (update or not use_batch) else None,
+            self.running_var if (update or not use_batch) else None,
+            training=use_batch,
+            momentum=0.0 if momentum is None else momentum,
+            eps=self.eps,
+            channel_axis=self.channel_axis,
+        )
+        if update:
+            self.num_batches_tracked += 1
+        self._saved = (np.asarray(x), result.mean, result.rstd, use_batch)
+        return result.y
+
+    def backward(self, dy):
+        """Gradient with respect to the last forward's input; sets grad_weight/grad_bias."""
+        x, mean, rstd, use_batch = self._saved_context()
+        grads = self._functional_backward(
+            dy, x, mean, rstd, self.weight, training=use_batch, channel_axis=self.channel_axis
+        )
+        return self._set_grads(grads)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
+            f"track_running_stats={self.track_running_stats}, channel_axis={self.channel_axis}"
+        )
+
+
+class BatchNorm(_RunningStatsNorm):
+    """Batch normalization layer (SPEC section 4); see :func:`normkit.batch_norm`."""
+
+    def __init__(self, num_features, *, eps=1e-5, momentum=0.1, affine=True,
+                 track_running_stats=True, channel_axis=1, dtype=np.float32):
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, channel_axis, dtype)
+
+
+class InstanceNorm(_RunningStatsNorm):
+    """Instance normalization layer; see :func:`normkit.instance_norm`."""
+
+    _functional = staticmethod(F.instance_norm)
+    _functional_backward = staticmethod(F.instance_norm_backward)
+
+    def __init__(self, num_features, *, eps=1e-5, momentum=0.1, affine=False,
+                 track_running_stats=False, channel_axis=1, dtype=np.float32):
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, channel_axis, dtype)
+
+
+class GroupNorm(_Norm):
+    """Group normalization layer; see :func:`normkit.group_norm`."""
+
+    _state_names = ("weight", "bias")
+
+    def __init__(self, num_groups, num_channels, *, eps=1e-5, affine=True, channel_axis=1,
+                 dtype=np.float32):
+        super().__init__()
+        self.num_groups = _positive_int(num_groups, "num_groups")
+        self.num_channels = _positive_int(num_channels, "num_channels")
+        if self.num_channels % self.num_groups:
+            raise ValueError(
+                f"GroupNorm: num_groups {self.num_groups} does not divide num_channels {self.num_channels}"
+            )
+        self.eps = F._eps(eps, "GroupNorm")
+        self.affine = bool(affine)
+        self.channel_axis = F._channel_axis(channel_axis, "GroupNorm")
+        dt = _param_dtype(dtype)
+        self.weight = np.ones(self.num_channels, dt) if self.affine else None
+        self.bias = np.zeros(self.num_channels, dt) if self.affine else None
+
+    def forward(self, x):
+        r = F.group_norm(x, self.num_groups, self.weight, self.bias, eps=self.eps,
+                         channel_axis=self.channel_axis)
+        self._saved = (np.asarray(x), r.mean, r.rstd)
+        return r.y
+
+    def backward(self, dy):
+        x, mean, rstd = self._saved_context()
+        return self._set_grads(
+            F.group_norm_backward(dy, x, mean, rstd, self.weight, channel_axis=self.channel_axis)
+        )
+
+    def extra_repr(self) -> str:
+        return (f"{self.num_groups}, {self.num_channels}, eps={self.eps}, affine={self.affine}, "
+                f"channel_axis={self.channel_axis}")
+
+
+class _RowNorm(_Norm):
+    def __init__(self, normalized_shape, eps, elementwise_affine, with_bias, dtype, name):
+        super().__init__()
+        self.normalized_shape = F._normalized_shape(normalized_shape, name)
+        for n in self.normalized_shape:
+            _positive_int(n, "normalized_shape entries")
+        self.eps = None if eps is None else F._eps(eps, name)
+        self.elementwise_affine = bool(elementwise_affine)
+        dt = _param_dtype(dtype)
+        self.weight = np.ones(self.normalized_shape, dt) if self.elementwise_affine else None
+        self.bias = (np.zeros(self.normalized_shape, dt)
+                     if self.elementwise_affine and with_bias else None)
+
+    def extra_repr(self) -> str:
+        return (f"{self.normalized_shape}, eps={self.eps}, "
+                f"elementwise_affine={self.elementwise_affine}")
+
+
+class LayerNorm(_RowNorm):
+    """Layer normalization layer; see :func:`normkit.layer_norm`."""
+
+    _state_names = ("weight", "bias")
+
+    def __init__(self, normalized_shape, *, eps=1e-5, elementwise_affine=True, dtype=np.float32):
+        super().__init__(normalized_shape, eps, elementwise_affine, True, dtype, "LayerNorm")
+
+    def forward(self, x):
+        r = F.layer_norm(x, self.normalized_shape, self.weight, self.bias, eps=self.eps)
+        self._saved = (np.asarray(x), r.mean, r.rstd)
+        return r.y
+
+    def backward(self, dy):
+        x, mean, rstd = self._saved_context()
+        return self._set_grads(F.layer_norm_backward(dy, x, mean, rstd, self.weight))
+
+
+class RMSNorm(_RowNorm):
+    """RMS normalization layer; see :func:`normkit.rms_norm`."""
+
+    _state_names = ("weight",)
+
+    def __init__(self, normalized_shape, *, eps=None, elementwise_affine=True, dtype=np.float32):
+        super().__init__(normalized_shape, eps, elementwise_affine, False, dtype, "RMSNorm")
+
+    def forward(self, x):
+        r = F.rms_norm(x, self.normalized_shape, self.weight, eps=self.eps)
+        self._saved = (np.asarray(x), r.rstd)
+        return r.y
+
+    def backward(self, dy):
+        x, rstd = self._saved_context()
+        return self._set_grads(F.rms_norm_backward(dy, x, rstd, self.weight))
