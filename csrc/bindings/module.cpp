@@ -4,6 +4,8 @@
 #include <string>
 #include <vector>
 
+#include <pybind11/stl.h>
+
 #include "bindings/arrays.h"
 #include "core/types.h"
 #include "core/welford.h"
