@@ -60,12 +60,8 @@ void channel_forward(const py::array& x, bool channels_last, const py::object& w
     p.mean = acc_array<A>(mean, d, n_stats, true, fn, "mean");
     p.rstd = acc_array<A>(rstd, d, n_stats, true, fn, "rstd");
     check(p.mean && p.rstd, std::string(fn) + ": mean and rstd are required");
-    int64_t stride_mean = 1, stride_var = 1;
-    p.running_mean = acc_strided<A>(running_mean, d, s.C, stride_mean, fn, "running_mean");
-    p.running_var = acc_strided<A>(running_var, d, s.C, stride_var, fn, "running_var");
-    check(stride_mean == stride_var,
-          std::string(fn) + ": running_mean and running_var must have the same stride");
-    p.running_stride = stride_mean;
+    p.running_mean = acc_strided<A>(running_mean, d, s.C, p.running_mean_stride, fn, "running_mean");
+    p.running_var = acc_strided<A>(running_var, d, s.C, p.running_var_stride, fn, "running_var");
     p.B = s.B;
     p.C = s.C;
     p.S = s.S;

@@ -47,11 +47,11 @@ template <class T> struct ChannelForwardParams {
   const acc_t<T>* bias = nullptr;    // (C,) or null
   acc_t<T>* mean = nullptr;          // (C,) or (B, G) out: statistics used
   acc_t<T>* rstd = nullptr;          // (C,) or (B, G) out
-  // (C,) in/out, element stride running_stride, or null. per_sample (InstanceNorm, G = C):
+  // (C,) in/out, element strides running_mean_stride / running_var_stride, or null. per_sample (InstanceNorm, G = C):
   // updated with the batch averages of the per-sample means and unbiased variances.
   acc_t<T>* running_mean = nullptr;
   acc_t<T>* running_var = nullptr;
-  int64_t running_stride = 1;
+  int64_t running_mean_stride = 1, running_var_stride = 1;
   int64_t B = 0, C = 0, S = 0, G = 0;
   double eps = 0.0, momentum = 0.0;
   bool training = true;  // false: statistics from the running ones (per_sample must be false)

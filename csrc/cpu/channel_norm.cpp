@@ -92,8 +92,8 @@ GroupStats<compute_t<T>> finish_group(const ChannelForwardParams<T>& p, int64_t 
     mean = m.mean;
     var = population_var(m);
   } else {
-    mean = static_cast<double>(p.running_mean[t * p.running_stride]);
-    var = static_cast<double>(p.running_var[t * p.running_stride]);
+    mean = static_cast<double>(p.running_mean[t * p.running_mean_stride]);
+    var = static_cast<double>(p.running_var[t * p.running_var_stride]);
   }
   const double rstd = rstd_from_var(var, p.eps);
   p.mean[t] = static_cast<acc_t<T>>(mean);
@@ -117,8 +117,8 @@ void update_running(const ChannelForwardParams<T>& p, const View& v,
     }
     mean /= static_cast<double>(v.samples);
     var /= static_cast<double>(v.samples);
-    A& rm = p.running_mean[c * p.running_stride];
-    A& rv = p.running_var[c * p.running_stride];
+    A& rm = p.running_mean[c * p.running_mean_stride];
+    A& rv = p.running_var[c * p.running_var_stride];
     rm = running_update(rm, mean, p.momentum);
     rv = running_update(rv, var, p.momentum);
   }
