@@ -89,19 +89,14 @@ void row_backward_rows(const RowBackwardParams<T>& p, int64_t r0, int64_t r1, do
     });
     const C c1 = static_cast<C>(sum_gx * inv_n);
     const C c2 = kCenter ? static_cast<C>(sum_g * inv_n) : C(0);
-    // dx
+    // dx, and partial dweight, dbias (one pass: the row is read once more, from cache)
     for (int64_t j = 0; j < N; ++j) {
       const C w = kHasWeight ? static_cast<C>(p.weight[j]) : C(1);
       const C d = static_cast<C>(load(dy[j]));
       const C xh = xhat_of(static_cast<C>(load(x[j])), st);
       dx[j] = store<T>(input_grad(d * w, xh, st.rstd, c1, c2));
-    }
-    // partial dweight, dbias
-    for (int64_t j = 0; j < N; ++j) {
-      const double d = static_cast<double>(load(dy[j]));
-      const C xh = xhat_of(static_cast<C>(load(x[j])), st);
-      pdw[j] += d * static_cast<double>(xh);
-      pdb[j] += d;
+      pdw[j] += static_cast<double>(d) * static_cast<double>(xh);
+      pdb[j] += static_cast<double>(d);
     }
   }
 }

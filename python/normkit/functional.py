@@ -229,20 +229,23 @@ def _like_view(a: np.ndarray, perm, shape3) -> np.ndarray:
     return ap.reshape(shape3)
 
 
-def _output(out: Optional[np.ndarray], x: np.ndarray, xp: np.ndarray, perm):
+def _output(out: Optional[np.ndarray], x: np.ndarray, xp: np.ndarray, perm, others=()):
     """(yp, y, copy_back): yp is the dense buffer the kernel writes (xp's shape), y the array
     returned to the caller; copy_back is None or a dense temporary to copy into ``out``.
 
-    ``out`` is written directly when its memory has the kernel's layout and it either does not
-    overlap ``xp`` or is exactly ``xp`` (in place, safe because every group is reduced before
-    any of its outputs is written); otherwise the kernel writes a temporary first.
+    ``out`` is written directly when its memory has the kernel's layout, does not overlap any of
+    ``others`` (the other inputs the kernel reads: weight, bias, running statistics), and either
+    does not overlap ``xp`` or is exactly ``xp`` (in place, safe because every group is reduced
+    before any of its outputs is written); otherwise the kernel writes a temporary first.
     """
     pshape = tuple(x.shape[p] for p in perm)
     if out is None:
         yp = np.empty(xp.shape, x.dtype)
         return yp, yp.reshape(pshape).transpose(_inverse(perm)), None
     op = out.transpose(perm)
-    if op.flags.c_contiguous:
+    if op.flags.c_contiguous and not any(
+        o is not None and np.may_share_memory(out, o) for o in others
+    ):
         yp = op.reshape(xp.shape)
         if not np.may_share_memory(yp, xp) or (
             yp.__array_interface__["data"][0] == xp.__array_interface__["data"][0]
@@ -271,7 +274,7 @@ def _spatial_size(x: np.ndarray, ca: int) -> int:
 def _channel_forward(fn, x, ca, w, b, rm, rv, training, momentum, eps, out, groups, stat_shape):
     out = _check_out(out, x, fn)
     xp, channels_last, perm = _channel_view(x, ca)
-    yp, y, copy_back = _output(out, x, xp, perm)
+    yp, y, copy_back = _output(out, x, xp, perm, (w, b, rm, rv))
     sd = _stat_dtype(x.dtype)
     mean = np.empty(stat_shape, sd)
     rstd = np.empty(stat_shape, sd)
@@ -527,7 +530,7 @@ def _row_forward(fn, x, normalized_shape, weight, bias, eps, out, center: bool) 
     e = _eps(eps, fn)
     out = _check_out(out, x, fn)
     xp = _rows(x, M, N)
-    yp, y, copy_back = _output(out, x, xp, tuple(range(x.ndim)))
+    yp, y, copy_back = _output(out, x, xp, tuple(range(x.ndim)), (w, b))
     mean = np.empty(lead, sd) if center else None
     rstd = np.empty(lead, sd)
     _core.row_norm_forward(
