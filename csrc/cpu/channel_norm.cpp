@@ -169,7 +169,7 @@ void forward_rows(const ChannelForwardParams<T>& p, const View& v) {
   std::vector<double> partial;
   if (p.training) {
     partial.assign(at(tasks * 2 * cols), 0.0);
-    parallel_for(tasks, grain_for(rpc * cols), [&](int64_t t0, int64_t t1) {
+    parallel_for(tasks, grain_for(std::min(v.O, rpc) * cols), [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t s = t / n_chunks, k = t % n_chunks;
         const int64_t r0 = k * rpc, r1 = r0 + v.chunk_rows(k);
@@ -324,7 +324,7 @@ void backward_rows(const ChannelBackwardParams<T>& p, const View& v) {
     }
   // partial dweight, dbias: per (sample, chunk) and column
   std::vector<double> partial(at(tasks * 2 * cols), 0.0);
-  parallel_for(tasks, grain_for(rpc * cols), [&](int64_t t0, int64_t t1) {
+  parallel_for(tasks, grain_for(std::min(v.O, rpc) * cols), [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t s = t / n_chunks, k = t % n_chunks;
       const GroupStats<C>* st = scol.data() + s * cols;
