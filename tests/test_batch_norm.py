@@ -7,8 +7,6 @@ the per-dtype tolerance table of conftest.py.
 from __future__ import annotations
 
 import math
-from concurrent.futures import ThreadPoolExecutor
-
 import numpy as np
 import pytest
 
@@ -22,53 +20,37 @@ from conftest import (
     assert_unchanged,
     get_dtype,
     is_half,
-    num_threads,
     randn,
     snapshot,
     stats_dtype,
+)
+from helpers import (
+    AFFINES,
+    assert_concurrent_matches_serial,
+    assert_raises_nothing_written,
+    assert_same_across_thread_counts,
+    channel_strided_cases,
+    layout,
+    make_params,
+    make_running,
+    many,
+    nchan,
+    per_channel,
+    readonly,
+    setter,
+    x_dtype,
 )
 
 nk = pytest.importorskip("normkit")
 
 # Canonical (N, C, *spatial) shapes per rank; channels-last moves C to the end.
 SHAPES = {2: (12, 5), 3: (4, 3, 7), 4: (3, 4, 5, 6), 5: (2, 3, 4, 3, 5)}
-AFFINES = ["weight+bias", "weight", "bias", "none"]
-
-
-def layout(ncs_shape, channel_axis):
-    """(N, C, *spatial) -> the shape for ``channel_axis``."""
-    if channel_axis == 1:
-        return tuple(ncs_shape)
-    return (ncs_shape[0],) + tuple(ncs_shape[2:]) + (ncs_shape[1],)
-
-
-def nchan(shape, channel_axis):
-    return shape[1] if channel_axis == 1 else shape[-1]
-
-
-def per_channel(a, ndim, channel_axis):
-    """Reshape a (C,) vector to broadcast along ``channel_axis`` of an ndim array."""
-    shp = [1] * ndim
-    shp[1 if channel_axis == 1 else -1] = -1
-    return np.asarray(a).reshape(shp)
 
 
 def channel_index(ndim, channel_axis, c):
     idx = [slice(None)] * ndim
     idx[1 if channel_axis == 1 else ndim - 1] = c
     return tuple(idx)
-
-
-def make_params(rng, c, affine, dtype=np.float32):
-    w = randn(rng, c, dtype, loc=1.0, scale=0.5) if "weight" in affine else None
-    b = randn(rng, c, dtype, scale=1.0) if "bias" in affine else None
-    return w, b
-
-
-def make_running(rng, c, sd):
-    rm = (0.5 * rng.standard_normal(c)).astype(sd)
-    rv = rng.uniform(0.5, 2.0, c).astype(sd)
-    return rm, rv
 
 
 def run_forward(x, weight=None, bias=None, running_mean=None, running_var=None, **kw):
@@ -553,24 +535,6 @@ def test_zero_channels(channel_axis, training):
 # ----------------------------------------------------------------------------
 
 
-def _strided_cases(rng, dt):
-    base = randn(rng, (8, 6, 10, 12), dt, loc=0.2)
-    nhwc = randn(rng, (3, 5, 7, 4), dt)
-    nchw = randn(rng, (3, 4, 5, 7), dt)
-    return {
-        "steps": (base[::2, ::2, 1::3, ::5], 1),
-        "negative": (base[::-1, :, ::-2, ::-1], 1),
-        "transposed": (base.transpose(0, 2, 1, 3), 1),  # logical (8, 10, 6, 12)
-        "fortran": (np.asfortranarray(base[:3]), 1),
-        "channels_innermost_axis1": (nhwc.transpose(0, 3, 1, 2), 1),
-        "nchw_memory_axis-1": (nchw.transpose(0, 2, 3, 1), -1),
-        "steps_axis-1": (base[1::3, ::-1, ::4, ::3], -1),
-        "broadcast_batch": (np.broadcast_to(base[:1, :, :3, :3], (5, 6, 3, 3)), 1),
-        "broadcast_spatial": (np.broadcast_to(base[:3, :, :1, :4], (3, 6, 4, 4)), 1),
-        "column_slice_rank2": (base[0, 0][:, ::3], 1),
-    }
-
-
 CASE_NAMES = ["steps", "negative", "transposed", "fortran", "channels_innermost_axis1",
               "nchw_memory_axis-1", "steps_axis-1", "broadcast_batch", "broadcast_spatial",
               "column_slice_rank2"]
@@ -580,7 +544,7 @@ CASE_NAMES = ["steps", "negative", "transposed", "fortran", "channels_innermost_
 @pytest.mark.parametrize("name", ["float32", "float64", "float16"])
 def test_arbitrary_strides(case, name, rng):
     dt = get_dtype(name)
-    x, channel_axis = _strided_cases(rng, dt)[case]
+    x, channel_axis = channel_strided_cases(rng, dt)[case]
     c = nchan(x.shape, channel_axis)
     sd = stats_dtype(dt)
     wbig = randn(rng, 3 * c, sd, loc=1.0)
@@ -786,50 +750,24 @@ def _valid_call(rng):
     )
 
 
-def _readonly(a):
-    a = a.copy()
-    a.flags.writeable = False
-    return a
-
-
-def _set(key, value):
-    def f(a):
-        if key in a["kw"] or key in ("training", "momentum", "eps", "channel_axis", "out"):
-            a["kw"][key] = value(a) if callable(value) else value
-        else:
-            a[key] = value(a) if callable(value) else value
-    return f
-
-
-def _x_dtype(dt):
-    def f(a):
-        a["x"] = np.asarray(a["x"]).astype(dt) if dt is not str else a["x"].astype(str)
-        a["kw"]["out"] = None  # the dtype error must not depend on out's dtype
-    return f
-
-
-def _many(*fs):
-    def f(a):
-        for g in fs:
-            g(a)
-    return f
+_set = setter(kw_keys=("training", "momentum", "eps", "channel_axis", "out"))
 
 
 BN = r"batch_norm"
 FORWARD_ERRORS = [
     # dtypes
-    ("x_int32", _x_dtype(np.int32), TypeError, BN + r".*dtype"),
-    ("x_int64", _x_dtype(np.int64), TypeError, BN + r".*dtype"),
-    ("x_uint8", _x_dtype(np.uint8), TypeError, BN + r".*dtype"),
-    ("x_bool", _x_dtype(np.bool_), TypeError, BN + r".*dtype"),
-    ("x_complex64", _x_dtype(np.complex64), TypeError, BN + r".*dtype"),
-    ("x_complex128", _x_dtype(np.complex128), TypeError, BN + r".*dtype"),
-    ("x_object", _x_dtype(object), TypeError, BN + r".*dtype"),
-    ("x_str", _x_dtype(str), TypeError, BN + r".*dtype"),
+    ("x_int32", x_dtype(np.int32), TypeError, BN + r".*dtype"),
+    ("x_int64", x_dtype(np.int64), TypeError, BN + r".*dtype"),
+    ("x_uint8", x_dtype(np.uint8), TypeError, BN + r".*dtype"),
+    ("x_bool", x_dtype(np.bool_), TypeError, BN + r".*dtype"),
+    ("x_complex64", x_dtype(np.complex64), TypeError, BN + r".*dtype"),
+    ("x_complex128", x_dtype(np.complex128), TypeError, BN + r".*dtype"),
+    ("x_object", x_dtype(object), TypeError, BN + r".*dtype"),
+    ("x_str", x_dtype(str), TypeError, BN + r".*dtype"),
     # rank
-    ("x_1d", _many(_set("x", lambda a: a["x"][0, 0]), _set("out", None)), ValueError,
+    ("x_1d", many(_set("x", lambda a: a["x"][0, 0]), _set("out", None)), ValueError,
      BN + r".*\bx\b"),
-    ("x_0d", _many(_set("x", lambda a: a["x"][0, 0, 0]), _set("out", None)), ValueError,
+    ("x_0d", many(_set("x", lambda a: a["x"][0, 0, 0]), _set("out", None)), ValueError,
      BN + r".*\bx\b"),
     # parameter shapes
     ("weight_shape", _set("weight", lambda a: np.ones(4, np.float32)), ValueError,
@@ -846,23 +784,23 @@ FORWARD_ERRORS = [
      TypeError, r"running_mean"),
     ("running_var_float16", _set("running_var", lambda a: np.ones(3, np.float16)), TypeError,
      r"running_var"),
-    ("running_mean_readonly", _set("running_mean", lambda a: _readonly(a["running_mean"])),
+    ("running_mean_readonly", _set("running_mean", lambda a: readonly(a["running_mean"])),
      ValueError, BN + r".*running_mean"),
-    ("running_var_readonly", _set("running_var", lambda a: _readonly(a["running_var"])),
+    ("running_var_readonly", _set("running_var", lambda a: readonly(a["running_var"])),
      ValueError, BN + r".*running_var"),
     # one value per channel / empty reductions
-    ("one_value_per_channel", _many(_set("x", lambda a: a["x"][:1, :, 0]), _set("out", None)),
+    ("one_value_per_channel", many(_set("x", lambda a: a["x"][:1, :, 0]), _set("out", None)),
      ValueError, r"expected more than 1 value per channel when training"),
     ("one_value_per_channel_4d",
-     _many(_set("x", lambda a: a["x"][:1, :, :1, None]), _set("out", None)), ValueError,
+     many(_set("x", lambda a: a["x"][:1, :, :1, None]), _set("out", None)), ValueError,
      r"expected more than 1 value per channel when training"),
     ("one_value_per_channel_last",
-     _many(_set("x", lambda a: np.ascontiguousarray(a["x"][:1, :, :1].transpose(0, 2, 1))),
+     many(_set("x", lambda a: np.ascontiguousarray(a["x"][:1, :, :1].transpose(0, 2, 1))),
            _set("channel_axis", -1), _set("out", None)),
      ValueError, r"expected more than 1 value per channel when training"),
-    ("empty_batch_training", _many(_set("x", lambda a: a["x"][:0]), _set("out", None)),
+    ("empty_batch_training", many(_set("x", lambda a: a["x"][:0]), _set("out", None)),
      ValueError, BN + r"|expected more than 1 value per channel"),
-    ("empty_spatial_training", _many(_set("x", lambda a: a["x"][:, :, :0]), _set("out", None)),
+    ("empty_spatial_training", many(_set("x", lambda a: a["x"][:, :, :0]), _set("out", None)),
      ValueError, BN + r"|expected more than 1 value per channel"),
     # scalars
     ("eps_negative", _set("eps", -1e-5), ValueError, BN + r".*eps"),
@@ -881,14 +819,14 @@ FORWARD_ERRORS = [
      ValueError, BN + r".*\bout\b"),
     ("out_dtype", _set("out", lambda a: np.full((4, 3, 5), 7.0, np.float64)), ValueError,
      BN + r".*\bout\b"),
-    ("out_readonly", _set("out", lambda a: _readonly(a["kw"]["out"])), ValueError,
+    ("out_readonly", _set("out", lambda a: readonly(a["kw"]["out"])), ValueError,
      BN + r".*\bout\b"),
     # eval
     ("eval_without_running",
-     _many(_set("training", False), _set("running_mean", None), _set("running_var", None)),
+     many(_set("training", False), _set("running_mean", None), _set("running_var", None)),
      ValueError, BN + r".*running"),
     ("eval_negative_running_var",
-     _many(_set("training", False),
+     many(_set("training", False),
            _set("running_var", lambda a: np.array([1.0, -0.5, 1.0], np.float32))),
      ValueError, BN + r".*running_var"),
 ]
@@ -899,12 +837,8 @@ FORWARD_ERRORS = [
 def test_forward_errors(name, mutate, exc, match, rng):
     a = _valid_call(rng)
     mutate(a)
-    kw = a["kw"]
-    keep = snapshot(a["x"] if isinstance(a["x"], np.ndarray) else None, a["weight"], a["bias"],
-                    a["running_mean"], a["running_var"], kw.get("out"))
-    with pytest.raises(exc, match=match):
-        nk.batch_norm(a["x"], a["weight"], a["bias"], a["running_mean"], a["running_var"], **kw)
-    assert_unchanged(keep, "argument after an error")
+    assert_raises_nothing_written(exc, match, nk.batch_norm, a["x"], a["weight"], a["bias"],
+                                  a["running_mean"], a["running_var"], **a["kw"])
 
 
 def test_valid_call_of_error_table_works(rng):
@@ -922,13 +856,7 @@ def _valid_backward(rng):
                 weight=randn(rng, 3, loc=1.0), kw=dict(training=True, channel_axis=1))
 
 
-def _bset(key, value):
-    def f(a):
-        if key in ("training", "channel_axis"):
-            a["kw"][key] = value
-        else:
-            a[key] = value(a) if callable(value) else value
-    return f
+_bset = setter(kw_keys=("training", "channel_axis"))
 
 
 BNB = r"batch_norm_backward"
@@ -946,7 +874,7 @@ BACKWARD_ERRORS = [
      BNB + r".*\brstd\b"),
     ("weight_shape", _bset("weight", lambda a: np.ones(5, np.float32)), ValueError,
      BNB + r".*weight"),
-    ("x_1d", _many(_bset("x", lambda a: a["x"][0, 0]), _bset("dy", lambda a: a["dy"][0, 0])),
+    ("x_1d", many(_bset("x", lambda a: a["x"][0, 0]), _bset("dy", lambda a: a["dy"][0, 0])),
      ValueError, BNB + r".*\bx\b"),
     ("channel_axis", _bset("channel_axis", 2), ValueError, BNB + r".*channel_axis"),
 ]
@@ -957,10 +885,8 @@ BACKWARD_ERRORS = [
 def test_backward_errors(name, mutate, exc, match, rng):
     a = _valid_backward(rng)
     mutate(a)
-    keep = snapshot(a["dy"], a["x"], a["mean"], a["rstd"], a["weight"])
-    with pytest.raises(exc, match=match):
-        nk.batch_norm_backward(a["dy"], a["x"], a["mean"], a["rstd"], a["weight"], **a["kw"])
-    assert_unchanged(keep, "argument after an error")
+    assert_raises_nothing_written(exc, match, nk.batch_norm_backward, a["dy"], a["x"], a["mean"],
+                                  a["rstd"], a["weight"], **a["kw"])
 
 
 # ----------------------------------------------------------------------------
@@ -978,40 +904,36 @@ def test_bitwise_identical_across_thread_counts(channel_axis, name, restore_num_
     dy = randn(rng, shape, dt)
     sd = stats_dtype(dt)
     w, b = make_params(rng, 32, "weight+bias", sd)
-    results = []
-    for n in (1, 2, 3):
-        with num_threads(n):
-            assert nk.get_num_threads() == n
-            rm, rv = np.zeros(32, sd), np.ones(32, sd)
-            out = nk.batch_norm(x, w, b, rm, rv, channel_axis=channel_axis)
-            g = nk.batch_norm_backward(dy, x, out.mean, out.rstd, w, channel_axis=channel_axis)
-            ev = nk.batch_norm(x, w, b, rm, rv, training=False, channel_axis=channel_axis)
-            ge = nk.batch_norm_backward(dy, x, ev.mean, ev.rstd, w, training=False,
-                                        channel_axis=channel_axis)
-        results.append((out.y, out.mean, out.rstd, rm, rv, g.dx, g.dweight, g.dbias, ev.y,
-                        ge.dx, ge.dweight, ge.dbias))
-    names = ["y", "mean", "rstd", "running_mean", "running_var", "dx", "dweight", "dbias",
-             "y(eval)", "dx(eval)", "dweight(eval)", "dbias(eval)"]
-    for other in results[1:]:
-        for nm, a, b_ in zip(names, results[0], other):
-            assert_bitwise_equal(a, b_, nm)
+
+    def compute():
+        rm, rv = np.zeros(32, sd), np.ones(32, sd)
+        out = nk.batch_norm(x, w, b, rm, rv, channel_axis=channel_axis)
+        g = nk.batch_norm_backward(dy, x, out.mean, out.rstd, w, channel_axis=channel_axis)
+        ev = nk.batch_norm(x, w, b, rm, rv, training=False, channel_axis=channel_axis)
+        ge = nk.batch_norm_backward(dy, x, ev.mean, ev.rstd, w, training=False,
+                                    channel_axis=channel_axis)
+        return (out.y, out.mean, out.rstd, rm, rv, g.dx, g.dweight, g.dbias, ev.y,
+                ge.dx, ge.dweight, ge.dbias)
+
+    first = assert_same_across_thread_counts(
+        compute, ["y", "mean", "rstd", "running_mean", "running_var", "dx", "dweight", "dbias",
+                  "y(eval)", "dx(eval)", "dweight(eval)", "dbias(eval)"])
     # and the big case is also right
     r = ref.batch_norm(x, w, b, channel_axis=channel_axis)
-    assert_close(results[0][0], r.y, what="y")
+    assert_close(first[0], r.y, what="y")
 
 
 def test_half_bitwise_identical_across_thread_counts(restore_num_threads):
     rng = np.random.default_rng(99)
     x = randn(rng, (32, 16, 40, 41), np.float16)
     dy = randn(rng, x.shape, np.float16)
-    res = []
-    for n in (1, 3):
-        with num_threads(n):
-            out = nk.batch_norm(x, channel_axis=-1)
-            g = nk.batch_norm_backward(dy, x, out.mean, out.rstd, channel_axis=-1)
-        res.append((out.y, out.mean, out.rstd, g.dx, g.dweight, g.dbias))
-    for a, b_ in zip(*res):
-        assert_bitwise_equal(a, b_)
+
+    def compute():
+        out = nk.batch_norm(x, channel_axis=-1)
+        g = nk.batch_norm_backward(dy, x, out.mean, out.rstd, channel_axis=-1)
+        return out.y, out.mean, out.rstd, g.dx, g.dweight, g.dbias
+
+    assert_same_across_thread_counts(compute, counts=(1, 3))
 
 
 def test_concurrent_calls_from_python_threads():
@@ -1030,13 +952,7 @@ def test_concurrent_calls_from_python_threads():
         g = nk.batch_norm_backward(dy, x, out.mean, out.rstd, w, channel_axis=ca)
         return out.y, out.mean, out.rstd, rm, rv, g.dx, g.dweight, g.dbias
 
-    serial = [work(j) for j in jobs]
-    with ThreadPoolExecutor(max_workers=8) as pool:
-        for _ in range(2):
-            concurrent = list(pool.map(work, jobs))
-            for s, c in zip(serial, concurrent):
-                for a, b_ in zip(s, c):
-                    assert_bitwise_equal(a, b_, "concurrent vs serial")
+    assert_concurrent_matches_serial(work, jobs)
 
 
 @pytest.mark.skipif(not HAVE_BFLOAT16, reason="bfloat16 needs ml_dtypes")

@@ -22,17 +22,28 @@ from conftest import (
     assert_unchanged,
     get_dtype,
     is_half,
-    num_threads,
     randn,
     snapshot,
     stats_dtype,
+)
+from helpers import (
+    AFFINES,
+    assert_raises_nothing_written,
+    assert_same_across_thread_counts,
+    cax,
+    layout,
+    make_params,
+    many,
+    nchan,
+    readonly,
+    setter,
+    x_dtype,
 )
 
 nk = pytest.importorskip("normkit")
 
 # Canonical (N, C, *spatial) shapes per rank; C = 6 so that G = 1, 2, 3, 6 all divide it.
 SHAPES = {2: (5, 6), 3: (3, 6, 7), 4: (2, 6, 5, 3), 5: (2, 6, 3, 2, 3)}
-AFFINES = ["weight+bias", "weight", "bias", "none"]
 
 
 # ----------------------------------------------------------------------------
@@ -40,31 +51,10 @@ AFFINES = ["weight+bias", "weight", "bias", "none"]
 # ----------------------------------------------------------------------------
 
 
-def layout(ncs_shape, channel_axis):
-    """(N, C, *spatial) -> the logical shape for ``channel_axis``."""
-    if channel_axis == 1:
-        return tuple(ncs_shape)
-    return (ncs_shape[0],) + tuple(ncs_shape[2:]) + (ncs_shape[1],)
-
-
-def cax(ndim, channel_axis):
-    return 1 if channel_axis == 1 else ndim - 1
-
-
-def nchan(shape, channel_axis):
-    return shape[cax(len(shape), channel_axis)]
-
-
 def channels(a, idx, channel_axis):
     """``a`` restricted to the channel indices ``idx`` (a list) along the channel axis."""
     a = np.asarray(a)
     return np.take(a, idx, axis=cax(a.ndim, channel_axis))
-
-
-def make_params(rng, c, affine, dtype=np.float32):
-    w = randn(rng, c, dtype, loc=1.0, scale=0.5) if "weight" in affine else None
-    b = randn(rng, c, dtype) if "bias" in affine else None
-    return w, b
 
 
 def run_forward(x, num_groups, weight=None, bias=None, **kw):
@@ -123,12 +113,6 @@ def run_backward(dy, x, mean, rstd, weight=None, **kw):
     assert_close(g.dweight, r.dweight, sd, what="dweight")
     assert_close(g.dbias, r.dbias, sd, what="dbias")
     return g, r
-
-
-def _readonly(a):
-    a = np.array(a, copy=True)
-    a.flags.writeable = False
-    return a
 
 
 # ----------------------------------------------------------------------------
@@ -670,42 +654,18 @@ def _valid_call(rng):
     )
 
 
-KW = ("eps", "channel_axis", "out")
-
-
-def _set(key, value):
-    def f(a):
-        v = value(a) if callable(value) else value
-        if key in KW:
-            a["kw"][key] = v
-        else:
-            a[key] = v
-    return f
-
-
-def _x_dtype(dt):
-    def f(a):
-        a["x"] = a["x"].astype(dt)
-        a["kw"]["out"] = None  # the dtype error must not be about out's dtype
-    return f
-
-
-def _many(*fs):
-    def f(a):
-        for g in fs:
-            g(a)
-    return f
+_set = setter(kw_keys=("eps", "channel_axis", "out"))
 
 
 GN = r"group_norm"
 FORWARD_ERRORS = [
-    ("x_int32", _x_dtype(np.int32), TypeError, GN + r".*\bx\b.*dtype"),
-    ("x_int64", _x_dtype(np.int64), TypeError, GN + r".*\bx\b.*dtype"),
-    ("x_bool", _x_dtype(np.bool_), TypeError, GN + r".*\bx\b.*dtype"),
-    ("x_complex", _x_dtype(np.complex64), TypeError, GN + r".*\bx\b.*dtype"),
-    ("x_object", _x_dtype(object), TypeError, GN + r".*\bx\b.*dtype"),
-    ("x_str", _x_dtype(str), TypeError, GN + r".*\bx\b.*dtype"),
-    ("x_1d", _many(_set("x", lambda a: a["x"][0, 0]), _set("out", None)), ValueError,
+    ("x_int32", x_dtype(np.int32), TypeError, GN + r".*\bx\b.*dtype"),
+    ("x_int64", x_dtype(np.int64), TypeError, GN + r".*\bx\b.*dtype"),
+    ("x_bool", x_dtype(np.bool_), TypeError, GN + r".*\bx\b.*dtype"),
+    ("x_complex", x_dtype(np.complex64), TypeError, GN + r".*\bx\b.*dtype"),
+    ("x_object", x_dtype(object), TypeError, GN + r".*\bx\b.*dtype"),
+    ("x_str", x_dtype(str), TypeError, GN + r".*\bx\b.*dtype"),
+    ("x_1d", many(_set("x", lambda a: a["x"][0, 0]), _set("out", None)), ValueError,
      GN + r".*\bx\b"),
     ("num_groups_0", _set("num_groups", 0), ValueError, GN + r".*num_groups"),
     ("num_groups_negative", _set("num_groups", -3), ValueError, GN + r".*num_groups"),
@@ -721,7 +681,7 @@ FORWARD_ERRORS = [
     ("weight_int", _set("weight", lambda a: np.ones(6, np.int32)), TypeError,
      GN + r".*weight"),
     ("bias_shape", _set("bias", lambda a: np.ones(7, np.float32)), ValueError, GN + r".*bias"),
-    ("empty_reduction", _many(_set("x", lambda a: a["x"][:, :, :0]), _set("out", None)),
+    ("empty_reduction", many(_set("x", lambda a: a["x"][:, :, :0]), _set("out", None)),
      ValueError, GN),
     ("eps_negative", _set("eps", -1e-5), ValueError, GN + r".*eps"),
     ("eps_nan", _set("eps", float("nan")), ValueError, GN + r".*eps"),
@@ -734,7 +694,7 @@ FORWARD_ERRORS = [
      ValueError, GN + r".*\bout\b"),
     ("out_dtype", _set("out", lambda a: np.full((4, 6, 5), 7.0, np.float64)), ValueError,
      GN + r".*\bout\b"),
-    ("out_readonly", _set("out", lambda a: _readonly(a["kw"]["out"])), ValueError,
+    ("out_readonly", _set("out", lambda a: readonly(a["kw"]["out"])), ValueError,
      GN + r".*\bout\b"),
 ]
 
@@ -744,10 +704,8 @@ FORWARD_ERRORS = [
 def test_forward_errors(name, mutate, exc, match, rng):
     a = _valid_call(rng)
     mutate(a)
-    keep = snapshot(a["x"], a["weight"], a["bias"], a["kw"]["out"])
-    with pytest.raises(exc, match=match):
-        nk.group_norm(a["x"], a["num_groups"], a["weight"], a["bias"], **a["kw"])
-    assert_unchanged(keep, "argument after an error")
+    assert_raises_nothing_written(exc, match, nk.group_norm, a["x"], a["num_groups"],
+                                  a["weight"], a["bias"], **a["kw"])
 
 
 def test_valid_call_of_error_table_works(rng):
@@ -764,14 +722,7 @@ def _valid_backward(rng):
                 weight=randn(rng, 6, loc=1.0), kw=dict(channel_axis=1))
 
 
-def _bset(key, value):
-    def f(a):
-        v = value(a) if callable(value) else value
-        if key == "channel_axis":
-            a["kw"][key] = v
-        else:
-            a[key] = v
-    return f
+_bset = setter(kw_keys=("channel_axis",))
 
 
 GNB = r"group_norm_backward"
@@ -784,14 +735,14 @@ BACKWARD_ERRORS = [
     ("mean_wrong_N", _bset("mean", lambda a: a["mean"][:3]), ValueError, GNB + r".*\bmean\b"),
     ("mean_1d", _bset("mean", lambda a: a["mean"][0]), ValueError, GNB + r".*\bmean\b"),
     ("mean_groups_not_dividing",
-     _many(_bset("mean", lambda a: np.zeros((4, 4), np.float32)),
+     many(_bset("mean", lambda a: np.zeros((4, 4), np.float32)),
            _bset("rstd", lambda a: np.ones((4, 4), np.float32))), ValueError,
      GNB + r".*num_groups"),
     ("rstd_shape", _bset("rstd", lambda a: a["rstd"][:, :2]), ValueError, GNB + r".*\brstd\b"),
     ("mean_none", _bset("mean", None), ValueError, GNB + r".*mean"),
     ("weight_shape", _bset("weight", lambda a: np.ones(3, np.float32)), ValueError,
      GNB + r".*weight"),
-    ("x_1d", _many(_bset("x", lambda a: a["x"][0, 0]), _bset("dy", lambda a: a["dy"][0, 0])),
+    ("x_1d", many(_bset("x", lambda a: a["x"][0, 0]), _bset("dy", lambda a: a["dy"][0, 0])),
      ValueError, GNB + r".*\bx\b"),
     ("channel_axis", _bset("channel_axis", 0), ValueError, GNB + r".*channel_axis"),
 ]
@@ -802,10 +753,8 @@ BACKWARD_ERRORS = [
 def test_backward_errors(name, mutate, exc, match, rng):
     a = _valid_backward(rng)
     mutate(a)
-    keep = snapshot(a["dy"], a["x"], a["mean"], a["rstd"], a["weight"])
-    with pytest.raises(exc, match=match):
-        nk.group_norm_backward(a["dy"], a["x"], a["mean"], a["rstd"], a["weight"], **a["kw"])
-    assert_unchanged(keep, "argument after an error")
+    assert_raises_nothing_written(exc, match, nk.group_norm_backward, a["dy"], a["x"], a["mean"],
+                                  a["rstd"], a["weight"], **a["kw"])
 
 
 # ----------------------------------------------------------------------------
@@ -831,18 +780,15 @@ def test_bitwise_identical_across_thread_counts(name, memory, restore_num_thread
             x, ca = x.transpose(0, 3, 1, 2), 1
     dy = randn(rng, x.shape, dt)
     w, b = make_params(rng, 64, "weight+bias", sd)
-    results = []
-    for n in (1, 2, 3):
-        with num_threads(n):
-            assert nk.get_num_threads() == n
-            out = nk.group_norm(x, 8, w, b, channel_axis=ca)
-            g = nk.group_norm_backward(dy, x, out.mean, out.rstd, w, channel_axis=ca)
-        results.append((out.y, out.mean, out.rstd, g.dx, g.dweight, g.dbias))
-    names = ["y", "mean", "rstd", "dx", "dweight", "dbias"]
-    for other in results[1:]:
-        for nm, a, b_ in zip(names, results[0], other):
-            assert_bitwise_equal(a, b_, nm)
+
+    def compute():
+        out = nk.group_norm(x, 8, w, b, channel_axis=ca)
+        g = nk.group_norm_backward(dy, x, out.mean, out.rstd, w, channel_axis=ca)
+        return out.y, out.mean, out.rstd, g.dx, g.dweight, g.dbias
+
+    first = assert_same_across_thread_counts(compute, ["y", "mean", "rstd", "dx", "dweight",
+                                                       "dbias"])
     if name == "float32":  # and the big case is right
         r = ref.group_norm(x, 8, w, b, channel_axis=ca)
-        assert_close(results[0][0], r.y, what="y")
-        assert_close(results[0][1], r.mean, sd, what="mean")
+        assert_close(first[0], r.y, what="y")
+        assert_close(first[1], r.mean, sd, what="mean")

@@ -22,54 +22,31 @@ from conftest import (
     assert_unchanged,
     get_dtype,
     is_half,
-    num_threads,
     randn,
     snapshot,
     stats_dtype,
+)
+from helpers import (
+    AFFINES,
+    assert_raises_nothing_written,
+    assert_same_across_thread_counts,
+    cax,
+    channel_strided_cases,
+    layout,
+    make_params,
+    make_running,
+    many,
+    nchan,
+    per_channel,
+    readonly,
+    setter,
+    x_dtype,
 )
 
 nk = pytest.importorskip("normkit")
 
 # Canonical (N, C, *spatial) shapes per rank (rank 2 has no spatial axis: eval only).
 SHAPES = {2: (5, 3), 3: (3, 4, 7), 4: (2, 3, 5, 4), 5: (2, 3, 3, 2, 4)}
-AFFINES = ["weight+bias", "weight", "bias", "none"]
-
-
-# ----------------------------------------------------------------------------
-# helpers
-# ----------------------------------------------------------------------------
-
-
-def layout(ncs_shape, channel_axis):
-    if channel_axis == 1:
-        return tuple(ncs_shape)
-    return (ncs_shape[0],) + tuple(ncs_shape[2:]) + (ncs_shape[1],)
-
-
-def cax(ndim, channel_axis):
-    return 1 if channel_axis == 1 else ndim - 1
-
-
-def nchan(shape, channel_axis):
-    return shape[cax(len(shape), channel_axis)]
-
-
-def per_channel(a, ndim, channel_axis):
-    shp = [1] * ndim
-    shp[cax(ndim, channel_axis)] = -1
-    return np.asarray(a).reshape(shp)
-
-
-def make_params(rng, c, affine, dtype=np.float32):
-    w = randn(rng, c, dtype, loc=1.0, scale=0.5) if "weight" in affine else None
-    b = randn(rng, c, dtype) if "bias" in affine else None
-    return w, b
-
-
-def make_running(rng, c, sd):
-    rm = (0.5 * rng.standard_normal(c)).astype(sd)
-    rv = rng.uniform(0.5, 2.0, c).astype(sd)
-    return rm, rv
 
 
 def run_forward(x, weight=None, bias=None, running_mean=None, running_var=None, **kw):
@@ -136,12 +113,6 @@ def run_backward(dy, x, mean, rstd, weight=None, **kw):
     assert_close(g.dweight, r.dweight, sd, what="dweight")
     assert_close(g.dbias, r.dbias, sd, what="dbias")
     return g, r
-
-
-def _readonly(a):
-    a = np.array(a, copy=True)
-    a.flags.writeable = False
-    return a
 
 
 # ----------------------------------------------------------------------------
@@ -554,22 +525,6 @@ def test_empty_batch_cannot_update_running_stats(rng):
 # ----------------------------------------------------------------------------
 
 
-def _strided_cases(rng, dt):
-    base = randn(rng, (8, 6, 10, 12), dt, loc=0.2)
-    nhwc = randn(rng, (3, 5, 7, 4), dt)
-    nchw = randn(rng, (3, 4, 5, 7), dt)
-    return {
-        "steps": (base[::2, ::2, 1::3, ::5], 1),
-        "negative": (base[::-1, :, ::-2, ::-1], 1),
-        "transposed": (base.transpose(0, 2, 1, 3), 1),
-        "fortran": (np.asfortranarray(base[:3]), 1),
-        "channels_innermost_axis1": (nhwc.transpose(0, 3, 1, 2), 1),
-        "nchw_memory_axis-1": (nchw.transpose(0, 2, 3, 1), -1),
-        "steps_axis-1": (base[1::3, ::-1, ::4, ::3], -1),
-        "broadcast_batch": (np.broadcast_to(base[:1, :, :3, :3], (5, 6, 3, 3)), 1),
-    }
-
-
 CASE_NAMES = ["steps", "negative", "transposed", "fortran", "channels_innermost_axis1",
               "nchw_memory_axis-1", "steps_axis-1", "broadcast_batch"]
 
@@ -578,7 +533,7 @@ CASE_NAMES = ["steps", "negative", "transposed", "fortran", "channels_innermost_
 @pytest.mark.parametrize("name", ["float32", "float64", "float16"])
 def test_arbitrary_strides(case, name, rng):
     dt = get_dtype(name)
-    x, channel_axis = _strided_cases(rng, dt)[case]
+    x, channel_axis = channel_strided_cases(rng, dt)[case]
     c = nchan(x.shape, channel_axis)
     sd = stats_dtype(dt)
     w = randn(rng, 3 * c, sd, loc=1.0)[::3]
@@ -783,48 +738,24 @@ def _valid_call(rng):
     )
 
 
-KW = ("training", "momentum", "eps", "channel_axis", "out")
-
-
-def _set(key, value):
-    def f(a):
-        v = value(a) if callable(value) else value
-        if key in KW:
-            a["kw"][key] = v
-        else:
-            a[key] = v
-    return f
-
-
-def _x_dtype(dt):
-    def f(a):
-        a["x"] = a["x"].astype(dt)
-        a["kw"]["out"] = None
-    return f
-
-
-def _many(*fs):
-    def f(a):
-        for g in fs:
-            g(a)
-    return f
+_set = setter(kw_keys=("training", "momentum", "eps", "channel_axis", "out"))
 
 
 IN = r"instance_norm"
 EVAL = _set("training", False)
 FORWARD_ERRORS = [
-    ("x_int32", _x_dtype(np.int32), TypeError, IN + r".*\bx\b.*dtype"),
-    ("x_uint8", _x_dtype(np.uint8), TypeError, IN + r".*\bx\b.*dtype"),
-    ("x_bool", _x_dtype(np.bool_), TypeError, IN + r".*\bx\b.*dtype"),
-    ("x_complex", _x_dtype(np.complex128), TypeError, IN + r".*\bx\b.*dtype"),
-    ("x_object", _x_dtype(object), TypeError, IN + r".*\bx\b.*dtype"),
-    ("x_1d", _many(_set("x", lambda a: a["x"][0, 0]), _set("out", None)), ValueError,
+    ("x_int32", x_dtype(np.int32), TypeError, IN + r".*\bx\b.*dtype"),
+    ("x_uint8", x_dtype(np.uint8), TypeError, IN + r".*\bx\b.*dtype"),
+    ("x_bool", x_dtype(np.bool_), TypeError, IN + r".*\bx\b.*dtype"),
+    ("x_complex", x_dtype(np.complex128), TypeError, IN + r".*\bx\b.*dtype"),
+    ("x_object", x_dtype(object), TypeError, IN + r".*\bx\b.*dtype"),
+    ("x_1d", many(_set("x", lambda a: a["x"][0, 0]), _set("out", None)), ValueError,
      IN + r".*\bx\b"),
-    ("one_value_per_instance", _many(_set("x", lambda a: a["x"][:, :, 0]), _set("out", None)),
+    ("one_value_per_instance", many(_set("x", lambda a: a["x"][:, :, 0]), _set("out", None)),
      ValueError, IN),
     ("one_value_per_instance_4d",
-     _many(_set("x", lambda a: a["x"][:, :, :1, None]), _set("out", None)), ValueError, IN),
-    ("empty_spatial", _many(_set("x", lambda a: a["x"][:, :, :0]), _set("out", None)),
+     many(_set("x", lambda a: a["x"][:, :, :1, None]), _set("out", None)), ValueError, IN),
+    ("empty_spatial", many(_set("x", lambda a: a["x"][:, :, :0]), _set("out", None)),
      ValueError, IN),
     ("weight_shape", _set("weight", lambda a: np.ones(4, np.float32)), ValueError,
      IN + r".*weight"),
@@ -845,9 +776,9 @@ FORWARD_ERRORS = [
      IN + r".*running_var"),
     ("running_var_list", _set("running_var", [1.0, 1.0, 1.0]), TypeError,
      IN + r".*running_var"),
-    ("running_mean_readonly", _set("running_mean", lambda a: _readonly(a["running_mean"])),
+    ("running_mean_readonly", _set("running_mean", lambda a: readonly(a["running_mean"])),
      ValueError, IN + r".*running_mean"),
-    ("running_var_readonly", _set("running_var", lambda a: _readonly(a["running_var"])),
+    ("running_var_readonly", _set("running_var", lambda a: readonly(a["running_var"])),
      ValueError, IN + r".*running_var"),
     ("eps_negative", _set("eps", -1.0), ValueError, IN + r".*eps"),
     ("eps_nan", _set("eps", float("nan")), ValueError, IN + r".*eps"),
@@ -861,18 +792,18 @@ FORWARD_ERRORS = [
      IN + r".*\bout\b"),
     ("out_dtype", _set("out", lambda a: np.full((4, 3, 5), 7.0, np.float16)), ValueError,
      IN + r".*\bout\b"),
-    ("out_readonly", _set("out", lambda a: _readonly(a["kw"]["out"])), ValueError,
+    ("out_readonly", _set("out", lambda a: readonly(a["kw"]["out"])), ValueError,
      IN + r".*\bout\b"),
     ("eval_without_running",
-     _many(EVAL, _set("running_mean", None), _set("running_var", None)), ValueError,
+     many(EVAL, _set("running_mean", None), _set("running_var", None)), ValueError,
      IN + r".*running"),
     ("eval_negative_running_var",
-     _many(EVAL, _set("running_var", lambda a: np.array([1.0, -0.5, 1.0], np.float32))),
+     many(EVAL, _set("running_var", lambda a: np.array([1.0, -0.5, 1.0], np.float32))),
      ValueError, IN + r".*running_var"),
     ("eval_running_mean_readonly",
-     _many(EVAL, _set("running_mean", lambda a: _readonly(a["running_mean"]))), ValueError,
+     many(EVAL, _set("running_mean", lambda a: readonly(a["running_mean"]))), ValueError,
      IN + r".*running_mean"),
-    ("eval_out_readonly", _many(EVAL, _set("out", lambda a: _readonly(a["kw"]["out"]))),
+    ("eval_out_readonly", many(EVAL, _set("out", lambda a: readonly(a["kw"]["out"]))),
      ValueError, IN + r".*\bout\b"),
 ]
 
@@ -882,14 +813,8 @@ FORWARD_ERRORS = [
 def test_forward_errors(name, mutate, exc, match, rng):
     a = _valid_call(rng)
     mutate(a)
-    kw = a["kw"]
-    rm, rv = a["running_mean"], a["running_var"]
-    keep = snapshot(a["x"], a["weight"], a["bias"],
-                    rm if isinstance(rm, np.ndarray) else None,
-                    rv if isinstance(rv, np.ndarray) else None, kw["out"])
-    with pytest.raises(exc, match=match):
-        nk.instance_norm(a["x"], a["weight"], a["bias"], rm, rv, **kw)
-    assert_unchanged(keep, "argument after an error")
+    assert_raises_nothing_written(exc, match, nk.instance_norm, a["x"], a["weight"], a["bias"],
+                                  a["running_mean"], a["running_var"], **a["kw"])
 
 
 @pytest.mark.parametrize("training", [True, False])
@@ -909,14 +834,7 @@ def _valid_backward(rng, training=True):
                 weight=randn(rng, 3, loc=1.0), kw=dict(training=training, channel_axis=1))
 
 
-def _bset(key, value):
-    def f(a):
-        v = value(a) if callable(value) else value
-        if key in ("training", "channel_axis"):
-            a["kw"][key] = v
-        else:
-            a[key] = v
-    return f
+_bset = setter(kw_keys=("training", "channel_axis"))
 
 
 INB = r"instance_norm_backward"
@@ -929,7 +847,7 @@ BACKWARD_ERRORS = [
     ("rstd_shape", True, _bset("rstd", lambda a: a["rstd"][0]), ValueError,
      INB + r".*\brstd\b"),
     ("eval_stats_per_instance", False,
-     _many(_bset("mean", lambda a: np.zeros((4, 3), np.float32)),
+     many(_bset("mean", lambda a: np.zeros((4, 3), np.float32)),
            _bset("rstd", lambda a: np.ones((4, 3), np.float32))), ValueError,
      INB + r".*\bmean\b"),
     ("training_stats_per_channel", False, _bset("training", True), ValueError,
@@ -945,11 +863,8 @@ BACKWARD_ERRORS = [
 def test_backward_errors(name, training, mutate, exc, match, rng):
     a = _valid_backward(rng, training)
     mutate(a)
-    keep = snapshot(a["dy"], a["x"], a["mean"], a["rstd"], a["weight"])
-    with pytest.raises(exc, match=match):
-        nk.instance_norm_backward(a["dy"], a["x"], a["mean"], a["rstd"], a["weight"],
-                                  **a["kw"])
-    assert_unchanged(keep, "argument after an error")
+    assert_raises_nothing_written(exc, match, nk.instance_norm_backward, a["dy"], a["x"],
+                                  a["mean"], a["rstd"], a["weight"], **a["kw"])
 
 
 # ----------------------------------------------------------------------------
@@ -967,21 +882,17 @@ def test_bitwise_identical_across_thread_counts(name, channel_axis, restore_num_
     x = randn(rng, shape, dt, loc=1.0, scale=2.0)
     dy = randn(rng, shape, dt)
     w, b = make_params(rng, 32, "weight+bias", sd)
-    results = []
-    for n in (1, 2, 3):
-        with num_threads(n):
-            assert nk.get_num_threads() == n
-            rm, rv = np.zeros(32, sd), np.ones(32, sd)
-            out = nk.instance_norm(x, w, b, rm, rv, channel_axis=channel_axis)
-            g = nk.instance_norm_backward(dy, x, out.mean, out.rstd, w,
-                                          channel_axis=channel_axis)
-            ev = nk.instance_norm(x, w, b, rm, rv, training=False, channel_axis=channel_axis)
-        results.append((out.y, out.mean, out.rstd, rm, rv, g.dx, g.dweight, g.dbias, ev.y))
-    names = ["y", "mean", "rstd", "running_mean", "running_var", "dx", "dweight", "dbias",
-             "y (eval)"]
-    for other in results[1:]:
-        for nm, a, b_ in zip(names, results[0], other):
-            assert_bitwise_equal(a, b_, nm)
+
+    def compute():
+        rm, rv = np.zeros(32, sd), np.ones(32, sd)
+        out = nk.instance_norm(x, w, b, rm, rv, channel_axis=channel_axis)
+        g = nk.instance_norm_backward(dy, x, out.mean, out.rstd, w, channel_axis=channel_axis)
+        ev = nk.instance_norm(x, w, b, rm, rv, training=False, channel_axis=channel_axis)
+        return out.y, out.mean, out.rstd, rm, rv, g.dx, g.dweight, g.dbias, ev.y
+
+    first = assert_same_across_thread_counts(
+        compute, ["y", "mean", "rstd", "running_mean", "running_var", "dx", "dweight", "dbias",
+                  "y (eval)"])
     r = ref.instance_norm(x, w, b, np.zeros(32), np.ones(32), channel_axis=channel_axis)
-    assert_close(results[0][0], r.y, what="y")
-    assert_close(results[0][4], r.running_var, sd, what="running_var")
+    assert_close(first[0], r.y, what="y")
+    assert_close(first[4], r.running_var, sd, what="running_var")

@@ -7,7 +7,6 @@ the per-dtype tolerance table of conftest.py.
 from __future__ import annotations
 
 import math
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -23,10 +22,20 @@ from conftest import (
     assert_unchanged,
     get_dtype,
     is_half,
-    num_threads,
     randn,
     snapshot,
     stats_dtype,
+)
+from helpers import (
+    AFFINES,
+    assert_concurrent_matches_serial,
+    assert_raises_nothing_written,
+    assert_same_across_thread_counts,
+    make_params,
+    many,
+    readonly,
+    setter,
+    x_dtype,
 )
 
 nk = pytest.importorskip("normkit")
@@ -42,17 +51,10 @@ CASES = [
     ((2, 2, 3, 4, 5), (4, 5)),
 ]
 CASE_IDS = [f"{s}-{n}" for s, n in CASES]
-AFFINES = ["weight+bias", "weight", "bias", "none"]
 
 
 def lead(shape, ns):
     return tuple(shape[: len(shape) - len(ns)])
-
-
-def make_params(rng, ns, affine, dtype=np.float32):
-    w = randn(rng, ns, dtype, loc=1.0, scale=0.5) if "weight" in affine else None
-    b = randn(rng, ns, dtype) if "bias" in affine else None
-    return w, b
 
 
 def run_forward(x, normalized_shape, weight=None, bias=None, **kw):
@@ -564,65 +566,38 @@ def _valid_call(rng):
                 kw=dict(eps=1e-5, out=np.full(x.shape, 7.0, np.float32)))
 
 
-def _readonly(a):
-    a = a.copy()
-    a.flags.writeable = False
-    return a
-
-
-def _set(key, value):
-    def f(a):
-        v = value(a) if callable(value) else value
-        if key in ("eps", "out"):
-            a["kw"][key] = v
-        else:
-            a[key] = v
-    return f
-
-
-def _x_dtype(dt):
-    def f(a):
-        a["x"] = a["x"].astype(dt)
-        a["kw"]["out"] = None  # the dtype error must not depend on out's dtype
-    return f
-
-
-def _many(*fs):
-    def f(a):
-        for g in fs:
-            g(a)
-    return f
+_set = setter(kw_keys=("eps", "out"))
 
 
 LN = r"layer_norm"
 FORWARD_ERRORS = [
-    ("x_int32", _x_dtype(np.int32), TypeError, LN + r".*dtype"),
-    ("x_int64", _x_dtype(np.int64), TypeError, LN + r".*dtype"),
-    ("x_uint16", _x_dtype(np.uint16), TypeError, LN + r".*dtype"),
-    ("x_bool", _x_dtype(np.bool_), TypeError, LN + r".*dtype"),
-    ("x_complex64", _x_dtype(np.complex64), TypeError, LN + r".*dtype"),
-    ("x_complex128", _x_dtype(np.complex128), TypeError, LN + r".*dtype"),
-    ("x_object", _x_dtype(object), TypeError, LN + r".*dtype"),
-    ("x_str", _x_dtype(str), TypeError, LN + r".*dtype"),
+    ("x_int32", x_dtype(np.int32), TypeError, LN + r".*dtype"),
+    ("x_int64", x_dtype(np.int64), TypeError, LN + r".*dtype"),
+    ("x_uint16", x_dtype(np.uint16), TypeError, LN + r".*dtype"),
+    ("x_bool", x_dtype(np.bool_), TypeError, LN + r".*dtype"),
+    ("x_complex64", x_dtype(np.complex64), TypeError, LN + r".*dtype"),
+    ("x_complex128", x_dtype(np.complex128), TypeError, LN + r".*dtype"),
+    ("x_object", x_dtype(object), TypeError, LN + r".*dtype"),
+    ("x_str", x_dtype(str), TypeError, LN + r".*dtype"),
     ("ns_not_trailing", _set("ns", (3,)), ValueError, LN + r".*normalized_shape"),
     ("ns_wrong_size", _set("ns", (4,)), ValueError, LN + r".*normalized_shape"),
     ("ns_two_axes_wrong", _set("ns", (4, 5)), ValueError, LN + r".*normalized_shape"),
     ("ns_longer_than_x", _set("ns", (2, 4, 3, 5)), ValueError, LN + r".*normalized_shape"),
-    ("x_0d", _many(_set("x", lambda a: a["x"][0, 0, 0]), _set("ns", (1,)), _set("weight", None),
+    ("x_0d", many(_set("x", lambda a: a["x"][0, 0, 0]), _set("ns", (1,)), _set("weight", None),
                    _set("bias", None), _set("out", None)), ValueError, LN),
     ("weight_shape", _set("weight", lambda a: np.ones(4, np.float32)), ValueError,
      LN + r".*weight"),
     ("weight_2d", _set("weight", lambda a: np.ones((1, 5), np.float32)), ValueError,
      LN + r".*weight"),
-    ("weight_flat_for_2_axes", _many(_set("ns", (3, 5)),
+    ("weight_flat_for_2_axes", many(_set("ns", (3, 5)),
                                      _set("weight", lambda a: np.ones(15, np.float32)),
                                      _set("bias", None)),
      ValueError, LN + r".*weight"),
     ("bias_shape", _set("bias", lambda a: np.ones(6, np.float32)), ValueError, LN + r".*bias"),
-    ("empty_reduction", _many(_set("x", lambda a: a["x"][:, :, :0]), _set("ns", (0,)),
+    ("empty_reduction", many(_set("x", lambda a: a["x"][:, :, :0]), _set("ns", (0,)),
                               _set("weight", None), _set("bias", None), _set("out", None)),
      ValueError, LN),
-    ("empty_reduction_2axes", _many(_set("x", lambda a: a["x"][:, :0, :]), _set("ns", (0, 5)),
+    ("empty_reduction_2axes", many(_set("x", lambda a: a["x"][:, :0, :]), _set("ns", (0, 5)),
                                     _set("weight", None), _set("bias", None), _set("out", None)),
      ValueError, LN),
     ("eps_negative", _set("eps", -1.0), ValueError, LN + r".*eps"),
@@ -633,7 +608,7 @@ FORWARD_ERRORS = [
      ValueError, LN + r".*\bout\b"),
     ("out_dtype", _set("out", lambda a: np.full((4, 3, 5), 7.0, np.float16)), ValueError,
      LN + r".*\bout\b"),
-    ("out_readonly", _set("out", lambda a: _readonly(a["kw"]["out"])), ValueError,
+    ("out_readonly", _set("out", lambda a: readonly(a["kw"]["out"])), ValueError,
      LN + r".*\bout\b"),
 ]
 
@@ -643,12 +618,8 @@ FORWARD_ERRORS = [
 def test_forward_errors(name, mutate, exc, match, rng):
     a = _valid_call(rng)
     mutate(a)
-    kw = a["kw"]
-    keep = snapshot(a["x"] if isinstance(a["x"], np.ndarray) else None, a["weight"], a["bias"],
-                    kw.get("out"))
-    with pytest.raises(exc, match=match):
-        nk.layer_norm(a["x"], a["ns"], a["weight"], a["bias"], **kw)
-    assert_unchanged(keep, "argument after an error")
+    assert_raises_nothing_written(exc, match, nk.layer_norm, a["x"], a["ns"], a["weight"],
+                                  a["bias"], **a["kw"])
 
 
 def test_valid_call_of_error_table_works(rng):
@@ -664,10 +635,7 @@ def _valid_backward(rng):
                 weight=randn(rng, 5, loc=1.0))
 
 
-def _bset(key, value):
-    def f(a):
-        a[key] = value(a) if callable(value) else value
-    return f
+_bset = setter()
 
 
 LNB = r"layer_norm_backward"
@@ -693,10 +661,8 @@ BACKWARD_ERRORS = [
 def test_backward_errors(name, mutate, exc, match, rng):
     a = _valid_backward(rng)
     mutate(a)
-    keep = snapshot(a["dy"], a["x"], a["mean"], a["rstd"], a["weight"])
-    with pytest.raises(exc, match=match):
-        nk.layer_norm_backward(a["dy"], a["x"], a["mean"], a["rstd"], a["weight"])
-    assert_unchanged(keep, "argument after an error")
+    assert_raises_nothing_written(exc, match, nk.layer_norm_backward, a["dy"], a["x"], a["mean"],
+                                  a["rstd"], a["weight"])
 
 
 # ----------------------------------------------------------------------------
@@ -713,33 +679,29 @@ def test_bitwise_identical_across_thread_counts(shape, ns, name, restore_num_thr
     x = randn(rng, shape, dt, loc=2.0, scale=3.0)
     dy = randn(rng, shape, dt)
     w, b = make_params(rng, ns, "weight+bias", sd)
-    results = []
-    for n in (1, 2, 3):
-        with num_threads(n):
-            assert nk.get_num_threads() == n
-            out = nk.layer_norm(x, ns, w, b)
-            g = nk.layer_norm_backward(dy, x, out.mean, out.rstd, w)
-        results.append((out.y, out.mean, out.rstd, g.dx, g.dweight, g.dbias))
-    names = ["y", "mean", "rstd", "dx", "dweight", "dbias"]
-    for other in results[1:]:
-        for nm, a, b_ in zip(names, results[0], other):
-            assert_bitwise_equal(a, b_, nm)
-    rg = ref.layer_norm_backward(dy, x, results[0][1], results[0][2], w)
-    assert_close(results[0][4], rg.dweight, sd, what="dweight")
+
+    def compute():
+        out = nk.layer_norm(x, ns, w, b)
+        g = nk.layer_norm_backward(dy, x, out.mean, out.rstd, w)
+        return out.y, out.mean, out.rstd, g.dx, g.dweight, g.dbias
+
+    first = assert_same_across_thread_counts(compute, ["y", "mean", "rstd", "dx", "dweight",
+                                                       "dbias"])
+    rg = ref.layer_norm_backward(dy, x, first[1], first[2], w)
+    assert_close(first[4], rg.dweight, sd, what="dweight")
 
 
 def test_half_bitwise_identical_across_thread_counts(restore_num_threads):
     rng = np.random.default_rng(5)
     x = randn(rng, (2053, 777), np.float16)
     dy = randn(rng, x.shape, np.float16)
-    res = []
-    for n in (1, 3):
-        with num_threads(n):
-            out = nk.layer_norm(x, (777,))
-            g = nk.layer_norm_backward(dy, x, out.mean, out.rstd)
-        res.append((out.y, out.mean, out.rstd, g.dx, g.dweight, g.dbias))
-    for a, b_ in zip(*res):
-        assert_bitwise_equal(a, b_)
+
+    def compute():
+        out = nk.layer_norm(x, (777,))
+        g = nk.layer_norm_backward(dy, x, out.mean, out.rstd)
+        return out.y, out.mean, out.rstd, g.dx, g.dweight, g.dbias
+
+    assert_same_across_thread_counts(compute, counts=(1, 3))
 
 
 def test_concurrent_calls_from_python_threads():
@@ -756,12 +718,7 @@ def test_concurrent_calls_from_python_threads():
         g = nk.layer_norm_backward(dy, x, out.mean, out.rstd, w)
         return out.y, out.mean, out.rstd, g.dx, g.dweight, g.dbias
 
-    serial = [work(j) for j in jobs]
-    with ThreadPoolExecutor(max_workers=8) as pool:
-        for _ in range(2):
-            for s, c in zip(serial, pool.map(work, jobs)):
-                for a, b_ in zip(s, c):
-                    assert_bitwise_equal(a, b_, "concurrent vs serial")
+    assert_concurrent_matches_serial(work, jobs)
 
 
 # ----------------------------------------------------------------------------
