@@ -12,12 +12,15 @@ The method is the one BENCH.md prescribes:
   torch each own an OpenMP pool whose idle workers spin for a while, and on a
   two-core machine they would steal cycles from the next contender.
 * normkit's forward writes into a preallocated ``out=`` array; its time with a
-  fresh output is reported separately ("fresh"). PyTorch's forward calls the
-  ``.out`` overloads of its native kernels (``aten::native_batch_norm.out``,
-  ``native_layer_norm.out``, ``native_group_norm.out``), also into
-  preallocated outputs. Backwards allocate their results in both libraries:
-  normkit's ``*_backward`` against ``aten::native_*_backward`` called
-  directly (kernel only, no autograd). Exceptions, printed in the header:
+  fresh output is reported separately ("fresh"). PyTorch's forward calls its
+  native kernels directly: ``aten::native_batch_norm.out`` into preallocated
+  outputs (a real out= kernel); ``aten::native_layer_norm`` and
+  ``native_group_norm`` with fresh outputs, because their ``.out`` overloads
+  are generated wrappers that run the functional kernel and then copy (measured
+  slower: PyTorch has no faster way to run them). Backwards allocate their
+  results in both libraries: normkit's ``*_backward`` against
+  ``aten::native_*_backward`` called directly (kernel only, no autograd).
+  Exceptions, printed in the header:
   InstanceNorm is timed as PyTorch runs it (BatchNorm on a (1, N*C, ...)
   view, weight repeated N times); RMSNorm's forward uses
   ``aten::_fused_rms_norm`` (fresh output) and its backward goes through
@@ -95,10 +98,10 @@ WORKLOADS: Tuple[Workload, ...] = (
     Workload("ln_1k", "layer_norm", (8192, 1024), quick=True),
     Workload("ln_4k", "layer_norm", (4096, 4096)),
     Workload("ln_small", "layer_norm", (512, 768), in_cache=True),
-    Workload("gn_28", "group_norm", (32, 256, 28, 28), num_groups=32),
+    Workload("gn_28", "group_norm", (32, 256, 28, 28), num_groups=32, quick=True),
     Workload("gn_64", "group_norm", (8, 512, 64, 64), num_groups=32),
-    Workload("in_56", "instance_norm", (32, 64, 56, 56)),
-    Workload("rms_1k", "rms_norm", (8192, 1024)),
+    Workload("in_56", "instance_norm", (32, 64, 56, 56), quick=True),
+    Workload("rms_1k", "rms_norm", (8192, 1024), quick=True),
     Workload("tiny_ln", "layer_norm", (8, 64), dirs=("fwd",), in_cache=True),
     Workload("tiny_bn1d", "batch_norm", (8, 64), dirs=("fwd",), in_cache=True),
     Workload("bn_train_56_f64", "batch_norm", (32, 64, 56, 56), dtype="float64"),
@@ -345,8 +348,8 @@ def _np_dtype(name: str) -> np.dtype:
 # --------------------------------------------------------------------------------------
 TORCH_METHOD = {
     "batch_norm": ("aten.native_batch_norm.out", "aten.native_batch_norm_backward"),
-    "layer_norm": ("aten.native_layer_norm.out", "aten.native_layer_norm_backward"),
-    "group_norm": ("aten.native_group_norm.out", "aten.native_group_norm_backward"),
+    "layer_norm": ("aten.native_layer_norm (fresh output)", "aten.native_layer_norm_backward"),
+    "group_norm": ("aten.native_group_norm (fresh output)", "aten.native_group_norm_backward"),
     "instance_norm": (
         "aten.native_batch_norm.out on a (1, N*C, ...) view",
         "aten.native_batch_norm_backward on that view",
@@ -399,26 +402,22 @@ class TorchSide:
                 return yt
 
             return fwd
+        # LayerNorm, GroupNorm: the .out overloads are generated wrappers that run the
+        # functional kernel and copy its result (measured slower), so call the kernel.
         if op == "layer_norm":
             nshape, eps = list(p.nshape), p.eps
-            mt = torch.empty(p.stat_b, dtype=wt.dtype)
-            rt = torch.empty(p.stat_b, dtype=wt.dtype)
 
             def fwd():
-                aten.native_layer_norm.out(xt, nshape, wt, bt, eps, out0=yt, out1=mt, out2=rt)
-                return yt
+                return aten.native_layer_norm(xt, nshape, wt, bt, eps)[0]
 
             return fwd
         if op == "group_norm":
             N, C, G = p.shape[0], p.C, p.wl.num_groups
             S = _prod(p.shape[2:])
-            mt = torch.empty((N, G), dtype=wt.dtype)
-            rt = torch.empty((N, G), dtype=wt.dtype)
             eps = p.eps
 
             def fwd():
-                aten.native_group_norm.out(xt, wt, bt, N, C, S, G, eps, out0=yt, out1=mt, out2=rt)
-                return yt
+                return aten.native_group_norm(xt, wt, bt, N, C, S, G, eps)[0]
 
             return fwd
         if op == "instance_norm":
@@ -588,6 +587,8 @@ def _time_interleaved(fns: Dict[str, Callable[[], object]], max_reps: int, budge
             if r >= reps:
                 continue
             time.sleep(_SLEEP_BETWEEN_SAMPLES)
+            if inner > 1:
+                fn()  # after the sleep the first call runs cold (~0.1 ms here); keep it out
             t0 = time.perf_counter()
             for _ in range(inner):
                 fn()
@@ -654,6 +655,49 @@ def _import_torch(disabled: bool):
     except Exception as e:  # not installed, or broken: run without it
         return None, f"not available ({type(e).__name__}: {e})"
     return torch, torch.__version__
+
+
+class _ForeignLoad:
+    """CPU used by everything but this process while a row is measured, in cores.
+
+    From /proc/stat (busy time of all CPUs, hypervisor steal included) minus
+    this process's own CPU time; None where /proc/stat is unavailable. On a
+    two-core machine another process using a core ruins 2-thread timings (a
+    spinning OpenMP barrier then waits for the scheduler), so rows measured
+    under foreign load are marked "busy".
+    """
+
+    def __init__(self):
+        self.start = self._sample()
+
+    @staticmethod
+    def _sample():
+        try:
+            with open("/proc/stat") as f:
+                fields = [int(v) for v in f.readline().split()[1:]]
+        except (OSError, ValueError):
+            return None
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+        busy = (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+        t = os.times()
+        return busy, t.user + t.system, time.perf_counter()
+
+    def cores(self) -> Optional[float]:
+        end = self._sample()
+        if self.start is None or end is None or end[2] <= self.start[2]:
+            return None
+        foreign = (end[0] - self.start[0]) - (end[1] - self.start[1])
+        return max(0.0, foreign / (end[2] - self.start[2]))
+
+
+_BUSY_CORES = 0.25
+
+
+def _loadavg() -> str:
+    try:
+        return f"{os.getloadavg()[0]:.2f}"
+    except (AttributeError, OSError):  # not on every platform
+        return "?"
 
 
 def _fmt_ms(v: Optional[float]) -> str:
@@ -774,6 +818,7 @@ def _bench_workload(nk, torch, wl: Workload, threads: Sequence[int], max_reps: i
                 "in_cache": wl.in_cache, "status": {}, "detail": {}, "time_s": {}, "timing": {},
                 "notes": [],
             }
+            foreign = _ForeignLoad()
             contenders = _contenders(p, nk, tside, d)
 
             timed = {}
@@ -810,6 +855,7 @@ def _bench_workload(nk, torch, wl: Workload, threads: Sequence[int], max_reps: i
             row["speedup_torch"] = t_th / t_nk if (t_nk and t_th) else None
             row["speedup_numpy"] = t_np / t_nk if (t_nk and t_np) else None
             row["gbps"] = row["bytes"] / t_nk / 1e9 if t_nk else None
+            row["foreign_cores"] = foreign.cores()
             rows.append(row)
             log(
                 f"  {wl.name:<16} {d} t={t}: normkit {_cell(row, 'normkit')} ms, "
@@ -832,6 +878,8 @@ def _print_table(rows: List[dict], out) -> None:
             notes.append("see below")
         if r["notes"]:
             notes.append("NONDET")
+        if (r.get("foreign_cores") or 0.0) > _BUSY_CORES:
+            notes.append(f"busy({r['foreign_cores']:.1f})")
         pct = r.get("pct_copy")
         lines.append((
             r["workload"], r["dir"], str(r["threads"]), _cell(r, "normkit"),
@@ -899,6 +947,12 @@ def _summary(rows: List[dict], have_torch: bool, out) -> dict:
             print(f"normkit scaling {lo} -> {hi} threads (rows larger than the cache): min "
                   f"{m[0]:.2f}x ({m[1]}), geomean {g:.2f}x", file=out)
             summ["scaling"] = {"min": m[0], "min_at": m[1], "geomean": g}
+    busy = [r for r in rows if (r.get("foreign_cores") or 0.0) > _BUSY_CORES]
+    if busy:
+        print(f"busy: {len(busy)} rows were measured while other processes used more than "
+              f"{_BUSY_CORES} cores (note 'busy(cores)'); their timings are not trustworthy, "
+              f"rerun them with --only", file=out)
+    summ["busy_rows"] = len(busy)
     bad = [(r, k) for r in rows for k, s in r["status"].items() if s != "ok"]
     nondet = [r for r in rows if r["notes"]]
     if bad or nondet:
@@ -963,6 +1017,7 @@ def run(*, quick: bool = False, threads: Sequence[int] = (1, 2), json_path: Opti
           f"into out= ('fresh': without); numpy single-threaded, checked once", file=out)
 
     out.flush()
+    load0 = _loadavg()
     log("measuring copy bandwidth ...")
     copy_before = measure_copy_bandwidth(threads)
     rows: List[dict] = []
@@ -991,6 +1046,8 @@ def run(*, quick: bool = False, threads: Sequence[int] = (1, 2), json_path: Opti
         else:
             r["pct_copy"] = None
 
+    print(f"load average (1 min) before/after: {load0}/{_loadavg()} "
+          f"(above ~0.3 other processes share the cores: 2-thread numbers suffer)", file=out)
     print("copy bandwidth (np.copyto 256 MiB, best of 5, before/after): " + ", ".join(
         f"{t} thr {copy_before[t]:.1f}/{copy_after[t]:.1f} GB/s" for t in threads), file=out)
     for msg in skipped:
