@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 import os
 import subprocess
 import sys
@@ -86,3 +87,52 @@ def test_default_uses_every_core():
     if hasattr(os, "sched_getaffinity"):
         allowed.add(len(os.sched_getaffinity(0)))
     assert n in allowed, f"default thread count {n}, cores {allowed}"
+
+
+def _mixed_jobs():
+    """One job per (op, layout, seed): every SPEC function, forward and backward."""
+    rng = np.random.default_rng(7)
+    jobs = []
+    for seed in range(3):
+        x4 = rng.standard_normal((6, 16, 9, 11)).astype(np.float32) + seed
+        xr = rng.standard_normal((37, 300)).astype(np.float32) - seed
+        jobs += [("group_norm", x4, 1), ("group_norm", np.ascontiguousarray(x4.transpose(0, 2, 3, 1)), -1),
+                 ("instance_norm", x4, 1), ("rms_norm", xr, None), ("batch_norm", x4, -1),
+                 ("layer_norm", xr, None)]
+    return jobs
+
+
+def _run_job(job):
+    op, x, ca = job
+    dy = np.cos(x).astype(x.dtype)
+    if op in ("layer_norm", "rms_norm"):
+        w = np.linspace(0.5, 1.5, x.shape[-1]).astype(np.float32)
+        if op == "layer_norm":
+            o = nk.layer_norm(x, x.shape[-1], w)
+            g = nk.layer_norm_backward(dy, x, o.mean, o.rstd, w)
+        else:
+            o = nk.rms_norm(x, x.shape[-1], w)
+            g = nk.rms_norm_backward(dy, x, o.rstd, w)
+        return [a for a in (*o, *g) if a is not None]
+    w = np.linspace(0.5, 1.5, x.shape[ca]).astype(np.float32)
+    if op == "group_norm":
+        o = nk.group_norm(x, 4, w, channel_axis=ca)
+        g = nk.group_norm_backward(dy, x, o.mean, o.rstd, w, channel_axis=ca)
+    elif op == "instance_norm":
+        o = nk.instance_norm(x, w, channel_axis=ca)
+        g = nk.instance_norm_backward(dy, x, o.mean, o.rstd, w, channel_axis=ca)
+    else:
+        o = nk.batch_norm(x, w, channel_axis=ca)
+        g = nk.batch_norm_backward(dy, x, o.mean, o.rstd, w, channel_axis=ca)
+    return [*o, *g]
+
+
+def test_every_function_concurrently_from_8_python_threads():
+    jobs = _mixed_jobs()
+    serial = [_run_job(j) for j in jobs]
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        for _ in range(2):
+            for s, c in zip(serial, pool.map(_run_job, jobs)):
+                for a, b in zip(s, c):
+                    assert a.dtype == b.dtype and a.shape == b.shape
+                    assert np.array_equal(a.view(np.uint8), b.view(np.uint8))
