@@ -9,6 +9,7 @@
 #include "bindings/arrays.h"
 #include "core/types.h"
 #include "core/welford.h"
+#include "cpu/kernels.h"
 #include "cpu/parallel.h"
 
 #ifndef NORMKIT_VERSION
@@ -45,7 +46,10 @@ py::dict build_info() {
   py::dict d;
   d["version"] = NORMKIT_VERSION;
   d["compiler"] = NORMKIT_CXX_COMPILER;
-  d["simd"] = simd_level();
+  d["simd"] = nk::cpu::isa_name(nk::cpu::active_isa());
+  d["simd_best"] = nk::cpu::isa_name(nk::cpu::best_supported_isa());
+  d["simd_compiled"] = nk::cpu::compiled_isas();
+  d["simd_baseline_flags"] = simd_level();
   d["threading"] = nk::cpu::threading_backend();
   d["default_num_threads"] = nk::cpu::default_num_threads();
 #if defined(NORMKIT_WITH_CUDA)

@@ -40,14 +40,25 @@ template <class C> NK_HOST_DEVICE NK_INLINE GroupStats<C> make_group_stats(doubl
   return s;
 }
 
-template <class C> NK_HOST_DEVICE NK_INLINE C xhat_of(C x, const GroupStats<C>& s) {
+// The formulas below are templates on the value type V as well as on the statistics' type, so
+// the CPU kernels can apply them to SIMD blocks of V (scalars broadcast) and CUDA to scalars.
+template <class V, class C> NK_HOST_DEVICE NK_INLINE V xhat_of(V x, const GroupStats<C>& s) {
   return ((x - s.mean_hi) - s.mean_lo) * s.rstd;
 }
 
-template <class C> NK_HOST_DEVICE NK_INLINE C affine(C xhat, C w, C b) { return xhat * w + b; }
+// xhat from the group's statistics given per element (column-wise statistics).
+template <class V, class H, class L, class R>
+NK_HOST_DEVICE NK_INLINE V xhat_of(V x, H mean_hi, L mean_lo, R rstd) {
+  return ((x - mean_hi) - mean_lo) * rstd;
+}
+
+template <class V, class W, class B> NK_HOST_DEVICE NK_INLINE V affine(V xhat, W w, B b) {
+  return xhat * w + b;
+}
 
 // dx from g = dy * w, the group's rstd, c1 = sum(g * xhat) / n and c2 = sum(g) / n.
-template <class C> NK_HOST_DEVICE NK_INLINE C input_grad(C g, C xhat, C rstd, C c1, C c2) {
+template <class V, class R, class C1, class C2>
+NK_HOST_DEVICE NK_INLINE V input_grad(V g, V xhat, R rstd, C1 c1, C2 c2) {
   return rstd * ((g - c2) - xhat * c1);
 }
 

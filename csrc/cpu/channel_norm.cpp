@@ -23,6 +23,7 @@
 // per group c1 = sum_c w_c S1 / n, c2 = sum_c w_c S2 / n; dx = rstd * (w dy - c2 - xhat c1);
 // training=False: statistics are constants, c1 = c2 = 0.
 #include <algorithm>
+#include <utility>
 #include <vector>
 
 #include "core/norm_math.h"
@@ -30,14 +31,20 @@
 #include "cpu/kernels.h"
 #include "cpu/lanes.h"
 #include "cpu/parallel.h"
+#include "cpu/simd.h"
 
-namespace nk::cpu {
+#ifndef NK_ISA_NS
+#define NK_ISA_NS isa_baseline
+#endif
+
+namespace nk::cpu::NK_ISA_NS {
 
 namespace {
 
 constexpr int64_t kMinPlane = 64;          // planes shorter than this use the row traversal
 constexpr int64_t kPiece = 4096;           // elements per two-pass piece in the plane traversal
 constexpr int64_t kChunkElements = 65536;  // elements per row chunk in the row traversal
+constexpr int64_t kStreamBytes = int64_t{8} << 20;  // outputs this large use streaming stores
 
 struct View {
   int64_t samples, O, C, I, G, D;
@@ -71,12 +78,25 @@ template <class P> View view_of(const P& p) {
 
 inline size_t at(int64_t i) { return static_cast<size_t>(i); }
 
+// Statistics per column, as separate arrays so the column loops vectorize.
+template <class C> struct ColumnStats {
+  std::vector<C> hi, lo, rstd;
+  explicit ColumnStats(int64_t n) : hi(at(n)), lo(at(n)), rstd(at(n)) {}
+  void fill(int64_t j0, int64_t j1, const GroupStats<C>& st) {
+    for (int64_t j = j0; j < j1; ++j) {
+      hi[at(j)] = st.mean_hi;
+      lo[at(j)] = st.mean_lo;
+      rstd[at(j)] = st.rstd;
+    }
+  }
+};
+
 // Two-pass moments of a contiguous piece.
 template <class T> Moments<double> piece_moments(const T* x, int64_t len) {
-  const double mean = lane_sum(len, [&](int64_t i) { return static_cast<double>(load(x[i])); }) /
+  const double mean = lane_sum(len, [&](int64_t i, auto w) { return widen(loadw(x + i, w)); }) /
                       static_cast<double>(len);
-  const double m2 = lane_sum(len, [&](int64_t i) {
-    const double d = static_cast<double>(load(x[i])) - mean;
+  const double m2 = lane_sum(len, [&](int64_t i, auto w) {
+    const auto d = widen(loadw(x + i, w)) - mean;
     return d * d;
   });
   return moments_from_two_pass(len, mean, m2);
@@ -129,6 +149,7 @@ void forward_planes(const ChannelForwardParams<T>& p, const View& v) {
   using C = compute_t<T>;
   const int64_t tasks = v.samples * v.G;
   std::vector<Moments<double>> gm(at(tasks));
+  const bool stream = p.B * p.C * p.S * static_cast<int64_t>(sizeof(T)) >= kStreamBytes;
   // Assumptions: I >= 1; each thread owns whole groups, so nothing is shared while it runs.
   parallel_for(tasks, grain_for(v.group_size()), [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
@@ -151,11 +172,12 @@ void forward_planes(const ChannelForwardParams<T>& p, const View& v) {
           const C w = kHasWeight ? static_cast<C>(p.weight[c]) : C(1);
           const C b = kHasBias ? static_cast<C>(p.bias[c]) : C(0);
           const T* xp = p.x + v.offset(s, o, c);
-          T* yp = p.y + v.offset(s, o, c);
-          for (int64_t i = 0; i < v.I; ++i)
-            yp[i] = store<T>(affine(xhat_of(static_cast<C>(load(xp[i])), st), w, b));
+          elementwise(v.I, p.y + v.offset(s, o, c), stream, [&](int64_t i, auto width) {
+            return affine(xhat_of(loadw(xp + i, width), st), w, b);
+          });
         }
     }
+    if (stream) stream_fence();
   });
   update_running(p, v, gm);
 }
@@ -177,23 +199,23 @@ void forward_rows(const ChannelForwardParams<T>& p, const View& v) {
         double* m2 = mean + cols;
         for (int64_t r = r0; r < r1; ++r) {
           const T* xr = p.x + v.offset(s, r, 0);
-          for (int64_t j = 0; j < cols; ++j) mean[j] += static_cast<double>(load(xr[j]));
+          for_blocks(cols, [&](int64_t j, auto w) { add_to(mean + j, widen(loadw(xr + j, w))); });
         }
         const double inv = 1.0 / static_cast<double>(r1 - r0);
         for (int64_t j = 0; j < cols; ++j) mean[j] *= inv;
         for (int64_t r = r0; r < r1; ++r) {
           const T* xr = p.x + v.offset(s, r, 0);
-          for (int64_t j = 0; j < cols; ++j) {
-            const double d = static_cast<double>(load(xr[j])) - mean[j];
-            m2[j] += d * d;
-          }
+          for_blocks(cols, [&](int64_t j, auto w) {
+            const auto d = widen(loadw(xr + j, w)) - loadw(mean + j, w);
+            add_to(m2 + j, d * d);
+          });
         }
       }
     });
   }
   const int64_t groups = v.samples * v.G;
   std::vector<Moments<double>> gm(at(groups));
-  std::vector<GroupStats<C>> scol(at(v.samples * cols));  // per (sample, column)
+  ColumnStats<C> scol(v.samples * cols);  // per (sample, column)
   for (int64_t t = 0; t < groups; ++t) {
     const int64_t s = t / v.G, g = t % v.G;
     const int64_t j0 = g * v.D * v.I, j1 = (g + 1) * v.D * v.I;
@@ -206,8 +228,7 @@ void forward_rows(const ChannelForwardParams<T>& p, const View& v) {
       }
     }
     gm[at(t)] = m;
-    const GroupStats<C> st = finish_group(p, t, m);
-    for (int64_t j = j0; j < j1; ++j) scol[at(s * cols + j)] = st;
+    scol.fill(s * cols + j0, s * cols + j1, finish_group(p, t, m));
   }
   update_running(p, v, gm);
   // 2) normalize + affine, 3) write y
@@ -216,14 +237,20 @@ void forward_rows(const ChannelForwardParams<T>& p, const View& v) {
     wcol[at(j)] = kHasWeight ? static_cast<C>(p.weight[j / v.I]) : C(1);
     bcol[at(j)] = kHasBias ? static_cast<C>(p.bias[j / v.I]) : C(0);
   }
+  const bool stream = p.B * p.C * p.S * static_cast<int64_t>(sizeof(T)) >= kStreamBytes;
   parallel_for(v.samples * v.O, grain_for(cols), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
-      const GroupStats<C>* st = scol.data() + (r / v.O) * cols;
+      const int64_t base = (r / v.O) * cols;
+      const C* hi = scol.hi.data() + base;
+      const C* lo = scol.lo.data() + base;
+      const C* rs = scol.rstd.data() + base;
       const T* xr = p.x + r * cols;
-      T* yr = p.y + r * cols;
-      for (int64_t j = 0; j < cols; ++j)
-        yr[j] = store<T>(affine(xhat_of(static_cast<C>(load(xr[j])), st[j]), wcol[at(j)], bcol[at(j)]));
+      elementwise(cols, p.y + r * cols, stream, [&](int64_t j, auto w) {
+        return affine(xhat_of(loadw(xr + j, w), loadw(hi + j, w), loadw(lo + j, w), loadw(rs + j, w)),
+                      loadw(wcol.data() + j, w), loadw(bcol.data() + j, w));
+      });
     }
+    if (stream) stream_fence();
   });
 }
 
@@ -267,6 +294,7 @@ template <class T, bool kHasWeight>
 void backward_planes(const ChannelBackwardParams<T>& p, const View& v) {
   using C = compute_t<T>;
   std::vector<double> s1(at(v.samples * v.C)), s2(at(v.samples * v.C));
+  const bool stream = p.B * p.C * p.S * static_cast<int64_t>(sizeof(T)) >= kStreamBytes;
   parallel_for(v.samples * v.G, grain_for(v.group_size()), [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t s = t / v.G, g = t % v.G;
@@ -279,10 +307,9 @@ void backward_planes(const ChannelBackwardParams<T>& p, const View& v) {
           const T* xp = p.x + v.offset(s, o, c);
           const T* dyp = p.dy + v.offset(s, o, c);
           double a, b;
-          lane_sum2(v.I, a, b, [&](int64_t i, double& acc_a, double& acc_b) {
-            const double d = static_cast<double>(load(dyp[i]));
-            acc_a += d * static_cast<double>(xhat_of(static_cast<C>(load(xp[i])), st));
-            acc_b += d;
+          lane_sum2(v.I, a, b, [&](int64_t i, auto w) {
+            const auto d = widen(loadw(dyp + i, w));
+            return std::make_pair(d * widen(xhat_of(loadw(xp + i, w), st)), d);
           });
           sum_dy_xhat += a;
           sum_dy += b;
@@ -299,12 +326,13 @@ void backward_planes(const ChannelBackwardParams<T>& p, const View& v) {
           const C w = kHasWeight ? static_cast<C>(p.weight[c]) : C(1);
           const T* xp = p.x + v.offset(s, o, c);
           const T* dyp = p.dy + v.offset(s, o, c);
-          T* dxp = p.dx + v.offset(s, o, c);
-          for (int64_t i = 0; i < v.I; ++i)
-            dxp[i] = store<T>(input_grad(static_cast<C>(load(dyp[i])) * w,
-                                         xhat_of(static_cast<C>(load(xp[i])), st), st.rstd, c1, c2));
+          elementwise(v.I, p.dx + v.offset(s, o, c), stream, [&](int64_t i, auto width) {
+            return input_grad(loadw(dyp + i, width) * w, xhat_of(loadw(xp + i, width), st), st.rstd,
+                              c1, c2);
+          });
         }
     }
+    if (stream) stream_fence();
   });
   write_param_grads(p, v, s1, s2);
 }
@@ -315,30 +343,33 @@ void backward_rows(const ChannelBackwardParams<T>& p, const View& v) {
   using C = compute_t<T>;
   const int64_t cols = v.cols(), rpc = v.rows_per_chunk(), n_chunks = v.chunks();
   const int64_t tasks = v.samples * n_chunks;
-  std::vector<GroupStats<C>> scol(at(v.samples * cols));
+  ColumnStats<C> scol(v.samples * cols);
   for (int64_t s = 0; s < v.samples; ++s)
-    for (int64_t j = 0; j < cols; ++j) {
-      const int64_t t = s * v.G + (j / v.I) / v.D;
-      scol[at(s * cols + j)] =
-          make_group_stats<C>(static_cast<double>(p.mean[t]), static_cast<double>(p.rstd[t]));
+    for (int64_t g = 0; g < v.G; ++g) {
+      const int64_t t = s * v.G + g;
+      scol.fill(s * cols + g * v.D * v.I, s * cols + (g + 1) * v.D * v.I,
+                make_group_stats<C>(static_cast<double>(p.mean[t]), static_cast<double>(p.rstd[t])));
     }
   // partial dweight, dbias: per (sample, chunk) and column
   std::vector<double> partial(at(tasks * 2 * cols), 0.0);
   parallel_for(tasks, grain_for(std::min(v.O, rpc) * cols), [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t s = t / n_chunks, k = t % n_chunks;
-      const GroupStats<C>* st = scol.data() + s * cols;
+      const C* hi = scol.hi.data() + s * cols;
+      const C* lo = scol.lo.data() + s * cols;
+      const C* rs = scol.rstd.data() + s * cols;
       double* s_dy_xhat = partial.data() + t * 2 * cols;
       double* s_dy = s_dy_xhat + cols;
       const int64_t r0 = k * rpc, r1 = r0 + v.chunk_rows(k);
       for (int64_t r = r0; r < r1; ++r) {
         const T* xr = p.x + v.offset(s, r, 0);
         const T* dyr = p.dy + v.offset(s, r, 0);
-        for (int64_t j = 0; j < cols; ++j) {
-          const double d = static_cast<double>(load(dyr[j]));
-          s_dy_xhat[j] += d * static_cast<double>(xhat_of(static_cast<C>(load(xr[j])), st[j]));
-          s_dy[j] += d;
-        }
+        for_blocks(cols, [&](int64_t j, auto w) {
+          const auto d = widen(loadw(dyr + j, w));
+          const auto xh = xhat_of(loadw(xr + j, w), loadw(hi + j, w), loadw(lo + j, w), loadw(rs + j, w));
+          add_to(s_dy_xhat + j, d * widen(xh));
+          add_to(s_dy + j, d);
+        });
       }
     }
   });
@@ -366,19 +397,25 @@ void backward_rows(const ChannelBackwardParams<T>& p, const View& v) {
     }
   for (int64_t j = 0; j < cols; ++j) wcol[at(j)] = kHasWeight ? static_cast<C>(p.weight[j / v.I]) : C(1);
   // dx
+  const bool stream = p.B * p.C * p.S * static_cast<int64_t>(sizeof(T)) >= kStreamBytes;
   parallel_for(v.samples * v.O, grain_for(cols), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t base = (r / v.O) * cols;
+      const C* hi = scol.hi.data() + base;
+      const C* lo = scol.lo.data() + base;
+      const C* rs = scol.rstd.data() + base;
+      const C* k1 = c1col.data() + base;
+      const C* k2 = c2col.data() + base;
       const T* xr = p.x + r * cols;
       const T* dyr = p.dy + r * cols;
-      T* dxr = p.dx + r * cols;
-      for (int64_t j = 0; j < cols; ++j) {
-        const GroupStats<C>& st = scol[at(base + j)];
-        dxr[j] = store<T>(input_grad(static_cast<C>(load(dyr[j])) * wcol[at(j)],
-                                     xhat_of(static_cast<C>(load(xr[j])), st), st.rstd,
-                                     c1col[at(base + j)], c2col[at(base + j)]));
-      }
+      elementwise(cols, p.dx + r * cols, stream, [&](int64_t j, auto w) {
+        const auto rstd = loadw(rs + j, w);
+        return input_grad(loadw(dyr + j, w) * loadw(wcol.data() + j, w),
+                          xhat_of(loadw(xr + j, w), loadw(hi + j, w), loadw(lo + j, w), rstd), rstd,
+                          loadw(k1 + j, w), loadw(k2 + j, w));
+      });
     }
+    if (stream) stream_fence();
   });
 }
 
@@ -419,4 +456,4 @@ NK_INSTANTIATE(half)
 NK_INSTANTIATE(bfloat16)
 #undef NK_INSTANTIATE
 
-}  // namespace nk::cpu
+}  // namespace nk::cpu::NK_ISA_NS

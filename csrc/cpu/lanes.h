@@ -2,14 +2,17 @@
 //
 // A plain `s += f(i)` loop is one long dependency chain the compiler may not reorder (that would
 // change the rounding), so it neither vectorizes nor pipelines. Here the order is fixed in the
-// source instead: element i goes to accumulator i % kLanes, and the lanes are added in a fixed
-// tree at the end. The compiler can map the lanes onto SIMD registers of any width, and the
-// result is the same bits on every machine and for every thread count.
+// source instead: kLanes = 16 accumulators, element i of each full block of 16 goes to lane
+// i % 16 (two blocks of 8 held in SIMD registers), the remaining elements go to lanes 0, 1, ...
+// in order, and the lanes are added in a fixed tree at the end. The result is the same bits for
+// every instruction set, thread count and machine.
 #pragma once
 
 #include <cstdint>
+#include <cstring>
 
 #include "core/macros.h"
+#include "cpu/simd.h"
 
 namespace nk::cpu {
 
@@ -23,23 +26,58 @@ NK_INLINE double lanes_total(const double* acc) {
   return t[0] + t[1];
 }
 
-// sum over i in [0, n) of f(i), in double.
+// Sum over i in [0, n) of f(i, width), in double. f returns a double for Width<1> and 8 doubles
+// (elements i .. i+7) for Width<8>.
 template <class F> NK_INLINE double lane_sum(int64_t n, F&& f) {
   double acc[kLanes] = {};
   int64_t i = 0;
+#if defined(NK_HAVE_VECTOR_EXT)
+  d8 a0 = {}, a1 = {};
+  for (; i + kLanes <= n; i += kLanes) {
+    a0 += f(i, Width<8>{});
+    a1 += f(i + 8, Width<8>{});
+  }
+  std::memcpy(acc, &a0, sizeof a0);
+  std::memcpy(acc + 8, &a1, sizeof a1);
+#else
   for (; i + kLanes <= n; i += kLanes)
-    for (int k = 0; k < kLanes; ++k) acc[k] += f(i + k);
-  for (int k = 0; i < n; ++i, ++k) acc[k] += f(i);
+    for (int k = 0; k < kLanes; ++k) acc[k] += f(i + k, Width<1>{});
+#endif
+  for (int k = 0; i < n; ++i, ++k) acc[k] += f(i, Width<1>{});
   return lanes_total(acc);
 }
 
-// Two sums in one pass: f(i, a, b) adds its two terms to a and b.
+// Two sums in one pass: f(i, width) returns a pair (std::pair of doubles or of 8-double blocks).
 template <class F> NK_INLINE void lane_sum2(int64_t n, double& out_a, double& out_b, F&& f) {
   double a[kLanes] = {}, b[kLanes] = {};
   int64_t i = 0;
+#if defined(NK_HAVE_VECTOR_EXT)
+  d8 a0 = {}, a1 = {}, b0 = {}, b1 = {};
+  for (; i + kLanes <= n; i += kLanes) {
+    const auto lo = f(i, Width<8>{});
+    const auto hi = f(i + 8, Width<8>{});
+    a0 += lo.first;
+    b0 += lo.second;
+    a1 += hi.first;
+    b1 += hi.second;
+  }
+  std::memcpy(a, &a0, sizeof a0);
+  std::memcpy(a + 8, &a1, sizeof a1);
+  std::memcpy(b, &b0, sizeof b0);
+  std::memcpy(b + 8, &b1, sizeof b1);
+#else
   for (; i + kLanes <= n; i += kLanes)
-    for (int k = 0; k < kLanes; ++k) f(i + k, a[k], b[k]);
-  for (int k = 0; i < n; ++i, ++k) f(i, a[k], b[k]);
+    for (int k = 0; k < kLanes; ++k) {
+      const auto v = f(i + k, Width<1>{});
+      a[k] += v.first;
+      b[k] += v.second;
+    }
+#endif
+  for (int k = 0; i < n; ++i, ++k) {
+    const auto v = f(i, Width<1>{});
+    a[k] += v.first;
+    b[k] += v.second;
+  }
   out_a = lanes_total(a);
   out_b = lanes_total(b);
 }

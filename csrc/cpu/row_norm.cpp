@@ -12,14 +12,21 @@
 // accumulated per fixed chunk of kRowsPerChunk rows and combined in chunk order (determinism).
 //
 // Threads: rows are independent; parallel_for over rows (forward) or row chunks (backward).
+// Memory: y / dx of at least kStreamBytes are written with streaming stores (cpu/simd.h).
+#include <utility>
 #include <vector>
 
 #include "core/norm_math.h"
 #include "cpu/kernels.h"
 #include "cpu/lanes.h"
 #include "cpu/parallel.h"
+#include "cpu/simd.h"
 
-namespace nk::cpu {
+#ifndef NK_ISA_NS
+#define NK_ISA_NS isa_baseline
+#endif
+
+namespace nk::cpu::NK_ISA_NS {
 
 namespace {
 
@@ -27,9 +34,24 @@ namespace {
 // dweight and dbias never depends on the thread count.
 constexpr int64_t kRowsPerChunk = 64;
 
+// Outputs at least this large are written with streaming stores (they cannot stay in cache).
+constexpr int64_t kStreamBytes = int64_t{8} << 20;
+
+// Per-column parameter w (or the constant 1) as a block or scalar.
+template <bool kHas, class A, class W> NK_INLINE auto param(const A* p, int64_t j, W w, A dflt) {
+  if constexpr (kHas) {
+    return loadw(p + j, w);
+  } else {
+    (void)p;
+    (void)j;
+    (void)w;
+    return dflt;
+  }
+}
+
 // Assumptions: x, y dense (M, N); N >= 1; rows [r0, r1) owned by the caller.
 template <class T, bool kCenter, bool kHasWeight, bool kHasBias>
-void row_forward_rows(const RowForwardParams<T>& p, int64_t r0, int64_t r1) {
+void row_forward_rows(const RowForwardParams<T>& p, int64_t r0, int64_t r1, bool stream) {
   using C = compute_t<T>;
   const int64_t N = p.N;
   const double inv_n = 1.0 / static_cast<double>(N);
@@ -39,36 +61,36 @@ void row_forward_rows(const RowForwardParams<T>& p, int64_t r0, int64_t r1) {
     // 1) stats
     double mean = 0.0, var = 0.0;
     if constexpr (kCenter) {
-      mean = lane_sum(N, [&](int64_t j) { return static_cast<double>(load(x[j])); }) * inv_n;
-      var = lane_sum(N, [&](int64_t j) {
-              const double d = static_cast<double>(load(x[j])) - mean;
+      mean = lane_sum(N, [&](int64_t j, auto w) { return widen(loadw(x + j, w)); }) * inv_n;
+      var = lane_sum(N, [&](int64_t j, auto w) {
+              const auto d = widen(loadw(x + j, w)) - mean;
               return d * d;
             }) * inv_n;
     } else {
-      var = lane_sum(N, [&](int64_t j) {
-              const double v = static_cast<double>(load(x[j]));
+      var = lane_sum(N, [&](int64_t j, auto w) {
+              const auto v = widen(loadw(x + j, w));
               return v * v;
             }) * inv_n;
     }
     const double rstd = rstd_from_var(var, p.eps);
-    // 2) normalize + affine
+    // 2) normalize + affine, 3) write y
     const GroupStats<C> st = make_group_stats<C>(mean, rstd);
-    for (int64_t j = 0; j < N; ++j) {
-      const C w = kHasWeight ? static_cast<C>(p.weight[j]) : C(1);
-      const C b = kHasBias ? static_cast<C>(p.bias[j]) : C(0);
-      y[j] = store<T>(affine(xhat_of(static_cast<C>(load(x[j])), st), w, b));
-    }
+    elementwise(N, y, stream, [&](int64_t j, auto w) {
+      return affine(xhat_of(loadw(x + j, w), st), param<kHasWeight>(p.weight, j, w, C(1)),
+                    param<kHasBias>(p.bias, j, w, C(0)));
+    });
     // 3) write mean, rstd
     if constexpr (kCenter) p.mean[r] = static_cast<acc_t<T>>(mean);
     p.rstd[r] = static_cast<acc_t<T>>(rstd);
   }
+  if (stream) stream_fence();
 }
 
 // Assumptions: dy, x, dx dense (M, N); rows [r0, r1) lie in one chunk whose partial dweight and
 // dbias rows are pdw, pdb (N doubles each, zeroed by the caller).
 template <class T, bool kCenter, bool kHasWeight>
 void row_backward_rows(const RowBackwardParams<T>& p, int64_t r0, int64_t r1, double* pdw,
-                       double* pdb) {
+                       double* pdb, bool stream) {
   using C = compute_t<T>;
   const int64_t N = p.N;
   const double inv_n = 1.0 / static_cast<double>(N);
@@ -80,25 +102,22 @@ void row_backward_rows(const RowBackwardParams<T>& p, int64_t r0, int64_t r1, do
     const GroupStats<C> st = make_group_stats<C>(mean, static_cast<double>(p.rstd[r]));
     // c1, c2
     double sum_gx = 0.0, sum_g = 0.0;
-    lane_sum2(N, sum_gx, sum_g, [&](int64_t j, double& a, double& b) {
-      const C w = kHasWeight ? static_cast<C>(p.weight[j]) : C(1);
-      const C g = static_cast<C>(load(dy[j])) * w;
-      const C xh = xhat_of(static_cast<C>(load(x[j])), st);
-      a += static_cast<double>(g) * static_cast<double>(xh);
-      b += static_cast<double>(g);
+    lane_sum2(N, sum_gx, sum_g, [&](int64_t j, auto w) {
+      const auto g = widen(loadw(dy + j, w) * param<kHasWeight>(p.weight, j, w, C(1)));
+      return std::make_pair(g * widen(xhat_of(loadw(x + j, w), st)), g);
     });
     const C c1 = static_cast<C>(sum_gx * inv_n);
     const C c2 = kCenter ? static_cast<C>(sum_g * inv_n) : C(0);
-    // dx, and partial dweight, dbias (one pass: the row is read once more, from cache)
-    for (int64_t j = 0; j < N; ++j) {
-      const C w = kHasWeight ? static_cast<C>(p.weight[j]) : C(1);
-      const C d = static_cast<C>(load(dy[j]));
-      const C xh = xhat_of(static_cast<C>(load(x[j])), st);
-      dx[j] = store<T>(input_grad(d * w, xh, st.rstd, c1, c2));
-      pdw[j] += static_cast<double>(d) * static_cast<double>(xh);
-      pdb[j] += static_cast<double>(d);
-    }
+    // dx, and partial dweight, dbias (the row is read once more, from cache)
+    elementwise(N, dx, stream, [&](int64_t j, auto w) {
+      const auto d = loadw(dy + j, w);
+      const auto xh = xhat_of(loadw(x + j, w), st);
+      add_to(pdw + j, widen(d) * widen(xh));
+      add_to(pdb + j, widen(d));
+      return input_grad(d * param<kHasWeight>(p.weight, j, w, C(1)), xh, st.rstd, c1, c2);
+    });
   }
+  if (stream) stream_fence();
 }
 
 }  // namespace
@@ -108,9 +127,10 @@ template <class T> void row_norm_forward(const RowForwardParams<T>& p) {
   bool_switch(p.mean != nullptr, [&](auto center) {
     bool_switch(p.weight != nullptr, [&](auto has_w) {
       bool_switch(p.bias != nullptr, [&](auto has_b) {
+        const bool stream = p.M * p.N * static_cast<int64_t>(sizeof(T)) >= kStreamBytes;
         parallel_for(p.M, grain_for(p.N), [&](int64_t r0, int64_t r1) {
           row_forward_rows<T, decltype(center)::value, decltype(has_w)::value,
-                           decltype(has_b)::value>(p, r0, r1);
+                           decltype(has_b)::value>(p, r0, r1, stream);
         });
       });
     });
@@ -133,6 +153,7 @@ template <class T> void row_norm_backward(const RowBackwardParams<T>& p) {
   // rows of a chunk do not start at the same offset within a page (4K aliasing).
   const int64_t stride = 2 * N + 16;
   std::vector<double> partial(static_cast<size_t>(n_chunks * stride), 0.0);
+  const bool stream = M * N * static_cast<int64_t>(sizeof(T)) >= kStreamBytes;
   bool_switch(p.mean != nullptr, [&](auto center) {
     bool_switch(p.weight != nullptr, [&](auto has_w) {
       parallel_for(n_chunks, grain_for(kRowsPerChunk * N), [&](int64_t c0, int64_t c1) {
@@ -140,7 +161,7 @@ template <class T> void row_norm_backward(const RowBackwardParams<T>& p) {
           double* pdw = partial.data() + c * stride;
           const int64_t r0 = c * kRowsPerChunk, r1 = std::min(M, r0 + kRowsPerChunk);
           row_backward_rows<T, decltype(center)::value, decltype(has_w)::value>(
-              p, r0, r1, pdw, pdw + N + 16);
+              p, r0, r1, pdw, pdw + N + 16, stream);
         }
       });
     });
@@ -168,4 +189,4 @@ NK_INSTANTIATE(half)
 NK_INSTANTIATE(bfloat16)
 #undef NK_INSTANTIATE
 
-}  // namespace nk::cpu
+}  // namespace nk::cpu::NK_ISA_NS
