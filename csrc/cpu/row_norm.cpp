@@ -13,6 +13,7 @@
 //
 // Threads: rows are independent; parallel_for over rows (forward) or row chunks (backward).
 // Memory: y / dx of at least kStreamBytes are written with streaming stores (cpu/simd.h).
+#include <algorithm>
 #include <utility>
 #include <vector>
 
@@ -87,34 +88,55 @@ void row_forward_rows(const RowForwardParams<T>& p, int64_t r0, int64_t r1, bool
 }
 
 // Assumptions: dy, x, dx dense (M, N); rows [r0, r1) lie in one chunk whose partial dweight and
-// dbias rows are pdw, pdb (N doubles each, zeroed by the caller).
+// dbias rows are pdw, pdb (N doubles each, zeroed by the caller). Rows are processed in groups
+// of kRowGroup so that each partial is loaded and stored once per group rather than per row;
+// within a group the rows are still added in row order, so the sums do not change.
+constexpr int64_t kRowGroup = 4;
+
 template <class T, bool kCenter, bool kHasWeight>
 void row_backward_rows(const RowBackwardParams<T>& p, int64_t r0, int64_t r1, double* pdw,
                        double* pdb, bool stream) {
   using C = compute_t<T>;
   const int64_t N = p.N;
   const double inv_n = 1.0 / static_cast<double>(N);
-  for (int64_t r = r0; r < r1; ++r) {
-    const T* x = p.x + r * N;
-    const T* dy = p.dy + r * N;
-    T* dx = p.dx + r * N;
-    const double mean = kCenter ? static_cast<double>(p.mean[r]) : 0.0;
-    const GroupStats<C> st = make_group_stats<C>(mean, static_cast<double>(p.rstd[r]));
-    // c1, c2
-    double sum_gx = 0.0, sum_g = 0.0;
-    lane_sum2(N, sum_gx, sum_g, [&](int64_t j, auto w) {
-      const auto g = widen(loadw(dy + j, w) * param<kHasWeight>(p.weight, j, w, C(1)));
-      return std::make_pair(g * widen(xhat_of(loadw(x + j, w), st)), g);
-    });
-    const C c1 = static_cast<C>(sum_gx * inv_n);
-    const C c2 = kCenter ? static_cast<C>(sum_g * inv_n) : C(0);
-    // dx, and partial dweight, dbias (the row is read once more, from cache)
-    elementwise(N, dx, stream, [&](int64_t j, auto w) {
-      const auto d = loadw(dy + j, w);
-      const auto xh = xhat_of(loadw(x + j, w), st);
-      add_to(pdw + j, widen(d) * widen(xh));
-      add_to(pdb + j, widen(d));
-      return input_grad(d * param<kHasWeight>(p.weight, j, w, C(1)), xh, st.rstd, c1, c2);
+  // Streaming stores need every row of a group to start at the same 16-byte phase.
+  stream = stream && (N * static_cast<int64_t>(sizeof(T))) % 16 == 0;
+  for (int64_t g0 = r0; g0 < r1; g0 += kRowGroup) {
+    const int64_t rows = std::min(kRowGroup, r1 - g0);
+    GroupStats<C> st[kRowGroup];
+    C c1[kRowGroup], c2[kRowGroup];
+    for (int64_t k = 0; k < rows; ++k) {
+      const int64_t r = g0 + k;
+      const T* x = p.x + r * N;
+      const T* dy = p.dy + r * N;
+      const double mean = kCenter ? static_cast<double>(p.mean[r]) : 0.0;
+      st[k] = make_group_stats<C>(mean, static_cast<double>(p.rstd[r]));
+      // c1, c2
+      double sum_gx = 0.0, sum_g = 0.0;
+      lane_sum2(N, sum_gx, sum_g, [&](int64_t j, auto w) {
+        const auto g = widen(loadw(dy + j, w) * param<kHasWeight>(p.weight, j, w, C(1)));
+        return std::make_pair(g * widen(xhat_of(loadw(x + j, w), st[k])), g);
+      });
+      c1[k] = static_cast<C>(sum_gx * inv_n);
+      c2[k] = kCenter ? static_cast<C>(sum_g * inv_n) : C(0);
+    }
+    // dx, and partial dweight, dbias (the group's rows are read once more, from cache)
+    const int64_t head = stream ? aligned_head(p.dx + g0 * N, N) : 0;
+    for_blocks_from(N, head, [&](int64_t j, auto w) {
+      auto dw = loadw(pdw + j, w);
+      auto db = loadw(pdb + j, w);
+      for (int64_t k = 0; k < rows; ++k) {
+        const int64_t off = (g0 + k) * N + j;
+        const auto d = loadw(p.dy + off, w);
+        const auto xh = xhat_of(loadw(p.x + off, w), st[k]);
+        dw += widen(d) * widen(xh);
+        db += widen(d);
+        put(p.dx + off,
+            input_grad(d * param<kHasWeight>(p.weight, j, w, C(1)), xh, st[k].rstd, c1[k], c2[k]),
+            w, stream);
+      }
+      storew(pdw + j, dw, w);
+      storew(pdb + j, db, w);
     });
   }
   if (stream) stream_fence();

@@ -12,6 +12,7 @@
 #pragma once
 
 #include <cstdint>
+#include <algorithm>
 #include <cstring>
 #include <utility>
 
@@ -86,7 +87,15 @@ NK_INLINE f8 loadw(const half* p, Width<8>) {
 NK_INLINE double widen(float v) { return static_cast<double>(v); }
 NK_INLINE double widen(double v) { return v; }
 #if defined(NK_HAVE_VECTOR_EXT)
-NK_INLINE d8 widen(f8 v) { return __builtin_convertvector(v, d8); }
+NK_INLINE d8 widen(f8 v) {
+#if defined(__AVX512F__)
+  // one instruction (GCC splits the generic form); the masked form avoids a false
+  // maybe-uninitialized warning in GCC 12's own header
+  return (d8)_mm512_maskz_cvtps_pd(static_cast<__mmask8>(0xff), (__m256)v);
+#else
+  return __builtin_convertvector(v, d8);
+#endif
+}
 NK_INLINE d8 widen(d8 v) { return v; }
 #endif
 
@@ -115,6 +124,7 @@ NK_INLINE void pack8(half* out, f8 v) {
 #endif
 }
 template <class T> NK_INLINE void storew(T* p, vec8<compute_t<T>> v, Width<8>) { pack8(p, v); }
+NK_INLINE void storew(double* p, double v, Width<1>) { *p = v; }
 
 // A block of 8 elements as 16-byte streaming stores; p must be 16-byte aligned.
 template <class T> NK_INLINE void stream_block(T* p, vec8<compute_t<T>> v) {
@@ -156,6 +166,35 @@ template <class T, class F> NK_INLINE void elementwise(int64_t n, T* out, bool s
   (void)stream;
 #endif
   for (; j < n; ++j) storew(out + j, f(j, Width<1>{}), Width<1>{});
+}
+
+// Elements before the first 16-byte boundary of p (all of n if there is none).
+template <class T> NK_INLINE int64_t aligned_head(const T* p, int64_t n) {
+  const uintptr_t mis = reinterpret_cast<uintptr_t>(p) & 15u;
+  if (mis == 0) return 0;
+  if (mis % sizeof(T) != 0) return n;
+  return std::min<int64_t>(n, static_cast<int64_t>((16u - mis) / sizeof(T)));
+}
+
+// Store one value or block; blocks stream when `stream` (p must then be 16-byte aligned).
+template <class T, class V> NK_INLINE void put(T* p, V v, Width<1> w, bool) { storew(p, v, w); }
+#if defined(NK_HAVE_VECTOR_EXT)
+template <class T, class V> NK_INLINE void put(T* p, V v, Width<8> w, bool stream) {
+  if (stream)
+    stream_block(p, v);
+  else
+    storew(p, v, w);
+}
+#endif
+
+// f(j, width) over [0, n): single elements for [0, head), then blocks, then single elements.
+template <class F> NK_INLINE void for_blocks_from(int64_t n, int64_t head, F&& f) {
+  int64_t j = 0;
+  for (; j < head && j < n; ++j) f(j, Width<1>{});
+#if defined(NK_HAVE_VECTOR_EXT)
+  for (; j + kBlock <= n; j += kBlock) f(j, Width<8>{});
+#endif
+  for (; j < n; ++j) f(j, Width<1>{});
 }
 
 // Same as elementwise, with no output: f(j, width) does its own side effects.
