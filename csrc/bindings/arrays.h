@@ -48,6 +48,20 @@ inline DType data_dtype(const py::array& a, const char* fn, const char* arg) {
                        " (expected float32, float64, float16 or bfloat16)");
 }
 
+// Non-throwing form for fast paths: false when the dtype is not a supported data dtype.
+inline bool try_data_dtype(const py::array& a, DType& d) {
+  const py::dtype dt = a.dtype();
+  const auto size = dt.itemsize();
+  if (dt.kind() == 'f') {
+    if (size == 4) { d = DType::kFloat32; return true; }
+    if (size == 8) { d = DType::kFloat64; return true; }
+    if (size == 2) { d = DType::kFloat16; return true; }
+    return false;
+  }
+  if (size == 2 && dtype_name(a) == "bfloat16") { d = DType::kBFloat16; return true; }
+  return false;
+}
+
 // Statistics / parameter dtype for a data dtype: float64 for float64, float32 otherwise.
 inline bool is_acc_dtype(const py::array& a, DType d) {
   const py::dtype dt = a.dtype();

@@ -22,6 +22,7 @@
 namespace nk::bind {
 void bind_row_norm(py::module_& m);
 void bind_channel_norm(py::module_& m);
+void bind_fast(py::module_& m);
 }  // namespace nk::bind
 
 namespace {
@@ -104,6 +105,7 @@ PYBIND11_MODULE(_core, m) {
   m.doc() = "normkit's private native core; use the normkit package instead.";
   nk::bind::bind_row_norm(m);
   nk::bind::bind_channel_norm(m);
+  nk::bind::bind_fast(m);
   m.def("set_num_threads", [](int n) {
     if (n < 1) throw std::invalid_argument("set_num_threads: n must be >= 1, got " + std::to_string(n));
     nk::cpu::set_num_threads(n);

@@ -34,6 +34,15 @@ template <class A> NK_HOST_DEVICE NK_INLINE void welford_push(Moments<A>& m, A v
   m.m2 += delta * (v - m.mean);
 }
 
+// Chan's merge of (mean_b, m2_b) into (mean_a, m2_a), given wb = nb / (na + nb) and na * wb.
+// Templated on the value type so the CPU can merge whole blocks of columns at once.
+template <class V, class A>
+NK_HOST_DEVICE NK_INLINE void chan_merge(V& mean_a, V& m2_a, V mean_b, V m2_b, A wb, A na_wb) {
+  const V delta = mean_b - mean_a;
+  mean_a += delta * wb;
+  m2_a += m2_b + delta * delta * na_wb;
+}
+
 // Chan's merge: a <- a U b.
 template <class A> NK_HOST_DEVICE NK_INLINE void welford_merge(Moments<A>& a, const Moments<A>& b) {
   if (b.count == 0) return;
@@ -43,10 +52,8 @@ template <class A> NK_HOST_DEVICE NK_INLINE void welford_merge(Moments<A>& a, co
   }
   const int64_t n = a.count + b.count;
   const A na = static_cast<A>(a.count), nb = static_cast<A>(b.count), nt = static_cast<A>(n);
-  const A delta = b.mean - a.mean;
   const A wb = nb / nt;
-  a.mean += delta * wb;
-  a.m2 += b.m2 + delta * delta * na * wb;
+  chan_merge(a.mean, a.m2, b.mean, b.m2, wb, na * wb);
   a.count = n;
 }
 

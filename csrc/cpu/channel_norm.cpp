@@ -105,9 +105,8 @@ template <class T> Moments<double> piece_moments(const T* x, int64_t len) {
 // Statistics of group t (= s * G + g): from its moments (training) or from the running
 // statistics (evaluation; only without per_sample, so t is the channel). Writes mean, rstd.
 template <class T>
-GroupStats<compute_t<T>> finish_group(const ChannelForwardParams<T>& p, int64_t t,
-                                      const Moments<double>& m) {
-  double mean, var;
+void group_mean_var(const ChannelForwardParams<T>& p, int64_t t, const Moments<double>& m,
+                    double& mean, double& var) {
   if (p.training) {
     mean = m.mean;
     var = population_var(m);
@@ -115,10 +114,22 @@ GroupStats<compute_t<T>> finish_group(const ChannelForwardParams<T>& p, int64_t 
     mean = static_cast<double>(p.running_mean[t * p.running_mean_stride]);
     var = static_cast<double>(p.running_var[t * p.running_var_stride]);
   }
-  const double rstd = rstd_from_var(var, p.eps);
+}
+
+template <class T>
+GroupStats<compute_t<T>> write_group(const ChannelForwardParams<T>& p, int64_t t, double mean,
+                                     double rstd) {
   p.mean[t] = static_cast<acc_t<T>>(mean);
   p.rstd[t] = static_cast<acc_t<T>>(rstd);
   return make_group_stats<compute_t<T>>(mean, rstd);
+}
+
+template <class T>
+GroupStats<compute_t<T>> finish_group(const ChannelForwardParams<T>& p, int64_t t,
+                                      const Moments<double>& m) {
+  double mean, var;
+  group_mean_var(p, t, m, mean, var);
+  return write_group(p, t, mean, rstd_from_var(var, p.eps));
 }
 
 // Running statistics after a training forward. BatchNorm: the channel's batch moments.
@@ -213,22 +224,48 @@ void forward_rows(const ChannelForwardParams<T>& p, const View& v) {
       }
     });
   }
+  // Merge each (sample, column)'s chunks in chunk order, all columns at once (the chunks' row
+  // counts are the same for every column), then each group's columns in column order.
   const int64_t groups = v.samples * v.G;
+  if (p.training) {
+    for (int64_t s = 0; s < v.samples; ++s) {
+      double* mean = partial.data() + s * n_chunks * 2 * cols;
+      double* m2 = mean + cols;
+      for (int64_t k = 1; k < n_chunks; ++k) {
+        const double na = static_cast<double>(k * rpc), nb = static_cast<double>(v.chunk_rows(k));
+        const double wb = nb / (na + nb), na_wb = na * wb;
+        const double* mb = partial.data() + (s * n_chunks + k) * 2 * cols;
+        for_blocks(cols, [&](int64_t j, auto w) {
+          auto ma = loadw(mean + j, w);
+          auto sa = loadw(m2 + j, w);
+          chan_merge(ma, sa, loadw(mb + j, w), loadw(mb + cols + j, w), wb, na_wb);
+          storew(mean + j, ma, w);
+          storew(m2 + j, sa, w);
+        });
+      }
+    }
+  }
   std::vector<Moments<double>> gm(at(groups));
+  std::vector<double> gmean(at(groups)), grstd(at(groups));
+  for (int64_t t = 0; t < groups; ++t) {
+    const int64_t s = t / v.G, g = t % v.G;
+    Moments<double> m;
+    if (p.training) {
+      const double* mean = partial.data() + s * n_chunks * 2 * cols;
+      for (int64_t j = g * v.D * v.I; j < (g + 1) * v.D * v.I; ++j)
+        welford_merge(m, moments_from_two_pass(v.O, mean[j], mean[cols + j]));
+    }
+    gm[at(t)] = m;
+    group_mean_var(p, t, m, gmean[at(t)], grstd[at(t)]);
+  }
+  // rstd of every group in one vectorizable loop (many small groups: the square roots and
+  // divisions would otherwise dominate small calls)
+  for (int64_t t = 0; t < groups; ++t) grstd[at(t)] = rstd_from_var(grstd[at(t)], p.eps);
   ColumnStats<C> scol(v.samples * cols);  // per (sample, column)
   for (int64_t t = 0; t < groups; ++t) {
     const int64_t s = t / v.G, g = t % v.G;
-    const int64_t j0 = g * v.D * v.I, j1 = (g + 1) * v.D * v.I;
-    Moments<double> m;
-    if (p.training) {
-      for (int64_t k = 0; k < n_chunks; ++k) {
-        const double* mean = partial.data() + (s * n_chunks + k) * 2 * cols;
-        for (int64_t j = j0; j < j1; ++j)
-          welford_merge(m, moments_from_two_pass(v.chunk_rows(k), mean[j], mean[cols + j]));
-      }
-    }
-    gm[at(t)] = m;
-    scol.fill(s * cols + j0, s * cols + j1, finish_group(p, t, m));
+    scol.fill(s * cols + g * v.D * v.I, s * cols + (g + 1) * v.D * v.I,
+              write_group(p, t, gmean[at(t)], grstd[at(t)]));
   }
   update_running(p, v, gm);
   // 2) normalize + affine, 3) write y

@@ -55,6 +55,11 @@ class NormGrads(NamedTuple):
 
 ShapeLike = Union[int, Sequence[int]]
 
+# The C++ fast paths build NormOutput themselves (they return None for anything unusual).
+_core._set_result_types(NormOutput)
+_row_fast = _core.row_norm_fast
+_batch_fast = _core.batch_norm_fast
+
 # --------------------------------------------------------------------------------------------
 # validation helpers
 
@@ -331,6 +336,10 @@ def batch_norm(
     Returns ``NormOutput(y, mean, rstd)``: y has x's shape and dtype (it is ``out`` when given),
     mean and rstd ``(C,)`` in float64 for float64 x, else float32.
     """
+    r = _batch_fast(x, weight, bias, running_mean, running_var, training, momentum, eps,
+                    channel_axis, out)
+    if r is not None:
+        return r
     fn = "batch_norm"
     x, ca, C, sd = _channel_input(x, fn, channel_axis)
     w = _vector(weight, fn, "weight", (C,), sd, "the number of channels")
@@ -583,6 +592,9 @@ def layer_norm(
     shape and dtype (it is ``out`` when given); mean and rstd have shape
     ``x.shape[:-len(normalized_shape)]``, float64 for float64 x, else float32.
     """
+    r = _row_fast(x, normalized_shape, weight, bias, eps, out, True)
+    if r is not None:
+        return r
     return _row_forward("layer_norm", x, normalized_shape, weight, bias, eps, out, True)
 
 
@@ -606,6 +618,9 @@ def rms_norm(
     ``rstd = 1 / sqrt(mean(x**2) + eps)``. ``eps=None``: float32's machine epsilon for float32 and
     half inputs, float64's for float64. Returns ``NormOutput(y, None, rstd)``.
     """
+    r = _row_fast(x, normalized_shape, weight, None, eps, out, False)
+    if r is not None:
+        return r
     return _row_forward("rms_norm", x, normalized_shape, weight, None, eps, out, False)
 
 

@@ -1,0 +1,199 @@
+// normkit bindings: fast paths for the common forward calls.
+//
+// A call from Python through functional.py's full validation costs ~10 us, which dominates small
+// problems. These entry points take the user's arguments unchanged and handle only the plain
+// case: a C-contiguous ndarray of a supported dtype, weight/bias/running statistics that are
+// already dense arrays of the statistics dtype, plain Python numbers for the options and no
+// `out`. Anything else — including every invalid input — returns None, and functional.py then
+// takes its general path, which validates and raises the documented errors. So these functions
+// never raise for bad input and never write before everything they need has been checked.
+#include <cmath>
+
+#include "bindings/arrays.h"
+#include "cpu/kernels.h"
+
+namespace nk::bind {
+
+namespace {
+
+py::object g_norm_output;  // normkit.functional.NormOutput, set at import
+
+// A dense 1-D array of exactly the statistics dtype and length n (None -> nullptr, ok).
+template <class A> bool fast_vector(py::handle h, DType d, int64_t n, bool writeable, A*& out) {
+  out = nullptr;
+  if (h.is_none()) return true;
+  if (!py::isinstance<py::array>(h)) return false;
+  const auto a = py::reinterpret_borrow<py::array>(h);
+  if (!is_acc_dtype(a, d) || a.ndim() != 1 || a.shape(0) != n || !is_c_contiguous(a)) return false;
+  if (writeable && !a.writeable()) return false;
+  out = static_cast<A*>(const_cast<void*>(a.data()));
+  return true;
+}
+
+// Runs a kernel, releasing the GIL unless the problem is so small that releasing and taking it
+// back would cost more than the kernel itself (a few microseconds at most are held).
+template <class F> void run_kernel(int64_t elements, F&& f) {
+  if (elements < 16384) {
+    f();
+    return;
+  }
+  py::gil_scoped_release nogil;  // no Python objects touched here
+  f();
+}
+
+bool fast_double(py::handle h, double& v) {
+  if (!PyFloat_CheckExact(h.ptr())) return false;
+  v = PyFloat_AS_DOUBLE(h.ptr());
+  return !std::isnan(v);
+}
+
+bool fast_input(py::handle h, py::array& x, DType& d) {
+  if (!py::isinstance<py::array>(h)) return false;
+  x = py::reinterpret_borrow<py::array>(h);
+  return is_c_contiguous(x) && try_data_dtype(x, d);
+}
+
+std::vector<py::ssize_t> shape_of(const py::array& a, py::ssize_t drop_last = 0) {
+  std::vector<py::ssize_t> s(a.shape(), a.shape() + a.ndim() - drop_last);
+  return s;
+}
+
+// dtype objects of the statistics, looked up once (pybind11 otherwise builds them from a format
+// string on every call). Deliberately leaked: they live as long as the interpreter.
+template <class A> const py::dtype& acc_dtype() {
+  static const py::dtype* dt = new py::dtype(py::dtype::of<A>());
+  return *dt;
+}
+
+// A NormOutput built directly (a namedtuple is a tuple subclass without a __dict__), which
+// saves the Python-level __new__ call.
+py::object make_output(py::object y, py::object mean, py::object rstd) {
+  auto* type = reinterpret_cast<PyTypeObject*>(g_norm_output.ptr());
+  PyObject* t = type->tp_alloc(type, 3);
+  if (!t) throw py::error_already_set();
+  PyTuple_SET_ITEM(t, 0, y.release().ptr());
+  PyTuple_SET_ITEM(t, 1, mean.release().ptr());
+  PyTuple_SET_ITEM(t, 2, rstd.release().ptr());
+  return py::reinterpret_steal<py::object>(t);
+}
+
+py::object row_fast(py::handle x_h, py::handle ns_h, py::handle w_h, py::handle b_h,
+                    py::handle eps_h, py::handle out_h, bool center) {
+  py::array x;
+  DType d;
+  if (!out_h.is_none() || !fast_input(x_h, x, d) || x.ndim() < 1) return py::none();
+  if (!PyLong_CheckExact(ns_h.ptr())) return py::none();
+  const int64_t N = PyLong_AsLongLong(ns_h.ptr());
+  if (N <= 0 || x.shape(x.ndim() - 1) != N) return py::none();
+  double eps;
+  if (eps_h.is_none() && !center)
+    eps = d == DType::kFloat64 ? 2.220446049250313e-16 : 1.1920928955078125e-07;
+  else if (!fast_double(eps_h, eps) || eps < 0)
+    return py::none();
+  const int64_t M = N ? static_cast<int64_t>(x.size()) / N : 0;
+  return dispatch_dtype(d, [&](auto tag) -> py::object {
+    using T = typename decltype(tag)::type;
+    using A = acc_t<T>;
+    RowForwardParams<T> p;
+    A *w, *b;
+    if (!fast_vector<A>(w_h, d, N, false, w) || !fast_vector<A>(b_h, d, N, false, b)) return py::none();
+    py::array y(x.dtype(), shape_of(x));
+    const auto lead = shape_of(x, 1);
+    py::array rstd(acc_dtype<A>(), lead);
+    py::object mean = py::none();
+    if (center) mean = py::array(acc_dtype<A>(), lead);
+    p.x = static_cast<const T*>(x.data());
+    p.y = static_cast<T*>(y.mutable_data());
+    p.weight = w;
+    p.bias = b;
+    p.mean = center ? static_cast<A*>(py::reinterpret_borrow<py::array>(mean).mutable_data()) : nullptr;
+    p.rstd = static_cast<A*>(rstd.mutable_data());
+    p.M = M;
+    p.N = N;
+    p.eps = eps;
+    run_kernel(M * N, [&] { cpu::row_norm_forward(p); });
+    return make_output(std::move(y), std::move(mean), std::move(rstd));
+  });
+}
+
+py::object batch_fast(py::handle x_h, py::handle w_h, py::handle b_h, py::handle rm_h,
+                      py::handle rv_h, py::handle training_h, py::handle momentum_h,
+                      py::handle eps_h, py::handle ca_h, py::handle out_h) {
+  py::array x;
+  DType d;
+  if (!out_h.is_none() || !fast_input(x_h, x, d) || x.ndim() < 2) return py::none();
+  if (!PyBool_Check(training_h.ptr()) || !PyLong_CheckExact(ca_h.ptr())) return py::none();
+  const bool training = training_h.ptr() == Py_True;
+  const long ca = PyLong_AsLong(ca_h.ptr());
+  if (ca != 1 && ca != -1) return py::none();
+  double eps, momentum;
+  if (!fast_double(eps_h, eps) || eps < 0 || !fast_double(momentum_h, momentum) || momentum < 0 ||
+      momentum > 1)
+    return py::none();
+  const bool channels_last = ca == -1 && x.ndim() > 2;
+  const int64_t B = x.shape(0), C = x.shape(ca == 1 ? 1 : x.ndim() - 1);
+  const int64_t S = C && B ? static_cast<int64_t>(x.size()) / (B * C) : 0;
+  if (C == 0 || (training && B * S <= 1) || (rm_h.is_none() != rv_h.is_none())) return py::none();
+  if (!training && rm_h.is_none()) return py::none();
+  return dispatch_dtype(d, [&](auto tag) -> py::object {
+    using T = typename decltype(tag)::type;
+    using A = acc_t<T>;
+    ChannelForwardParams<T> p;
+    A *w, *b, *rm, *rv;
+    if (!fast_vector<A>(w_h, d, C, false, w) || !fast_vector<A>(b_h, d, C, false, b) ||
+        !fast_vector<A>(rm_h, d, C, true, rm) || !fast_vector<A>(rv_h, d, C, true, rv))
+      return py::none();
+    if (rm) {
+      const auto rma = py::reinterpret_borrow<py::array>(rm_h);
+      const auto rva = py::reinterpret_borrow<py::array>(rv_h);
+      if (overlaps(rma, rva) || overlaps(rma, x) || overlaps(rva, x)) return py::none();
+      if (!training)
+        for (int64_t c = 0; c < C; ++c)
+          if (rv[c] < 0) return py::none();
+    }
+    py::array y(x.dtype(), shape_of(x));
+    py::array mean(acc_dtype<A>(), std::vector<py::ssize_t>{C}), rstd(acc_dtype<A>(), std::vector<py::ssize_t>{C});
+    p.x = static_cast<const T*>(x.data());
+    p.y = static_cast<T*>(y.mutable_data());
+    p.weight = w;
+    p.bias = b;
+    p.mean = static_cast<A*>(mean.mutable_data());
+    p.rstd = static_cast<A*>(rstd.mutable_data());
+    p.running_mean = rm;
+    p.running_var = rv;
+    p.B = B;
+    p.C = C;
+    p.S = S;
+    p.G = C;
+    p.eps = eps;
+    p.momentum = momentum;
+    p.training = training;
+    p.channels_last = channels_last;
+    run_kernel(B * C * S, [&] { cpu::channel_norm_forward(p); });
+    return make_output(std::move(y), std::move(mean), std::move(rstd));
+  });
+}
+
+}  // namespace
+
+void bind_fast(py::module_& m) {
+  m.def("_set_result_types", [](py::object norm_output) {
+    if (!PyType_Check(norm_output.ptr()) ||
+        !PyType_IsSubtype(reinterpret_cast<PyTypeObject*>(norm_output.ptr()), &PyTuple_Type))
+      throw py::type_error("_set_result_types: expected a tuple subclass");
+    g_norm_output = std::move(norm_output);
+  });
+  m.def("row_norm_fast", &row_fast, py::arg("x"), py::arg("normalized_shape"), py::arg("weight"),
+        py::arg("bias"), py::arg("eps"), py::arg("out"), py::arg("center"),
+        "Fast path of layer_norm (center=True) / rms_norm: NormOutput, or None when the "
+        "arguments need the general path.");
+  m.def("batch_norm_fast", &batch_fast, py::arg("x"), py::arg("weight"), py::arg("bias"),
+        py::arg("running_mean"), py::arg("running_var"), py::arg("training"),
+        py::arg("momentum"), py::arg("eps"), py::arg("channel_axis"), py::arg("out"),
+        "Fast path of batch_norm: NormOutput, or None when the arguments need the general path.");
+  // Drop the reference before the interpreter finalizes (the type may already be gone then).
+  auto atexit = py::module_::import("atexit");
+  atexit.attr("register")(py::cpp_function([]() { g_norm_output = py::object(); }));
+}
+
+}  // namespace nk::bind
