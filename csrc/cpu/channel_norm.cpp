@@ -11,10 +11,12 @@
 // A statistic group is (s, g): n = O * D * I elements. Statistics (s, g) are written at s * G + g.
 //
 // Two traversals of that one view, chosen from the shape alone (never from the thread count):
-//   planes (I >= kMinPlane): threads own groups; a group's planes x[s][o][c][:] are reduced in
-//     pieces of at most kPiece elements, then normalized right away, while still in cache.
-//   rows   (I <  kMinPlane): each block is a matrix (O, C * I); threads own fixed chunks of rows
-//     and keep per-column partials, merged per group in (chunk, column) order.
+//   planes (I >= kMinPlane, or rows too wide for kMinRowsPerChunk rows per chunk): threads own
+//     groups; a group that fits in cache (kTwoPassElements) gets two exact passes (mean, then
+//     squared deviations), a larger one is reduced in pieces of at most kPiece elements merged
+//     with Chan's formula; then the group is normalized right away, while still in cache.
+//   rows   (otherwise): each block is a matrix (O, C * I); threads own fixed chunks of rows
+//     and keep per-column partials, merged per column in chunk order, then per group.
 // Forward: 1) stats — two passes per piece in double, pieces merged with Chan's formula
 // (core/welford.h). 2) normalize + affine (core/norm_math.h). 3) write y, mean, rstd; running
 // statistics updated with unbiased variances. A group is fully reduced before any of its y is
@@ -42,6 +44,8 @@ namespace nk::cpu::NK_ISA_NS {
 namespace {
 
 constexpr int64_t kMinPlane = 64;          // planes shorter than this use the row traversal
+constexpr int64_t kMinRowsPerChunk = 16;   // ... unless a chunk would hold fewer rows than this
+constexpr int64_t kTwoPassElements = int64_t{1} << 18;  // groups up to this size: plain two-pass
 constexpr int64_t kPiece = 4096;           // elements per two-pass piece in the plane traversal
 constexpr int64_t kChunkElements = 65536;  // elements per row chunk in the row traversal
 constexpr int64_t kStreamBytes = int64_t{8} << 20;  // outputs this large use streaming stores
@@ -167,7 +171,25 @@ void forward_planes(const ChannelForwardParams<T>& p, const View& v) {
       const int64_t s = t / v.G, g = t % v.G;
       // 1) stats
       Moments<double> m;
-      if (p.training) {
+      if (p.training && v.group_size() <= kTwoPassElements) {
+        // two passes over the whole group; plane sums added in plane order
+        const auto over_planes = [&](auto&& term) {
+          double total = 0.0;
+          for (int64_t o = 0; o < v.O; ++o)
+            for (int64_t c = g * v.D; c < (g + 1) * v.D; ++c) {
+              const T* plane = p.x + v.offset(s, o, c);
+              total += lane_sum(v.I, [&](int64_t i, auto w) { return term(loadw(plane + i, w)); });
+            }
+          return total;
+        };
+        const double mean =
+            over_planes([](auto xv) { return widen(xv); }) / static_cast<double>(v.group_size());
+        const double m2 = over_planes([&](auto xv) {
+          const auto d = widen(xv) - mean;
+          return d * d;
+        });
+        m = moments_from_two_pass(v.group_size(), mean, m2);
+      } else if (p.training) {
         for (int64_t o = 0; o < v.O; ++o)
           for (int64_t c = g * v.D; c < (g + 1) * v.D; ++c) {
             const T* plane = p.x + v.offset(s, o, c);
@@ -456,6 +478,11 @@ void backward_rows(const ChannelBackwardParams<T>& p, const View& v) {
   });
 }
 
+// The traversal for a view (see the file header); depends on the shape only.
+bool use_planes(const View& v) {
+  return v.I >= kMinPlane || v.cols() * kMinRowsPerChunk > kChunkElements;
+}
+
 }  // namespace
 
 template <class T> void channel_norm_forward(const ChannelForwardParams<T>& p) {
@@ -464,7 +491,7 @@ template <class T> void channel_norm_forward(const ChannelForwardParams<T>& p) {
   bool_switch(p.weight != nullptr, [&](auto has_w) {
     bool_switch(p.bias != nullptr, [&](auto has_b) {
       constexpr bool kW = decltype(has_w)::value, kB = decltype(has_b)::value;
-      if (v.I >= kMinPlane)
+      if (use_planes(v))
         forward_planes<T, kW, kB>(p, v);
       else
         forward_rows<T, kW, kB>(p, v);
@@ -477,7 +504,7 @@ template <class T> void channel_norm_backward(const ChannelBackwardParams<T>& p)
   if (v.C <= 0) return;
   bool_switch(p.weight != nullptr, [&](auto has_w) {
     constexpr bool kW = decltype(has_w)::value;
-    if (v.I >= kMinPlane)
+    if (use_planes(v))
       backward_planes<T, kW>(p, v);
     else
       backward_rows<T, kW>(p, v);
