@@ -15,6 +15,10 @@
 //     groups; a group that fits in cache (kTwoPassElements) gets two exact passes (mean, then
 //     squared deviations), a larger one is reduced in pieces of at most kPiece elements merged
 //     with Chan's formula; then the group is normalized right away, while still in cache.
+//   sample planes (BatchNorm whose planes are planes-eligible but shorter than kSamplePlane):
+//     threads own rows o and walk memory in order, one two-pass piece per plane (o, c); pieces
+//     are merged per channel in row order and a second sweep normalizes (x is read twice, but
+//     sequentially, instead of in scattered pieces too small for the prefetchers).
 //   rows   (otherwise): each block is a matrix (O, C * I); threads own fixed chunks of rows
 //     and keep per-column partials, merged per column in chunk order, then per group.
 // Forward: 1) stats — two passes per piece in double, pieces merged with Chan's formula
@@ -45,6 +49,7 @@ namespace {
 
 constexpr int64_t kMinPlane = 64;          // planes shorter than this use the row traversal
 constexpr int64_t kMinRowsPerChunk = 16;   // ... unless a chunk would hold fewer rows than this
+constexpr int64_t kSamplePlane = 1024;    // shorter BatchNorm planes: sample-major order
 constexpr int64_t kTwoPassElements = int64_t{1} << 18;  // groups up to this size: plain two-pass
 constexpr int64_t kPiece = 4096;           // elements per two-pass piece in the plane traversal
 constexpr int64_t kChunkElements = 65536;  // elements per row chunk in the row traversal
@@ -313,6 +318,54 @@ void forward_rows(const ChannelForwardParams<T>& p, const View& v) {
   });
 }
 
+// Forward, sample-major plane traversal (BatchNorm with short planes: reading a channel's planes
+// one by one would jump through memory in pieces too small for the prefetchers). Threads own
+// rows o and walk memory in order; each plane (o, c) gives a two-pass piece, the pieces of a
+// channel are merged in row order, and a second sweep normalizes. Assumptions: per_sample is
+// false (one sample block), 1 <= I < kPiece.
+template <class T, bool kHasWeight, bool kHasBias>
+void forward_sample_planes(const ChannelForwardParams<T>& p, const View& v) {
+  using C = compute_t<T>;
+  // 1) stats
+  std::vector<Moments<double>> piece;
+  if (p.training) {
+    piece.resize(at(v.O * v.C));
+    parallel_for(v.O, grain_for(v.C * v.I), [&](int64_t o0, int64_t o1) {
+      for (int64_t o = o0; o < o1; ++o)
+        for (int64_t c = 0; c < v.C; ++c)
+          piece[at(o * v.C + c)] = piece_moments(p.x + v.offset(0, o, c), v.I);
+    });
+  }
+  std::vector<Moments<double>> gm(at(v.C));
+  std::vector<double> gmean(at(v.C)), grstd(at(v.C));
+  for (int64_t c = 0; c < v.C; ++c) {
+    Moments<double> m;
+    if (p.training)
+      for (int64_t o = 0; o < v.O; ++o) welford_merge(m, piece[at(o * v.C + c)]);
+    gm[at(c)] = m;
+    group_mean_var(p, c, m, gmean[at(c)], grstd[at(c)]);
+  }
+  for (int64_t c = 0; c < v.C; ++c) grstd[at(c)] = rstd_from_var(grstd[at(c)], p.eps);
+  std::vector<GroupStats<C>> st(at(v.C));
+  for (int64_t c = 0; c < v.C; ++c) st[at(c)] = write_group(p, c, gmean[at(c)], grstd[at(c)]);
+  update_running(p, v, gm);
+  // 2) normalize + affine, 3) write y
+  const bool stream = p.B * p.C * p.S * static_cast<int64_t>(sizeof(T)) >= kStreamBytes;
+  parallel_for(v.O, grain_for(v.C * v.I), [&](int64_t o0, int64_t o1) {
+    for (int64_t o = o0; o < o1; ++o)
+      for (int64_t c = 0; c < v.C; ++c) {
+        const C w = kHasWeight ? static_cast<C>(p.weight[c]) : C(1);
+        const C b = kHasBias ? static_cast<C>(p.bias[c]) : C(0);
+        const T* xp = p.x + v.offset(0, o, c);
+        const GroupStats<C>& sc = st[at(c)];
+        elementwise(v.I, p.y + v.offset(0, o, c), stream, [&](int64_t i, auto width) {
+          return affine(xhat_of(loadw(xp + i, width), sc), w, b);
+        });
+      }
+    if (stream) stream_fence();
+  });
+}
+
 // c1 and c2 of group t from its channels' sums S1, S2 (sample s's row of C).
 template <class T>
 void group_coefficients(const ChannelBackwardParams<T>& p, const View& v, const double* s1,
@@ -478,9 +531,65 @@ void backward_rows(const ChannelBackwardParams<T>& p, const View& v) {
   });
 }
 
+// Backward, sample-major plane traversal. Assumptions as forward_sample_planes.
+template <class T, bool kHasWeight>
+void backward_sample_planes(const ChannelBackwardParams<T>& p, const View& v) {
+  using C = compute_t<T>;
+  std::vector<GroupStats<C>> st(at(v.C));
+  for (int64_t c = 0; c < v.C; ++c)
+    st[at(c)] = make_group_stats<C>(static_cast<double>(p.mean[c]), static_cast<double>(p.rstd[c]));
+  // partial dweight, dbias per plane (o, c)
+  std::vector<double> piece(at(2 * v.O * v.C));
+  parallel_for(v.O, grain_for(v.C * v.I), [&](int64_t o0, int64_t o1) {
+    for (int64_t o = o0; o < o1; ++o)
+      for (int64_t c = 0; c < v.C; ++c) {
+        const T* xp = p.x + v.offset(0, o, c);
+        const T* dyp = p.dy + v.offset(0, o, c);
+        const GroupStats<C>& sc = st[at(c)];
+        double* out = piece.data() + 2 * (o * v.C + c);
+        lane_sum2(v.I, out[0], out[1], [&](int64_t i, auto w) {
+          const auto d = widen(loadw(dyp + i, w));
+          return std::make_pair(d * widen(xhat_of(loadw(xp + i, w), sc)), d);
+        });
+      }
+  });
+  // S1, S2 per channel, planes added in row order; c1, c2
+  std::vector<double> s1(at(v.C), 0.0), s2(at(v.C), 0.0);
+  for (int64_t o = 0; o < v.O; ++o)
+    for (int64_t c = 0; c < v.C; ++c) {
+      s1[at(c)] += piece[at(2 * (o * v.C + c))];
+      s2[at(c)] += piece[at(2 * (o * v.C + c) + 1)];
+    }
+  write_param_grads(p, v, s1, s2);
+  std::vector<C> c1(at(v.C)), c2(at(v.C));
+  for (int64_t c = 0; c < v.C; ++c) group_coefficients(p, v, s1.data(), s2.data(), c, c1[at(c)], c2[at(c)]);
+  // dx
+  const bool stream = p.B * p.C * p.S * static_cast<int64_t>(sizeof(T)) >= kStreamBytes;
+  parallel_for(v.O, grain_for(v.C * v.I), [&](int64_t o0, int64_t o1) {
+    for (int64_t o = o0; o < o1; ++o)
+      for (int64_t c = 0; c < v.C; ++c) {
+        const C w = kHasWeight ? static_cast<C>(p.weight[c]) : C(1);
+        const T* xp = p.x + v.offset(0, o, c);
+        const T* dyp = p.dy + v.offset(0, o, c);
+        const GroupStats<C>& sc = st[at(c)];
+        const C k1 = c1[at(c)], k2 = c2[at(c)];
+        elementwise(v.I, p.dx + v.offset(0, o, c), stream, [&](int64_t i, auto width) {
+          return input_grad(loadw(dyp + i, width) * w, xhat_of(loadw(xp + i, width), sc), sc.rstd,
+                            k1, k2);
+        });
+      }
+    if (stream) stream_fence();
+  });
+}
+
 // The traversal for a view (see the file header); depends on the shape only.
 bool use_planes(const View& v) {
   return v.I >= kMinPlane || v.cols() * kMinRowsPerChunk > kChunkElements;
+}
+
+// BatchNorm planes shorter than this are walked sample by sample (see forward_sample_planes).
+bool use_sample_planes(const View& v) {
+  return v.samples == 1 && v.D == 1 && v.O > 1 && v.I < kSamplePlane && use_planes(v);
 }
 
 }  // namespace
@@ -491,7 +600,9 @@ template <class T> void channel_norm_forward(const ChannelForwardParams<T>& p) {
   bool_switch(p.weight != nullptr, [&](auto has_w) {
     bool_switch(p.bias != nullptr, [&](auto has_b) {
       constexpr bool kW = decltype(has_w)::value, kB = decltype(has_b)::value;
-      if (use_planes(v))
+      if (use_sample_planes(v))
+        forward_sample_planes<T, kW, kB>(p, v);
+      else if (use_planes(v))
         forward_planes<T, kW, kB>(p, v);
       else
         forward_rows<T, kW, kB>(p, v);
@@ -504,7 +615,9 @@ template <class T> void channel_norm_backward(const ChannelBackwardParams<T>& p)
   if (v.C <= 0) return;
   bool_switch(p.weight != nullptr, [&](auto has_w) {
     constexpr bool kW = decltype(has_w)::value;
-    if (use_planes(v))
+    if (use_sample_planes(v))
+      backward_sample_planes<T, kW>(p, v);
+    else if (use_planes(v))
       backward_planes<T, kW>(p, v);
     else
       backward_rows<T, kW>(p, v);

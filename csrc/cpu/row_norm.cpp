@@ -99,8 +99,8 @@ void row_backward_rows(const RowBackwardParams<T>& p, int64_t r0, int64_t r1, do
   using C = compute_t<T>;
   const int64_t N = p.N;
   const double inv_n = 1.0 / static_cast<double>(N);
-  // Streaming stores need every row of a group to start at the same 16-byte phase.
-  stream = stream && (N * static_cast<int64_t>(sizeof(T))) % 16 == 0;
+  // Streaming stores need every row of a group to start at the same cache-line phase.
+  stream = stream && (N * static_cast<int64_t>(sizeof(T))) % 64 == 0;
   for (int64_t g0 = r0; g0 < r1; g0 += kRowGroup) {
     const int64_t rows = std::min(kRowGroup, r1 - g0);
     GroupStats<C> st[kRowGroup];
@@ -121,8 +121,8 @@ void row_backward_rows(const RowBackwardParams<T>& p, int64_t r0, int64_t r1, do
       c2[k] = kCenter ? static_cast<C>(sum_g * inv_n) : C(0);
     }
     // dx, and partial dweight, dbias (the group's rows are read once more, from cache)
-    const int64_t head = stream ? aligned_head(p.dx + g0 * N, N) : 0;
-    for_blocks_from(N, head, [&](int64_t j, auto w) {
+    const Lines lines = stream ? whole_lines(p.dx + g0 * N, N) : Lines{};
+    for_blocks_from(N, lines.head, [&](int64_t j, auto w) {
       auto dw = loadw(pdw + j, w);
       auto db = loadw(pdb + j, w);
       for (int64_t k = 0; k < rows; ++k) {
@@ -133,7 +133,7 @@ void row_backward_rows(const RowBackwardParams<T>& p, int64_t r0, int64_t r1, do
         db += widen(d);
         put(p.dx + off,
             input_grad(d * param<kHasWeight>(p.weight, j, w, C(1)), xh, st[k].rstd, c1[k], c2[k]),
-            w, stream);
+            w, j < lines.end);
       }
       storew(pdw + j, dw, w);
       storew(pdb + j, db, w);

@@ -149,31 +149,41 @@ NK_INLINE void stream_fence() {
 }
 
 // ---- loops --------------------------------------------------------------------------------------
-// out[j] = f(j, width) for j in [0, n). Streaming stores when `stream` (the first elements are
-// written normally until out is 16-byte aligned).
+// The whole 64-byte cache lines of out[0, n): [head, end). Only whole lines are ever written with
+// streaming stores: a line written partly by streaming and partly by ordinary stores (at the
+// edges of short rows or planes) would be evicted and re-read, which costs more than it saves.
+// head = end = 0 when out is not aligned to its element size.
+struct Lines {
+  int64_t head = 0, end = 0;
+};
+template <class T> NK_INLINE Lines whole_lines(const T* out, int64_t n) {
+  Lines l;
+  const uintptr_t mis = reinterpret_cast<uintptr_t>(out) & 63u;
+  if (mis % sizeof(T) != 0) return l;
+  l.head = std::min<int64_t>(n, static_cast<int64_t>(((64u - mis) & 63u) / sizeof(T)));
+  constexpr int64_t kPerLine = static_cast<int64_t>(64 / sizeof(T));
+  l.end = l.head + (n - l.head) / kPerLine * kPerLine;
+  return l;
+}
+
+// out[j] = f(j, width) for j in [0, n); whole cache lines with streaming stores when `stream`.
 template <class T, class F> NK_INLINE void elementwise(int64_t n, T* out, bool stream, F&& f) {
   int64_t j = 0;
-#if defined(NK_HAVE_VECTOR_EXT)
-  if (stream && sizeof(T) <= 16) {
-    for (; j < n && (reinterpret_cast<uintptr_t>(out + j) & 15u) != 0; ++j)
-      storew(out + j, f(j, Width<1>{}), Width<1>{});
-    if ((reinterpret_cast<uintptr_t>(out + j) & 15u) == 0) {
-      for (; j + kBlock <= n; j += kBlock) stream_block(out + j, f(j, Width<8>{}));
+#if defined(NK_HAVE_VECTOR_EXT) && defined(NK_HAVE_STREAM)
+  if (stream) {
+    const Lines l = whole_lines(out, n);
+    if (l.end > l.head) {
+      for (; j < l.head; ++j) storew(out + j, f(j, Width<1>{}), Width<1>{});
+      for (; j < l.end; j += kBlock) stream_block(out + j, f(j, Width<8>{}));
     }
   }
-  for (; j + kBlock <= n; j += kBlock) storew(out + j, f(j, Width<8>{}), Width<8>{});
 #else
   (void)stream;
 #endif
+#if defined(NK_HAVE_VECTOR_EXT)
+  for (; j + kBlock <= n; j += kBlock) storew(out + j, f(j, Width<8>{}), Width<8>{});
+#endif
   for (; j < n; ++j) storew(out + j, f(j, Width<1>{}), Width<1>{});
-}
-
-// Elements before the first 16-byte boundary of p (all of n if there is none).
-template <class T> NK_INLINE int64_t aligned_head(const T* p, int64_t n) {
-  const uintptr_t mis = reinterpret_cast<uintptr_t>(p) & 15u;
-  if (mis == 0) return 0;
-  if (mis % sizeof(T) != 0) return n;
-  return std::min<int64_t>(n, static_cast<int64_t>((16u - mis) / sizeof(T)));
 }
 
 // Store one value or block; blocks stream when `stream` (p must then be 16-byte aligned).
