@@ -75,9 +75,15 @@ def test_unusual_or_invalid_calls_are_left_to_the_general_path():
         (x, 8, None, None, -1.0, None),  # negative eps
         (x, 8, None, None, float("nan"), None),  # NaN eps
         (x, 8, None, None, 1, None),  # int eps
-        (x, 8, None, None, 1e-5, np.empty_like(x)),  # out given
+        (x, 8, None, None, 1e-5, np.empty((4, 8), np.float64)),  # out of another dtype
+        (x, 8, None, None, 1e-5, np.empty((8, 4), np.float32).T),  # out not C-contiguous
+        (x, 8, None, None, 1e-5, np.broadcast_to(np.float32(0), (4, 8))),  # read-only out
+        (x, (8, 1), None, None, 1e-5, None),  # normalized_shape not the trailing axes
         (x.tolist(), 8, None, None, 1e-5, None),  # not an array
     ]
+    buf = np.zeros(40, np.float32)
+    cases.append((buf[:32].reshape(4, 8), 8, None, None, 1e-5, buf[4:36].reshape(4, 8)))  # overlap
+    cases.append((x, 8, buf[:8], None, 1e-5, buf[:32].reshape(4, 8)))  # out overlaps weight
     for args in cases:
         assert _core.row_norm_fast(*args, True) is None
     rv_neg = -np.ones(8, np.float32)
@@ -95,3 +101,24 @@ def test_unusual_or_invalid_calls_are_left_to_the_general_path():
     for args in bcases:
         assert _core.batch_norm_fast(*args) is None
     assert np.array_equal(rm, np.zeros(8, np.float32))
+
+
+def test_fast_path_out_and_in_place():
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((6, 5, 16)).astype(np.float32)
+    w = rng.standard_normal((5, 16)).astype(np.float32)
+    want = nk.layer_norm(x, [5, 16], w.tolist())  # general path
+    out = np.empty_like(x)
+    got = _core.row_norm_fast(x, (5, 16), w, None, 1e-5, out, True)
+    assert got is not None and got.y is out
+    _same(got, want)
+    xi = x.copy()
+    got = _core.row_norm_fast(xi, (5, 16), w, None, 1e-5, xi, True)
+    assert got is not None and got.y is xi
+    _same(got, want)
+    xb = rng.standard_normal((7, 3, 4, 4)).astype(np.float32)
+    want = nk.batch_norm(xb, channel_axis=np.int64(1))
+    out = np.empty_like(xb)
+    got = _core.batch_norm_fast(xb, None, None, None, None, True, 0.1, 1e-5, 1, out)
+    assert got is not None and got.y is out
+    _same(got, want)

@@ -3,8 +3,9 @@
 // A call from Python through functional.py's full validation costs ~10 us, which dominates small
 // problems. These entry points take the user's arguments unchanged and handle only the plain
 // case: a C-contiguous ndarray of a supported dtype, weight/bias/running statistics that are
-// already dense arrays of the statistics dtype, plain Python numbers for the options and no
-// `out`. Anything else — including every invalid input — returns None, and functional.py then
+// already dense arrays of the statistics dtype, plain Python numbers for the options, and `out`
+// either absent or a dense array of x's shape and dtype that is x itself or overlaps nothing the
+// kernel reads. Anything else — including every invalid input — returns None, and functional.py then
 // takes its general path, which validates and raises the documented errors. So these functions
 // never raise for bad input and never write before everything they need has been checked.
 #include <cmath>
@@ -18,16 +19,48 @@ namespace {
 
 py::object g_norm_output;  // normkit.functional.NormOutput, set at import
 
-// A dense 1-D array of exactly the statistics dtype and length n (None -> nullptr, ok).
-template <class A> bool fast_vector(py::handle h, DType d, int64_t n, bool writeable, A*& out) {
+// A dense array of exactly the statistics dtype and the given shape (None -> nullptr, ok).
+template <class A>
+bool fast_array(py::handle h, DType d, const py::ssize_t* shape, py::ssize_t ndim, bool writeable,
+                A*& out) {
   out = nullptr;
   if (h.is_none()) return true;
   if (!py::isinstance<py::array>(h)) return false;
   const auto a = py::reinterpret_borrow<py::array>(h);
-  if (!is_acc_dtype(a, d) || a.ndim() != 1 || a.shape(0) != n || !is_c_contiguous(a)) return false;
+  if (!is_acc_dtype(a, d) || a.ndim() != ndim || !is_c_contiguous(a)) return false;
+  for (py::ssize_t i = 0; i < ndim; ++i)
+    if (a.shape(i) != shape[i]) return false;
   if (writeable && !a.writeable()) return false;
   out = static_cast<A*>(const_cast<void*>(a.data()));
   return true;
+}
+
+template <class A> bool fast_vector(py::handle h, DType d, int64_t n, bool writeable, A*& out) {
+  const py::ssize_t shape[1] = {static_cast<py::ssize_t>(n)};
+  return fast_array(h, d, shape, 1, writeable, out);
+}
+
+// Whether [p, p + n) overlaps the bytes of array a.
+template <class A> bool overlaps_ptr(const py::array& a, const A* p, int64_t n) {
+  if (!p || n == 0 || a.size() == 0) return false;
+  const char *lo, *hi;
+  byte_range(a, lo, hi);
+  const char* q = reinterpret_cast<const char*>(p);
+  return q < hi && lo < q + n * static_cast<int64_t>(sizeof(A));
+}
+
+// `out`: None, or a dense writeable array of x's shape and dtype that is x itself or does not
+// overlap it. Sets `out` and `has_out` (note: a default py::array is an empty array, not null).
+bool fast_out(py::handle h, const py::array& x, py::array& out, bool& has_out) {
+  has_out = !h.is_none();
+  if (!has_out) return true;
+  if (!py::isinstance<py::array>(h)) return false;
+  out = py::reinterpret_borrow<py::array>(h);
+  if (!is_c_contiguous(out) || !out.writeable() || out.ndim() != x.ndim()) return false;
+  for (py::ssize_t i = 0; i < x.ndim(); ++i)
+    if (out.shape(i) != x.shape(i)) return false;
+  if (!out.dtype().is(x.dtype()) && !out.dtype().equal(x.dtype())) return false;
+  return out.data() == x.data() || !overlaps(out, x);
 }
 
 // Runs a kernel, releasing the GIL unless the problem is so small that releasing and taking it
@@ -79,26 +112,48 @@ py::object make_output(py::object y, py::object mean, py::object rstd) {
 
 py::object row_fast(py::handle x_h, py::handle ns_h, py::handle w_h, py::handle b_h,
                     py::handle eps_h, py::handle out_h, bool center) {
-  py::array x;
+  py::array x, out;
+  bool has_out = false;
   DType d;
-  if (!out_h.is_none() || !fast_input(x_h, x, d) || x.ndim() < 1) return py::none();
-  if (!PyLong_CheckExact(ns_h.ptr())) return py::none();
-  const int64_t N = PyLong_AsLongLong(ns_h.ptr());
-  if (N <= 0 || x.shape(x.ndim() - 1) != N) return py::none();
+  if (!fast_input(x_h, x, d) || x.ndim() < 1 || !fast_out(out_h, x, out, has_out)) return py::none();
+  // normalized_shape: an int, or a tuple of ints equal to x's trailing axes
+  py::ssize_t k = 1;
+  int64_t N = 0;
+  if (PyLong_CheckExact(ns_h.ptr())) {
+    N = PyLong_AsLongLong(ns_h.ptr());
+    if (x.shape(x.ndim() - 1) != N) return py::none();
+  } else if (PyTuple_CheckExact(ns_h.ptr())) {
+    k = PyTuple_GET_SIZE(ns_h.ptr());
+    if (k < 1 || k > x.ndim()) return py::none();
+    N = 1;
+    for (py::ssize_t i = 0; i < k; ++i) {
+      PyObject* item = PyTuple_GET_ITEM(ns_h.ptr(), i);
+      if (!PyLong_CheckExact(item)) return py::none();
+      const int64_t extent = PyLong_AsLongLong(item);
+      if (extent != x.shape(x.ndim() - k + i)) return py::none();
+      N *= extent;
+    }
+  } else {
+    return py::none();
+  }
+  if (N <= 0) return py::none();
   double eps;
   if (eps_h.is_none() && !center)
     eps = d == DType::kFloat64 ? 2.220446049250313e-16 : 1.1920928955078125e-07;
   else if (!fast_double(eps_h, eps) || eps < 0)
     return py::none();
-  const int64_t M = N ? static_cast<int64_t>(x.size()) / N : 0;
+  const int64_t M = static_cast<int64_t>(x.size()) / N;
   return dispatch_dtype(d, [&](auto tag) -> py::object {
     using T = typename decltype(tag)::type;
     using A = acc_t<T>;
     RowForwardParams<T> p;
     A *w, *b;
-    if (!fast_vector<A>(w_h, d, N, false, w) || !fast_vector<A>(b_h, d, N, false, b)) return py::none();
-    py::array y(x.dtype(), shape_of(x));
-    const auto lead = shape_of(x, 1);
+    const py::ssize_t* ns = x.shape() + x.ndim() - k;
+    if (!fast_array<A>(w_h, d, ns, k, false, w) || !fast_array<A>(b_h, d, ns, k, false, b))
+      return py::none();
+    if (has_out && (overlaps_ptr(out, w, N) || overlaps_ptr(out, b, N))) return py::none();
+    py::array y = has_out ? out : py::array(x.dtype(), shape_of(x));
+    const auto lead = shape_of(x, k);
     py::array rstd(acc_dtype<A>(), lead);
     py::object mean = py::none();
     if (center) mean = py::array(acc_dtype<A>(), lead);
@@ -119,9 +174,10 @@ py::object row_fast(py::handle x_h, py::handle ns_h, py::handle w_h, py::handle 
 py::object batch_fast(py::handle x_h, py::handle w_h, py::handle b_h, py::handle rm_h,
                       py::handle rv_h, py::handle training_h, py::handle momentum_h,
                       py::handle eps_h, py::handle ca_h, py::handle out_h) {
-  py::array x;
+  py::array x, out;
+  bool has_out = false;
   DType d;
-  if (!out_h.is_none() || !fast_input(x_h, x, d) || x.ndim() < 2) return py::none();
+  if (!fast_input(x_h, x, d) || x.ndim() < 2 || !fast_out(out_h, x, out, has_out)) return py::none();
   if (!PyBool_Check(training_h.ptr()) || !PyLong_CheckExact(ca_h.ptr())) return py::none();
   const bool training = training_h.ptr() == Py_True;
   const long ca = PyLong_AsLong(ca_h.ptr());
@@ -143,6 +199,9 @@ py::object batch_fast(py::handle x_h, py::handle w_h, py::handle b_h, py::handle
     if (!fast_vector<A>(w_h, d, C, false, w) || !fast_vector<A>(b_h, d, C, false, b) ||
         !fast_vector<A>(rm_h, d, C, true, rm) || !fast_vector<A>(rv_h, d, C, true, rv))
       return py::none();
+    if (has_out && (overlaps_ptr(out, w, C) || overlaps_ptr(out, b, C) || overlaps_ptr(out, rm, C) ||
+                overlaps_ptr(out, rv, C)))
+      return py::none();
     if (rm) {
       const auto rma = py::reinterpret_borrow<py::array>(rm_h);
       const auto rva = py::reinterpret_borrow<py::array>(rv_h);
@@ -151,7 +210,7 @@ py::object batch_fast(py::handle x_h, py::handle w_h, py::handle b_h, py::handle
         for (int64_t c = 0; c < C; ++c)
           if (rv[c] < 0) return py::none();
     }
-    py::array y(x.dtype(), shape_of(x));
+    py::array y = has_out ? out : py::array(x.dtype(), shape_of(x));
     py::array mean(acc_dtype<A>(), std::vector<py::ssize_t>{C}), rstd(acc_dtype<A>(), std::vector<py::ssize_t>{C});
     p.x = static_cast<const T*>(x.data());
     p.y = static_cast<T*>(y.mutable_data());
