@@ -141,6 +141,20 @@ GroupStats<compute_t<T>> finish_group(const ChannelForwardParams<T>& p, int64_t 
   return write_group(p, t, mean, rstd_from_var(var, p.eps));
 }
 
+// finish_group for every group t < gm.size(), with the square roots and divisions in one
+// vectorizable loop (with many small groups they would otherwise dominate small calls).
+template <class T>
+std::vector<GroupStats<compute_t<T>>> finish_groups(const ChannelForwardParams<T>& p,
+                                                    const std::vector<Moments<double>>& gm) {
+  const int64_t n = static_cast<int64_t>(gm.size());
+  std::vector<double> mean(at(n)), rstd(at(n));
+  for (int64_t t = 0; t < n; ++t) group_mean_var(p, t, gm[at(t)], mean[at(t)], rstd[at(t)]);
+  for (int64_t t = 0; t < n; ++t) rstd[at(t)] = rstd_from_var(rstd[at(t)], p.eps);
+  std::vector<GroupStats<compute_t<T>>> st(at(n));
+  for (int64_t t = 0; t < n; ++t) st[at(t)] = write_group(p, t, mean[at(t)], rstd[at(t)]);
+  return st;
+}
+
 // Running statistics after a training forward. BatchNorm: the channel's batch moments.
 // InstanceNorm (per_sample, D = 1): averages over the batch of per-sample means and unbiased
 // variances, added in sample order.
@@ -273,26 +287,18 @@ void forward_rows(const ChannelForwardParams<T>& p, const View& v) {
     }
   }
   std::vector<Moments<double>> gm(at(groups));
-  std::vector<double> gmean(at(groups)), grstd(at(groups));
-  for (int64_t t = 0; t < groups; ++t) {
-    const int64_t s = t / v.G, g = t % v.G;
-    Moments<double> m;
-    if (p.training) {
+  if (p.training)
+    for (int64_t t = 0; t < groups; ++t) {
+      const int64_t s = t / v.G, g = t % v.G;
       const double* mean = partial.data() + s * n_chunks * 2 * cols;
       for (int64_t j = g * v.D * v.I; j < (g + 1) * v.D * v.I; ++j)
-        welford_merge(m, moments_from_two_pass(v.O, mean[j], mean[cols + j]));
+        welford_merge(gm[at(t)], moments_from_two_pass(v.O, mean[j], mean[cols + j]));
     }
-    gm[at(t)] = m;
-    group_mean_var(p, t, m, gmean[at(t)], grstd[at(t)]);
-  }
-  // rstd of every group in one vectorizable loop (many small groups: the square roots and
-  // divisions would otherwise dominate small calls)
-  for (int64_t t = 0; t < groups; ++t) grstd[at(t)] = rstd_from_var(grstd[at(t)], p.eps);
+  const std::vector<GroupStats<C>> st = finish_groups(p, gm);
   ColumnStats<C> scol(v.samples * cols);  // per (sample, column)
   for (int64_t t = 0; t < groups; ++t) {
     const int64_t s = t / v.G, g = t % v.G;
-    scol.fill(s * cols + g * v.D * v.I, s * cols + (g + 1) * v.D * v.I,
-              write_group(p, t, gmean[at(t)], grstd[at(t)]));
+    scol.fill(s * cols + g * v.D * v.I, s * cols + (g + 1) * v.D * v.I, st[at(t)]);
   }
   update_running(p, v, gm);
   // 2) normalize + affine, 3) write y
@@ -337,17 +343,10 @@ void forward_sample_planes(const ChannelForwardParams<T>& p, const View& v) {
     });
   }
   std::vector<Moments<double>> gm(at(v.C));
-  std::vector<double> gmean(at(v.C)), grstd(at(v.C));
-  for (int64_t c = 0; c < v.C; ++c) {
-    Moments<double> m;
-    if (p.training)
-      for (int64_t o = 0; o < v.O; ++o) welford_merge(m, piece[at(o * v.C + c)]);
-    gm[at(c)] = m;
-    group_mean_var(p, c, m, gmean[at(c)], grstd[at(c)]);
-  }
-  for (int64_t c = 0; c < v.C; ++c) grstd[at(c)] = rstd_from_var(grstd[at(c)], p.eps);
-  std::vector<GroupStats<C>> st(at(v.C));
-  for (int64_t c = 0; c < v.C; ++c) st[at(c)] = write_group(p, c, gmean[at(c)], grstd[at(c)]);
+  if (p.training)
+    for (int64_t c = 0; c < v.C; ++c)
+      for (int64_t o = 0; o < v.O; ++o) welford_merge(gm[at(c)], piece[at(o * v.C + c)]);
+  const std::vector<GroupStats<C>> st = finish_groups(p, gm);
   update_running(p, v, gm);
   // 2) normalize + affine, 3) write y
   const bool stream = p.B * p.C * p.S * static_cast<int64_t>(sizeof(T)) >= kStreamBytes;
