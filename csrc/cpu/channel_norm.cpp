@@ -11,7 +11,8 @@
 // A statistic group is (s, g): n = O * D * I elements. Statistics (s, g) are written at s * G + g.
 //
 // Two traversals of that one view, chosen from the shape alone (never from the thread count):
-//   planes (I >= kMinPlane, or rows too wide for kMinRowsPerChunk rows per chunk): threads own
+//   planes (I >= kMinPlane, rows too wide for kMinRowsPerChunk rows per chunk, or GroupNorm
+//     blocks of fewer rows than that, such as channels-first GroupNorm's one row): threads own
 //     groups; a group that fits in cache (kTwoPassElements) gets two exact passes (mean, then
 //     squared deviations), a larger one is reduced in pieces of at most kPiece elements merged
 //     with Chan's formula; then the group is normalized right away, while still in cache.
@@ -583,7 +584,8 @@ void backward_sample_planes(const ChannelBackwardParams<T>& p, const View& v) {
 
 // The traversal for a view (see the file header); depends on the shape only.
 bool use_planes(const View& v) {
-  return v.I >= kMinPlane || v.cols() * kMinRowsPerChunk > kChunkElements;
+  return v.I >= kMinPlane || v.cols() * kMinRowsPerChunk > kChunkElements ||
+         (v.samples > 1 && v.O < kMinRowsPerChunk);  // GroupNorm with few rows per sample
 }
 
 // BatchNorm planes shorter than this are walked sample by sample (see forward_sample_planes).
