@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from . import _core
 from .layers import BatchNorm, GroupNorm, InstanceNorm, LayerNorm, RMSNorm
+from .stats import Moments
 from .functional import (
     NormGrads,
     NormOutput,
@@ -35,6 +36,7 @@ __all__ = [
     "GroupNorm",
     "InstanceNorm",
     "RMSNorm",
+    "Moments",
     "NormOutput",
     "NormGrads",
     "batch_norm",
