@@ -254,3 +254,308 @@ def test_failed_update_changes_nothing():
     with pytest.raises(ValueError):
         m.update(np.ones((3, 5)))
     assert m.count == 3
+
+
+# ----------------------------------------------------------------------------------------------
+# BatchNorm.recompute_statistics
+
+
+def channel_last(x):
+    """(N, C, *spatial) -> (N, *spatial, C)."""
+    return np.moveaxis(x, 1, -1)
+
+
+def bn_batches(sizes, C=3, spatial=(2, 3), seed=12, offset=5.0):
+    rng = rng_for(seed)
+    spread = np.arange(1, C + 1).reshape((C,) + (1,) * len(spatial))
+    return [rng.standard_normal((n, C, *spatial)) * spread + offset for n in sizes]
+
+
+def reduce_axes(x):
+    return (0, *range(2, x.ndim))
+
+
+def stats_state(bn):
+    return bn.running_mean.copy(), bn.running_var.copy(), bn.num_batches_tracked
+
+
+@pytest.mark.parametrize("channel_axis", [1, -1])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_recompute_population(channel_axis, dtype):
+    batches = bn_batches((4, 1, 7, 3))
+    bn = nk.BatchNorm(3, dtype=dtype, channel_axis=channel_axis)
+    bn.num_batches_tracked = 17
+    feed = [b.astype(np.float32) if dtype == np.float32 else b for b in batches]
+    if channel_axis == -1:
+        feed = [channel_last(b) for b in feed]
+    bn.recompute_statistics(feed, method="population")
+    ref = np.concatenate(feed).astype(np.float64)
+    ax = tuple(a for a in range(ref.ndim) if a != channel_axis % ref.ndim)
+    rtol = RTOL if dtype == np.float64 else 1e-6
+    close(bn.running_mean, ref.mean(axis=ax), rtol=rtol)
+    close(bn.running_var, ref.var(axis=ax, ddof=1), rtol=rtol)
+    assert bn.running_mean.dtype == dtype and bn.running_var.dtype == dtype
+    assert bn.num_batches_tracked == 17 and bn.training
+    # population is the default method
+    bn2 = nk.BatchNorm(3, dtype=dtype, channel_axis=channel_axis)
+    bn2.recompute_statistics(iter(feed))
+    np.testing.assert_array_equal(bn2.running_var, bn.running_var)
+
+
+def test_recompute_paper_equal_batches():
+    m_batches = bn_batches((5, 5, 5, 5), seed=13)
+    bn = nk.BatchNorm(3, dtype=np.float64)
+    bn.recompute_statistics(m_batches, method="paper")
+    m = 5 * 2 * 3  # values per channel per batch
+    means = [b.mean(axis=(0, 2, 3)) for b in m_batches]
+    biased = [b.var(axis=(0, 2, 3)) for b in m_batches]
+    close(bn.running_mean, np.mean(means, axis=0))
+    close(bn.running_var, m / (m - 1) * np.mean(biased, axis=0))
+    # Algorithm 2 is not the population variance (it leaves out the spread of the batch means)
+    allx = np.concatenate(m_batches)
+    assert not np.allclose(bn.running_var, allx.var(axis=(0, 2, 3), ddof=1), rtol=1e-6)
+
+
+def test_recompute_paper_unequal_batches_and_empty_skipped():
+    batches = bn_batches((2, 6, 0, 3), spatial=(4,), seed=14)
+    bn = nk.BatchNorm(3, dtype=np.float64)
+    bn.recompute_statistics((b for b in batches), method="paper")
+    used = [b for b in batches if b.shape[0]]
+    close(bn.running_mean, np.mean([b.mean(axis=(0, 2)) for b in used], axis=0))
+    close(bn.running_var, np.mean([b.var(axis=(0, 2), ddof=1) for b in used], axis=0))
+
+
+def test_recompute_population_2d_and_large_mean():
+    rng = rng_for(15)
+    batches = [(1000 + 0.01 * rng.standard_normal((n, 4))).astype(np.float32) for n in (60, 60, 17)]
+    bn = nk.BatchNorm(4, dtype=np.float64)
+    bn.recompute_statistics(batches)
+    ref = np.concatenate(batches).astype(np.float64)
+    close(bn.running_mean, ref.mean(0), rtol=1e-14)
+    close(bn.running_var, ref.var(0, ddof=1), rtol=1e-9)
+
+
+@pytest.mark.parametrize("channel_axis", [1, -1])
+def test_eval_after_recompute_uses_the_new_statistics(channel_axis):
+    batches = bn_batches((3, 4), seed=16)
+    if channel_axis == -1:
+        batches = [channel_last(b) for b in batches]
+    bn = nk.BatchNorm(3, dtype=np.float64, channel_axis=channel_axis)
+    bn.weight[:] = [1.5, -0.5, 2.0]
+    bn.bias[:] = [0.1, 0.2, -0.3]
+    bn.recompute_statistics(batches)
+    bn.eval()
+    x = batches[0]
+    shape = [1] * x.ndim
+    shape[channel_axis] = 3
+    allx = np.concatenate(batches)
+    ax = tuple(a for a in range(x.ndim) if a != channel_axis % x.ndim)
+    mean, var = allx.mean(axis=ax), allx.var(axis=ax, ddof=1)
+    expect = (x - mean.reshape(shape)) / np.sqrt(var.reshape(shape) + bn.eps) * bn.weight.reshape(shape) \
+        + bn.bias.reshape(shape)
+    close(bn(x), expect, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "kw,batches,exc,match",
+    [
+        ({"method": "median"}, [np.ones((2, 3))], ValueError, "method must be 'population' or 'paper'"),
+        ({}, np.ones((4, 3)), TypeError, r"iterable of arrays.*\(4, 3\).*\[x\]"),
+        ({}, 3, TypeError, "iterable of arrays, got int"),
+        ({}, [np.ones((4, 3)), np.ones((4, 3), np.int32)], TypeError, "batch 1 has unsupported dtype int32"),
+        ({}, [np.ones((4, 3)), np.ones((4, 5))], ValueError, r"batch 1 has shape \(4, 5\) with 5 channels.*has 3"),
+        ({}, [np.ones(3)], ValueError, r"batch 0 must have at least 2 dimensions, got shape \(3,\)"),
+        ({}, [], ValueError, "held no values"),
+        ({}, [np.ones((0, 3))], ValueError, "held no values"),
+        ({}, [np.ones((1, 3))], ValueError, "1 value per channel"),
+        ({"method": "paper"}, [np.ones((4, 3)), np.ones((1, 3))], ValueError,
+         r"batch 1 of shape \(1, 3\) has 1 value per channel"),
+    ],
+)
+def test_recompute_errors_leave_statistics_untouched(kw, batches, exc, match):
+    bn = nk.BatchNorm(3, dtype=np.float64)
+    bn.running_mean[:] = [1, 2, 3]
+    bn.running_var[:] = [4, 5, 6]
+    before = stats_state(bn)
+    with pytest.raises(exc, match=match):
+        bn.recompute_statistics(batches, **kw)
+    after = stats_state(bn)
+    np.testing.assert_array_equal(before[0], after[0])
+    np.testing.assert_array_equal(before[1], after[1])
+
+
+def test_recompute_needs_running_statistics():
+    bn = nk.BatchNorm(3, track_running_stats=False)
+    with pytest.raises(ValueError, match="recompute_statistics: this BatchNorm has track_running_stats=False"):
+        bn.recompute_statistics([np.ones((2, 3))])
+
+
+def test_recompute_does_not_modify_batches():
+    batches = bn_batches((3, 2), seed=17)
+    copies = [b.copy() for b in batches]
+    nk.BatchNorm(3, dtype=np.float64).recompute_statistics(batches, method="paper")
+    for b, c in zip(batches, copies):
+        np.testing.assert_array_equal(b, c)
+
+
+# ----------------------------------------------------------------------------------------------
+# BatchNorm.as_affine
+
+
+def random_bn(C, dtype=np.float64, channel_axis=1, affine=True, seed=18):
+    rng = rng_for(seed)
+    bn = nk.BatchNorm(C, dtype=dtype, channel_axis=channel_axis, affine=affine)
+    bn.running_mean[:] = rng.standard_normal(C) * 2
+    bn.running_var[:] = rng.uniform(0.1, 3.0, C)
+    if affine:
+        bn.weight[:] = rng.standard_normal(C)
+        bn.bias[:] = rng.standard_normal(C)
+    return bn.eval()
+
+
+@pytest.mark.parametrize("channel_axis", [1, -1])
+@pytest.mark.parametrize("affine", [True, False])
+def test_as_affine_reproduces_eval_forward(channel_axis, affine):
+    bn = random_bn(4, channel_axis=channel_axis, affine=affine)
+    scale, shift = bn.as_affine()
+    w = bn.weight if affine else 1.0
+    b = bn.bias if affine else 0.0
+    exp_scale = w / np.sqrt(bn.running_var + bn.eps)
+    close(scale, exp_scale * np.ones(4))
+    close(shift, b - bn.running_mean * exp_scale)
+    x = rng_for(19).standard_normal((5, 4, 3) if channel_axis == 1 else (5, 3, 4))
+    shape = [1] * 3
+    shape[channel_axis] = 4
+    close(scale.reshape(shape) * x + shift.reshape(shape), bn(x), rtol=1e-12, atol=1e-12)
+
+
+def test_as_affine_float32_and_mode_independent():
+    bn = random_bn(3, dtype=np.float32)
+    scale, shift = bn.as_affine()
+    assert scale.dtype == np.float32 and shift.dtype == np.float32
+    bn.train()
+    s2, h2 = bn.as_affine()
+    np.testing.assert_array_equal(scale, s2)
+    np.testing.assert_array_equal(shift, h2)
+    bn.eval()
+    x = rng_for(20).standard_normal((6, 3)).astype(np.float32)
+    close(scale * x + shift, bn(x), rtol=1e-5, atol=1e-5)
+
+
+def test_as_affine_errors():
+    with pytest.raises(ValueError, match="as_affine: this BatchNorm has track_running_stats=False"):
+        nk.BatchNorm(3, track_running_stats=False).as_affine()
+    bn = random_bn(3)
+    bn.running_var[1] = -1
+    with pytest.raises(ValueError, match="as_affine: running_var has negative entries"):
+        bn.as_affine()
+
+
+# ----------------------------------------------------------------------------------------------
+# fold_batch_norm
+
+
+def dense(x, weight, bias, out_axis):
+    w = weight if out_axis == 0 else weight.T  # (out, in)
+    z = x @ w.T
+    return z if bias is None else z + bias
+
+
+def conv(x, weight, bias):
+    """Direct 'valid' cross-correlation, x (N, Cin, *spatial), weight (Cout, Cin, *k)."""
+    k = weight.shape[2:]
+    win = np.lib.stride_tricks.sliding_window_view(x, k, axis=tuple(range(2, x.ndim)))
+    # win: (N, Cin, *out_spatial, *k)
+    nd = len(k)
+    letters = "defgh"[:nd]
+    kl = "uvw"[:nd]
+    z = np.einsum(f"nc{letters}{kl},oc{kl}->no{letters}", win, weight)
+    if bias is not None:
+        z = z + bias.reshape((1, -1) + (1,) * nd)
+    return z
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("out_axis", [0, 1, -1])
+def test_fold_dense(with_bias, out_axis):
+    rng = rng_for(21)
+    W = rng.standard_normal((5, 7))  # (out, in)
+    if out_axis != 0:
+        W = np.ascontiguousarray(W.T)  # (in, out)
+    b = rng.standard_normal(5) if with_bias else None
+    bn = random_bn(5)
+    W0, b0 = W.copy(), None if b is None else b.copy()
+    W2, b2 = nk.fold_batch_norm(W, b, bn, out_axis=out_axis)
+    assert W2.shape == W.shape and b2.shape == (5,)
+    x = rng.standard_normal((9, 7))
+    close(dense(x, W2, b2, out_axis % 2), bn(dense(x, W, b, out_axis % 2)), rtol=1e-12, atol=1e-12)
+    np.testing.assert_array_equal(W, W0)
+    if b is not None:
+        np.testing.assert_array_equal(b, b0)
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("channel_axis", [1, -1])
+@pytest.mark.parametrize("kernel", [(3,), (2, 3)])
+def test_fold_conv(with_bias, channel_axis, kernel):
+    rng = rng_for(22, len(kernel))
+    W = rng.standard_normal((4, 3, *kernel))
+    b = rng.standard_normal(4) if with_bias else None
+    x = rng.standard_normal((2, 3) + (6,) * len(kernel))
+    bn = random_bn(4, channel_axis=channel_axis)
+    W2, b2 = nk.fold_batch_norm(W, b, bn)
+    z = conv(x, W, b)
+    expect = bn(z if channel_axis == 1 else channel_last(z))
+    got = conv(x, W2, b2)
+    close(got if channel_axis == 1 else channel_last(got), expect, rtol=1e-12, atol=1e-12)
+
+
+def test_fold_transposed_conv_layout():
+    # (in, out, *k) with out_axis=1: every output channel's slice is scaled by its own factor
+    rng = rng_for(23)
+    W = rng.standard_normal((3, 4, 2, 2))
+    bn = random_bn(4)
+    W2, b2 = nk.fold_batch_norm(W, None, bn, out_axis=1)
+    scale = bn.weight / np.sqrt(bn.running_var + bn.eps)
+    close(W2, W * scale[None, :, None, None])
+    close(b2, bn.bias - bn.running_mean * scale)
+
+
+def test_fold_float32_affine_free_bn():
+    rng = rng_for(24)
+    W = rng.standard_normal((3, 4)).astype(np.float32)
+    bn = random_bn(3, dtype=np.float32, affine=False)
+    W2, b2 = nk.fold_batch_norm(W, None, bn)
+    assert W2.dtype == np.float32 and b2.dtype == np.float32
+    x = rng.standard_normal((5, 4)).astype(np.float32)
+    close(dense(x, W2, b2, 0), bn(dense(x, W, None, 0)), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "args,kw,exc,match",
+    [
+        ((np.ones((3, 4)), None, "bn"), {}, TypeError, "bn must be a normkit.BatchNorm, got str"),
+        ((np.ones(3), None, None), {}, ValueError, r"dense \(out, in\) or convolution.*got shape \(3,\)"),
+        ((np.ones((4, 4)), None, None), {}, ValueError, r"weight has shape \(4, 4\) with 4 outputs on out_axis=0.*num_features=3"),
+        ((np.ones((3, 4)), None, None), {"out_axis": 2}, ValueError, r"out_axis 2 is out of range.*\(3, 4\)"),
+        ((np.ones((3, 4)), None, None), {"out_axis": 1.0}, TypeError, "out_axis must be an int"),
+        ((np.ones((3, 4)), np.ones(4), None), {}, ValueError, r"bias has shape \(4,\).*\(3,\) is required"),
+        ((np.ones((3, 4), np.int64), None, None), {}, TypeError, "weight has unsupported dtype int64"),
+        ((np.ones((3, 4)), np.ones(3, bool), None), {}, TypeError, "bias has unsupported dtype bool"),
+    ],
+)
+def test_fold_errors(args, kw, exc, match):
+    weight, bias, bn = args
+    if bn is None:
+        bn = random_bn(3)
+    with pytest.raises(exc, match=match):
+        nk.fold_batch_norm(weight, bias, bn, **kw)
+
+
+def test_fold_needs_eval_mode_and_running_statistics():
+    bn = random_bn(3).train()
+    with pytest.raises(ValueError, match=r"fold_batch_norm: bn is in training mode.*bn.eval\(\)"):
+        nk.fold_batch_norm(np.ones((3, 2)), None, bn)
+    bn = nk.BatchNorm(3, track_running_stats=False).eval()
+    with pytest.raises(ValueError, match="fold_batch_norm: this BatchNorm has track_running_stats=False"):
+        nk.fold_batch_norm(np.ones((3, 2)), None, bn)

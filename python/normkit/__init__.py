@@ -13,6 +13,7 @@ from __future__ import annotations
 from . import _core
 from .layers import BatchNorm, GroupNorm, InstanceNorm, LayerNorm, RMSNorm
 from .stats import Moments
+from .deploy import fold_batch_norm
 from .functional import (
     NormGrads,
     NormOutput,
@@ -37,6 +38,7 @@ __all__ = [
     "InstanceNorm",
     "RMSNorm",
     "Moments",
+    "fold_batch_norm",
     "NormOutput",
     "NormGrads",
     "batch_norm",

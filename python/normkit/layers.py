@@ -14,6 +14,7 @@ from typing import Any, Dict, Optional, Tuple
 import numpy as np
 
 from . import functional as F
+from . import stats as _stats
 
 __all__ = ["BatchNorm", "LayerNorm", "GroupNorm", "InstanceNorm", "RMSNorm"]
 
@@ -203,6 +204,53 @@ class BatchNorm(_RunningStatsNorm):
     def __init__(self, num_features, *, eps=1e-5, momentum=0.1, affine=True,
                  track_running_stats=True, channel_axis=1, dtype=np.float32):
         super().__init__(num_features, eps, momentum, affine, track_running_stats, channel_axis, dtype)
+
+    # -- SPEC section 6: population statistics and the inference map ----------------------
+    def _require_running_stats(self, fn: str) -> None:
+        if not self.track_running_stats:
+            raise ValueError(
+                f"{fn}: this BatchNorm has track_running_stats=False, so it has no running "
+                "statistics (and normalizes with batch statistics even in eval mode)"
+            )
+
+    def recompute_statistics(self, batches, *, method: str = "population") -> None:
+        """Replace ``running_mean``/``running_var`` by statistics of ``batches``, an iterable
+        of arrays laid out like this layer's input (the inputs it would see, e.g. every
+        training batch passed through the network's earlier layers in eval mode).
+
+        ``method="population"``: the exact mean and unbiased variance of every value seen
+        (``Moments`` merges). ``method="paper"``: the BatchNorm paper's Algorithm 2, the mean of
+        the batch means and ``m/(m-1)`` times the mean of the batch variances (batches of
+        different sizes each get their own ``m/(m-1)``). Statistics accumulate in float64.
+        The mode, parameters and ``num_batches_tracked`` are unchanged; on any error the
+        running statistics are untouched.
+        """
+        fn = "BatchNorm.recompute_statistics"
+        self._require_running_stats(fn)
+        mean, var = _stats.channel_statistics(batches, self.num_features, self.channel_axis, method, fn)
+        np.copyto(self.running_mean, mean, casting="unsafe")
+        np.copyto(self.running_var, var, casting="unsafe")
+
+    def as_affine(self) -> Tuple[np.ndarray, np.ndarray]:
+        """``(scale, shift)`` per channel such that eval mode computes ``y = scale * x + shift``:
+        ``scale = weight / sqrt(running_var + eps)``, ``shift = bias - running_mean * scale``
+        (computed in float64, returned in the layer's dtype). Needs tracked running
+        statistics; the current mode does not matter."""
+        dt = self.running_mean.dtype if self.running_mean is not None else None
+        scale, shift = self._affine64("BatchNorm.as_affine")
+        return scale.astype(dt), shift.astype(dt)
+
+    def _affine64(self, fn: str) -> Tuple[np.ndarray, np.ndarray]:
+        self._require_running_stats(fn)
+        if (self.running_var < 0).any():
+            raise ValueError(f"{fn}: running_var has negative entries")
+        scale = 1.0 / np.sqrt(self.running_var.astype(np.float64) + self.eps)
+        if self.weight is not None:
+            scale = scale * self.weight
+        shift = -self.running_mean * scale
+        if self.bias is not None:
+            shift = shift + self.bias
+        return scale, shift
 
 
 class InstanceNorm(_RunningStatsNorm):
