@@ -24,8 +24,19 @@ import contextlib
 import zlib
 from typing import NamedTuple
 
+import os
+
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, settings
+
+# Hypothesis profiles (tests/test_properties.py, tests/test_layer_norm.py): "default" keeps the
+# normal run fast; NORMKIT_HYPOTHESIS_PROFILE=long explores far more examples.
+settings.register_profile("default", max_examples=25, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("long", max_examples=1000, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("NORMKIT_HYPOTHESIS_PROFILE", "default"))
 
 
 class Tol(NamedTuple):

@@ -132,9 +132,13 @@ def _ncs(x):
 
 
 def _moments(x, axes):
-    """Two-pass mean and biased variance over ``axes`` (keepdims)."""
-    mean = np.mean(x, axis=axes, keepdims=True)
-    var = np.mean((x - mean) ** 2, axis=axes, keepdims=True)
+    """Two-pass mean and biased variance over ``axes`` (keepdims); NaN for an empty group."""
+    n = 1
+    for a in (axes if isinstance(axes, tuple) else (axes,)):
+        n *= x.shape[a]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        mean = np.sum(x, axis=axes, keepdims=True) / n
+        var = np.sum((x - mean) ** 2, axis=axes, keepdims=True) / n
     return mean, var
 
 

@@ -726,7 +726,7 @@ def test_concurrent_calls_from_python_threads():
 # ----------------------------------------------------------------------------
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=max(40, settings.default.max_examples))
 @given(
     lead_shape=st.lists(st.integers(0, 5), min_size=0, max_size=2),
     norm_shape=st.lists(st.integers(1, 9), min_size=1, max_size=2),

@@ -696,3 +696,144 @@ def test_layer_sequence_matches_functional_sequence(rng):
     assert_bitwise_equal(bn.running_mean, rm)
     assert_bitwise_equal(bn.running_var, rv)
     assert bn.num_batches_tracked == 4
+
+
+# ----------------------------------------------------------------------------
+# bad-input sweep (SPEC section 3 for the layers): every case, both modes, forward and
+# backward; each must raise before anything changes: parameters, running statistics,
+# num_batches_tracked, gradients, the saved forward context and the caller's arrays.
+# ----------------------------------------------------------------------------
+
+
+def _bad_dtype_inputs(shape):
+    return {
+        "int32": (np.ones(shape, np.int32), TypeError),
+        "int64": (np.ones(shape, np.int64), TypeError),
+        "bool": (np.ones(shape, bool), TypeError),
+        "complex": (np.ones(shape, np.complex64), TypeError),
+        "object": (np.ones(shape, object), TypeError),
+        "str": (np.full(shape, "a"), TypeError),
+    }
+
+
+def _bad_shape_inputs(name, shape):
+    """Inputs whose shape the layer must reject with ValueError: name -> (array, modes), where
+    modes says in which of "train"/"eval" the input is invalid (in eval the running statistics
+    are used, so one value per channel or an empty spatial extent is fine there)."""
+    f = np.float32
+    both, train = ("train", "eval"), ("train",)
+    cases = {"scalar": (np.float32(1.0), both)}
+    if name != "RMSNorm":  # RMSNorm(8) normalizes a single (8,) vector
+        cases["rank1"] = (np.ones(shape[-1:], f), both)
+    if name in ("BatchNorm", "InstanceNorm", "GroupNorm"):
+        n, c, s = shape
+        cases["channels"] = (np.ones((n, c + 1, s), f), both)
+        cases["channels_last_position"] = (np.ones((n, s, c), f), both)
+    if name == "GroupNorm":
+        cases["empty_reduction"] = (np.ones(shape[:2] + (0,), f), both)
+    if name == "BatchNorm":
+        cases["one_value_per_channel"] = (np.ones((1, shape[1]), f), train)
+        cases["one_value_per_channel_spatial"] = (np.ones((1, shape[1], 1), f), train)
+        cases["empty_reduction"] = (np.ones((0,) + shape[1:], f), train)
+    if name == "InstanceNorm":
+        cases["one_spatial_value"] = (np.ones(shape[:2], f), train)
+        cases["empty_reduction"] = (np.ones(shape[:2] + (0,), f), train)
+        cases["empty_batch_with_running_stats"] = (np.ones((0,) + shape[1:], f), train)
+    if name in ("LayerNorm", "RMSNorm"):
+        cases["trailing"] = (np.ones(shape[:-1] + (shape[-1] + 1,), f), both)
+        cases["transposed"] = (np.ones(shape[::-1], f), both)
+    return cases
+
+
+def _sweep_cases():
+    out = []
+    for name in LAYER_NAMES:
+        _, shape = make_layer(name)
+        for key, (bad, exc) in _bad_dtype_inputs(shape).items():
+            for mode in ("train", "eval"):
+                out.append(pytest.param(name, bad, exc, mode, id=f"{name}-{key}-{mode}"))
+        for key, (bad, modes) in _bad_shape_inputs(name, shape).items():
+            for mode in modes:
+                out.append(pytest.param(name, bad, ValueError, mode, id=f"{name}-{key}-{mode}"))
+    return out
+
+
+def _prime(layer, rng, shape):
+    """One good training step, so that there is state and a saved context to protect."""
+    randomize(layer, rng)
+    x = randn(rng, shape, loc=1.0)
+    layer(x)
+    dy = randn(rng, shape)
+    dx = layer.backward(dy)
+    grads = tuple(None if g is None else g.copy() for g in (layer.grad_weight, layer.grad_bias))
+    return dy, dx, grads
+
+
+@pytest.mark.parametrize("name,bad,exc,mode", _sweep_cases())
+def test_bad_input_sweep_changes_nothing(name, bad, exc, mode, rng):
+    layer, shape = make_layer(name)
+    dy, dx0, grads = _prime(layer, rng, shape)
+    if mode == "eval":
+        layer.eval()
+    before = _state_copy(layer)
+    bad_copy = np.array(bad, copy=True)
+    fn = {"BatchNorm": "batch_norm", "LayerNorm": "layer_norm", "GroupNorm": "group_norm",
+          "InstanceNorm": "instance_norm", "RMSNorm": "rms_norm"}[name]
+    with pytest.raises(exc, match=f"{fn}|{name}"):
+        layer(bad)
+    _assert_state_equal(layer, before)
+    if has_running(layer):
+        assert layer.num_batches_tracked == 1
+    assert np.array_equal(np.asarray(bad), bad_copy)
+    # the context of the last successful forward and its gradients are intact
+    if mode == "train":
+        for g, g0 in zip((layer.grad_weight, layer.grad_bias), grads):
+            assert (g is None and g0 is None) or np.array_equal(g, g0)
+        assert_bitwise_equal(layer.backward(dy), dx0, "backward after a failed forward")
+
+
+@pytest.mark.parametrize("name", LAYER_NAMES)
+@pytest.mark.parametrize(
+    "kind,exc",
+    [("wrong_shape", ValueError), ("int", TypeError), ("complex", TypeError),
+     ("transposed_shape", ValueError), ("rank1", ValueError)],
+)
+def test_bad_backward_changes_nothing(name, kind, exc, rng):
+    layer, shape = make_layer(name)
+    dy, dx0, grads = _prime(layer, rng, shape)
+    before = _state_copy(layer)
+    bad = {
+        "wrong_shape": lambda: np.ones(shape[:-1] + (shape[-1] + 1,), np.float32),
+        "int": lambda: np.ones(shape, np.int32),
+        "complex": lambda: np.ones(shape, np.complex64),
+        "transposed_shape": lambda: np.ones(shape[::-1], np.float32),
+        "rank1": lambda: np.ones(shape[-1:], np.float32),
+    }[kind]()
+    with pytest.raises(exc):
+        layer.backward(bad)
+    _assert_state_equal(layer, before)
+    for g, g0 in zip((layer.grad_weight, layer.grad_bias), grads):
+        assert (g is None and g0 is None) or np.array_equal(g, g0)
+    assert_bitwise_equal(layer.backward(dy), dx0, "backward after a failed backward")
+
+
+@pytest.mark.parametrize("name", LAYER_NAMES)
+@pytest.mark.parametrize("what", ["weight_shape", "weight_dtype"])
+def test_corrupted_parameters_raise_and_change_nothing(name, what, rng):
+    """A user who replaces a parameter with a bad array gets an error naming it, not a crash."""
+    layer, shape = make_layer(name)
+    _prime(layer, rng, shape)
+    if what == "weight_shape":
+        layer.weight = np.ones(layer.weight.shape[:-1] + (layer.weight.shape[-1] + 1,),
+                               np.float32)
+        exc = ValueError
+    else:
+        layer.weight = np.ones(layer.weight.shape, np.int32)
+        exc = (TypeError, ValueError)
+    before = _state_copy(layer)
+    x = randn(rng, shape)
+    keep = x.copy()
+    with pytest.raises(exc, match="weight"):
+        layer(x)
+    _assert_state_equal(layer, before)
+    assert np.array_equal(x, keep)

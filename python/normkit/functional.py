@@ -283,10 +283,11 @@ def _channel_forward(fn, x, ca, w, b, rm, rv, training, momentum, eps, out, grou
     sd = _stat_dtype(x.dtype)
     mean = np.empty(stat_shape, sd)
     rstd = np.empty(stat_shape, sd)
-    _core.channel_norm_forward(
-        xp, channels_last, w, b, rm, rv, training, momentum, eps, yp,
-        mean.reshape(-1), rstd.reshape(-1), groups,
-    )
+    if mean.size or x.size:  # else nothing to compute (e.g. InstanceNorm with zero channels)
+        _core.channel_norm_forward(
+            xp, channels_last, w, b, rm, rv, training, momentum, eps, yp,
+            mean.reshape(-1), rstd.reshape(-1), groups,
+        )
     if copy_back is not None:
         np.copyto(out, copy_back)
     return NormOutput(y, mean, rstd)
@@ -300,6 +301,8 @@ def _channel_backward(fn, dy, x, ca, mean, rstd, w, training, groups):
     sd = _stat_dtype(x.dtype)
     dweight = np.empty(C, sd)
     dbias = np.empty(C, sd)
+    if mean.size == 0 and x.size == 0:  # no data (e.g. InstanceNorm with zero channels)
+        return NormGrads(dx, np.zeros(C, sd), np.zeros(C, sd))
     _core.channel_norm_backward(
         dyp, xp, channels_last, mean.reshape(-1), rstd.reshape(-1), w, training, dxp, dweight,
         dbias, groups,
