@@ -1,0 +1,106 @@
+"""BatchNorm pieces for data split into shards (SPEC section 7): ``normkit.distributed`` (MPI
+ranks) and ``normkit.dask`` (array chunks) both compute per-channel partial statistics of each
+shard, combine them in a fixed order, then normalize every shard with the combined statistics.
+
+The elementwise work stays in the C++ kernels. Its one tool is :func:`affine_about`,
+``(x - center) * scale + shift`` per channel, which is the eval-mode BatchNorm kernel with
+``running_mean = center``, ``running_var = 1``, ``eps = 0`` (so the kernel's rstd is exactly 1),
+``weight = scale`` and ``bias = shift``:
+
+* forward: ``y = affine_about(x, mean, rstd * w, b)``;
+* backward, with the global sums ``Sdy = sum(dy)`` and ``Sdyxh = sum(dy * xhat)`` over the
+  ``n`` values of each channel on every shard:
+  ``dx = rstd * w * (dy - Sdy/n - xhat * Sdyxh/n)
+       = [dy * w * rstd]                                   (eval-mode backward kernel)
+       + affine_about(x, mean, -rstd**2 * w * Sdyxh/n, -rstd * w * Sdy/n)``.
+
+The eval kernel holds ``running_mean`` in the statistics dtype (float32 for float32 and 16-bit
+inputs); the part of the float64 mean that float32 cannot hold is folded into ``shift`` so large
+means with a small spread keep their precision.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+
+from . import functional as F
+from .stats import Moments
+
+_F64 = np.dtype(np.float64)
+
+
+def channel_axes(ndim: int, ca: int):
+    """Every axis but the channel axis: what BatchNorm reduces over."""
+    return tuple(a for a in range(ndim) if a != ca % ndim)
+
+
+def channel_moments(x: np.ndarray, ca: int) -> Moments:
+    """Count, mean and m2 of every channel of x, in float64 (empty x: count 0)."""
+    return Moments((x.shape[ca],)).update(x, axis=channel_axes(x.ndim, ca))
+
+
+def merge_in_order(parts) -> Moments:
+    """A new Moments with ``parts`` merged one after the other (Chan's formula): the same order
+    gives the same bits on every process."""
+    total = parts[0].copy()
+    for m in parts[1:]:
+        total.merge(m)
+    return total
+
+
+def rstd_of(var: np.ndarray, eps: float) -> np.ndarray:
+    """rstd = 1 / sqrt(var + eps) in float64 (the kernels' formula)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return 1.0 / np.sqrt(var + eps)
+
+
+def update_running(running_mean: np.ndarray, running_var: np.ndarray, m: Moments,
+                   momentum: float) -> None:
+    """The kernels' in-place running-statistics rule with the unbiased variance:
+    ``running = (1 - momentum) * running + momentum * batch_stat`` in float64."""
+    for running, stat in ((running_mean, m.mean), (running_var, m.var(ddof=1))):
+        running[...] = (1.0 - momentum) * running.astype(_F64) + momentum * stat
+
+
+def work_dtype(x: np.ndarray) -> np.dtype:
+    """float32/float64 as they are; 16-bit inputs are widened to float32 where the elementwise
+    work is split into several kernel calls, so that only the final result is rounded."""
+    return x.dtype if x.dtype in (np.float32, np.float64) else np.dtype(np.float32)
+
+
+def affine_about(x: np.ndarray, center: np.ndarray, scale: np.ndarray,
+                 shift: Optional[np.ndarray], ca: int, out: Optional[np.ndarray] = None):
+    """``(x - center) * scale + shift`` per channel (float64 ``(C,)`` vectors; ``shift=None``
+    means 0) by the eval-mode BatchNorm kernel, in x's dtype; writes ``out`` when given."""
+    C = x.shape[ca]
+    sd = F._stat_dtype(x.dtype)
+    hi = center.astype(sd)
+    with np.errstate(all="ignore"):
+        lo = center - hi  # what the statistics dtype cannot hold of the centre
+        if shift is not None or np.any(lo != 0):
+            fold = np.where(lo != 0, lo * scale, 0.0)
+            shift = (np.zeros(C) if shift is None else shift) - fold
+    return F.batch_norm(
+        x, scale.astype(sd), None if shift is None else shift.astype(sd), hi, np.ones(C, sd),
+        training=False, eps=0.0, channel_axis=ca, out=out,
+    ).y
+
+
+def normalize(x, mean, rstd, weight, bias, ca: int, out=None):
+    """y = (x - mean) * rstd * weight + bias with float64 global statistics (forward)."""
+    scale = rstd if weight is None else rstd * weight.astype(_F64)
+    return affine_about(x, mean, scale, None if bias is None else bias.astype(_F64), ca, out)
+
+
+def input_grad(dx_eval: np.ndarray, x: np.ndarray, mean, rstd, weight, sum_dy, sum_dy_xhat,
+               n: int, ca: int) -> np.ndarray:
+    """Training-mode dx from the eval-mode one (``dy * w * rstd``, x's work dtype) and the global
+    float64 sums; ``mean``/``rstd`` float64. Adds into ``dx_eval`` and returns it."""
+    w = 1.0 if weight is None else weight.astype(_F64)
+    with np.errstate(all="ignore"):
+        scale = -(rstd * rstd) * w * (sum_dy_xhat / n)
+        shift = -rstd * w * (sum_dy / n)
+    dx_eval += affine_about(x, mean, scale, shift, ca)
+    return dx_eval
