@@ -95,20 +95,3 @@ def test_mpi_bitwise_repeatable(ranks):
         assert rc == 0 and len(found) == 1, f"exit status {rc}:\n{out[-4000:]}"
         digests.append(found[0])
     assert digests[0] == digests[1], "outputs changed between runs / thread counts"
-
-
-def _python(code: str):
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-
-
-def test_import_normkit_does_not_import_mpi4py():
-    r = _python("import sys, normkit; print('mpi4py' in sys.modules, 'normkit.distributed' in sys.modules)")
-    assert r.returncode == 0, r.stderr
-    assert r.stdout.split() == ["False", "False"]
-
-
-def test_missing_mpi4py_names_the_extra():
-    # sys.modules[name] = None makes any import of that name fail, as if it were not installed
-    r = _python("import sys; sys.modules['mpi4py'] = None\nimport normkit.distributed")
-    assert r.returncode != 0
-    assert "ImportError" in r.stderr and "normkit[mpi]" in r.stderr, r.stderr
