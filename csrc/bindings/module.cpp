@@ -1,6 +1,7 @@
 // normkit bindings: the private extension module normkit._core.
 // Runtime settings, build information, and small entry points that expose the shared math of
 // csrc/core to the tests (conversions, moment merges), so it is tested on the CPU.
+#include <cstdint>
 #include <string>
 #include <vector>
 
@@ -99,6 +100,55 @@ py::tuple moments_by_pieces(const py::array_t<double, py::array::c_style>& value
   return py::make_tuple(total.count, total.mean, nk::population_var(total));
 }
 
+// The row kernels on rows [first, first + k) of a virtual (first + k, N) float32 tensor whose
+// rows from `first` on are the k rows of x / dy: every row offset the kernels form is past
+// first * N elements (past 2^31 when the tests ask), yet only k rows exist. The virtual base
+// pointers are formed as integers; the kernels only dereference rows that exist. Returns
+// (y, mean, rstd, dx, dweight, dbias), mean and dbias None without centring (RMSNorm).
+template <class T> T* shifted(T* p, int64_t elements) {
+  const auto addr = reinterpret_cast<std::uintptr_t>(p) -
+                    static_cast<std::uintptr_t>(elements) * sizeof(T);
+  return reinterpret_cast<T*>(addr);
+}
+
+py::tuple row_norm_rows_from(const py::array_t<float, py::array::c_style>& x,
+                             const py::array_t<float, py::array::c_style>& dy, int64_t first,
+                             bool center, double eps) {
+  if (x.ndim() != 2 || dy.ndim() != 2 || x.shape(0) != dy.shape(0) || x.shape(1) != dy.shape(1))
+    throw std::invalid_argument("_row_norm_rows_from: x and dy must be (k, N) of one shape");
+  if (first < 0) throw std::invalid_argument("_row_norm_rows_from: first must be >= 0");
+  const int64_t k = x.shape(0), N = x.shape(1), off = first * N;
+  py::array_t<float> y({k, N}), mean(k), rstd(k), dx({k, N}), dweight(N), dbias(N);
+  nk::RowForwardParams<float> f;
+  f.x = shifted(x.data(), off);
+  f.y = shifted(y.mutable_data(), off);
+  f.mean = center ? shifted(mean.mutable_data(), first) : nullptr;
+  f.rstd = shifted(rstd.mutable_data(), first);
+  f.M = first + k;
+  f.N = N;
+  f.row_begin = first;
+  f.eps = eps;
+  nk::RowBackwardParams<float> b;
+  b.dy = shifted(dy.data(), off);
+  b.x = f.x;
+  b.mean = f.mean;
+  b.rstd = f.rstd;
+  b.dx = shifted(dx.mutable_data(), off);
+  b.dweight = dweight.mutable_data();
+  b.dbias = center ? dbias.mutable_data() : nullptr;
+  b.M = f.M;
+  b.N = N;
+  b.row_begin = first;
+  {
+    py::gil_scoped_release release;
+    nk::cpu::row_norm_forward(f);
+    nk::cpu::row_norm_backward(b);
+  }
+  py::object none = py::none();
+  return py::make_tuple(y, center ? py::object(mean) : none, rstd, dx, dweight,
+                        center ? py::object(dbias) : none);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_core, m) {
@@ -116,4 +166,6 @@ PYBIND11_MODULE(_core, m) {
   m.def("_half_to_float", &half_to_float_array);
   m.def("_float_to_bfloat16", &float_to_bfloat16_array);
   m.def("_moments_by_pieces", &moments_by_pieces);
+  m.def("_row_norm_rows_from", &row_norm_rows_from, py::arg("x"), py::arg("dy"),
+        py::arg("first"), py::arg("center"), py::arg("eps"));
 }

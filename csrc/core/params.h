@@ -25,6 +25,9 @@ template <class T> struct RowForwardParams {
   acc_t<T>* mean = nullptr;          // (M,); null for RMSNorm
   acc_t<T>* rstd = nullptr;          // (M,)
   int64_t M = 0, N = 0;
+  // Rows [row_begin, M) are processed; always 0 except in the test hook that proves row
+  // offsets past 2^31 elements work without allocating them (_core._row_norm_rows_from).
+  int64_t row_begin = 0;
   double eps = 0.0;
 };
 
@@ -38,6 +41,7 @@ template <class T> struct RowBackwardParams {
   acc_t<T>* dweight = nullptr;       // (N,)
   acc_t<T>* dbias = nullptr;         // (N,) or null (RMSNorm)
   int64_t M = 0, N = 0;
+  int64_t row_begin = 0;             // as in RowForwardParams
 };
 
 template <class T> struct ChannelForwardParams {

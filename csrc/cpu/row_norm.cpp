@@ -145,14 +145,16 @@ void row_backward_rows(const RowBackwardParams<T>& p, int64_t r0, int64_t r1, do
 }  // namespace
 
 template <class T> void row_norm_forward(const RowForwardParams<T>& p) {
-  if (p.M <= 0 || p.N <= 0) return;
+  const int64_t rows = p.M - p.row_begin;
+  if (rows <= 0 || p.N <= 0) return;
   bool_switch(p.mean != nullptr, [&](auto center) {
     bool_switch(p.weight != nullptr, [&](auto has_w) {
       bool_switch(p.bias != nullptr, [&](auto has_b) {
-        const bool stream = p.M * p.N * static_cast<int64_t>(sizeof(T)) >= kStreamBytes;
-        parallel_for(p.M, grain_for(p.N), [&](int64_t r0, int64_t r1) {
+        const bool stream = rows * p.N * static_cast<int64_t>(sizeof(T)) >= kStreamBytes;
+        parallel_for(rows, grain_for(p.N), [&](int64_t r0, int64_t r1) {
           row_forward_rows<T, decltype(center)::value, decltype(has_w)::value,
-                           decltype(has_b)::value>(p, r0, r1, stream);
+                           decltype(has_b)::value>(p, p.row_begin + r0, p.row_begin + r1,
+                                                   stream);
         });
       });
     });
@@ -161,27 +163,27 @@ template <class T> void row_norm_forward(const RowForwardParams<T>& p) {
 
 template <class T> void row_norm_backward(const RowBackwardParams<T>& p) {
   using A = acc_t<T>;
-  const int64_t M = p.M, N = p.N;
+  const int64_t M = p.M, N = p.N, first = p.row_begin, rows = M - first;
   if (N <= 0) return;
-  if (M <= 0) {
+  if (rows <= 0) {
     for (int64_t j = 0; j < N; ++j) {
       p.dweight[j] = A(0);
       if (p.dbias) p.dbias[j] = A(0);
     }
     return;
   }
-  const int64_t n_chunks = (M + kRowsPerChunk - 1) / kRowsPerChunk;
+  const int64_t n_chunks = (rows + kRowsPerChunk - 1) / kRowsPerChunk;
   // Partial sums, one row pair per chunk; offset by 16 doubles so that the dweight and dbias
   // rows of a chunk do not start at the same offset within a page (4K aliasing).
   const int64_t stride = 2 * N + 16;
   std::vector<double> partial(static_cast<size_t>(n_chunks * stride), 0.0);
-  const bool stream = M * N * static_cast<int64_t>(sizeof(T)) >= kStreamBytes;
+  const bool stream = rows * N * static_cast<int64_t>(sizeof(T)) >= kStreamBytes;
   bool_switch(p.mean != nullptr, [&](auto center) {
     bool_switch(p.weight != nullptr, [&](auto has_w) {
       parallel_for(n_chunks, grain_for(kRowsPerChunk * N), [&](int64_t c0, int64_t c1) {
         for (int64_t c = c0; c < c1; ++c) {
           double* pdw = partial.data() + c * stride;
-          const int64_t r0 = c * kRowsPerChunk, r1 = std::min(M, r0 + kRowsPerChunk);
+          const int64_t r0 = first + c * kRowsPerChunk, r1 = std::min(M, r0 + kRowsPerChunk);
           row_backward_rows<T, decltype(center)::value, decltype(has_w)::value>(
               p, r0, r1, pdw, pdw + N + 16, stream);
         }
