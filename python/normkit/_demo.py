@@ -62,6 +62,10 @@ class _Net:
             if bn is not None:
                 bn.train(mode)
 
+    @property
+    def training(self) -> bool:
+        return any(bn is not None and bn.training for bn in self.bns)
+
     def forward(self, x: np.ndarray, upto: Optional[int] = None, batch_stats: bool = False):
         """Logits, and every hidden layer's (input, sigmoid input, sigmoid output). With
         ``upto=k``, stop at the input of hidden layer k's BatchNorm and return it. With
@@ -109,9 +113,11 @@ class _Net:
                 self.b[k] -= lr * db
 
     def logits(self, x: np.ndarray) -> np.ndarray:
+        """Inference: BatchNorm with its running statistics; the mode is left as it was."""
+        mode = self.training
         self.train(False)
         out = self.forward(x)[0]
-        self.train(True)
+        self.train(mode)
         return out
 
 
@@ -176,23 +182,22 @@ def _train(weights, bn: bool, data, steps: int, lr: float, seed: int, eval_steps
 
 
 def _inference_results(net: _Net, data):
-    """Test accuracy of the trained BatchNorm network in inference mode: running averages,
-    recomputed statistics (paper, population) and folded; plus the folded network's largest
-    logit difference from the BatchNorm network it came from."""
+    """Test (accuracy, cross-entropy) of the trained BatchNorm network at inference with its
+    running averages, with recomputed statistics (paper, population) and folded; plus the folded
+    network's largest logit difference from the BatchNorm network it came from."""
     x_train, _, x_test, y_test = data
     batches = [x_train[i:i + BATCH] for i in range(0, len(x_train), BATCH)]
     rows = [("running averages (momentum 0.1)", _scores(net.logits(x_test), y_test))]
     saved = [bn.state_dict() for bn in net.bns]
+    net.train(False)
     for method in ("paper", "population"):
         for bn, state in zip(net.bns, saved):
             bn.load_state_dict(state)
-        net.train(False)
         # layer by layer: layer k's inputs come from layers < k with their new statistics
         for k, bn in enumerate(net.bns):
             bn.recompute_statistics((net.forward(b, upto=k) for b in batches), method=method)
         rows.append((f'recompute_statistics(method="{method}")', _scores(net.logits(x_test), y_test)))
     # fold the population statistics into the dense layers: a plain sigmoid network remains
-    net.train(False)
     folded = _Net(net.W, bn=False)
     for k, bn in enumerate(net.bns):
         folded.W[k], folded.b[k] = fold_batch_norm(net.W[k], None, bn, out_axis=1)
