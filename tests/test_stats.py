@@ -59,6 +59,15 @@ def test_update_matches_numpy(dtype, shape, axis):
         close(m.std(ddof=ddof), x64.std(axis=ax, ddof=ddof))
 
 
+def test_update_bfloat16_accumulates_in_float64():
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    x = (rng_for(1, 9).standard_normal((300, 2)) + 50).astype(ml_dtypes.bfloat16)
+    m = nk.Moments((2,)).update(x)
+    x64 = x.astype(np.float64)  # the rounded values, exactly
+    close(m.mean, x64.mean(0))
+    close(m.var(), x64.var(0), rtol=1e-11)
+
+
 def test_update_returns_self_and_streams_like_concatenation():
     rng = rng_for(2)
     parts = [rng.standard_normal((n, 4, 3)) for n in (1, 7, 30, 2, 0, 11)]
