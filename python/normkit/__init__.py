@@ -10,7 +10,7 @@ See SPEC-level documentation in the README. The native core is the private ``nor
 
 from __future__ import annotations
 
-from . import _core
+from . import _core, cuda
 from .layers import BatchNorm, GroupNorm, InstanceNorm, LayerNorm, RMSNorm
 from .stats import Moments
 from .deploy import fold_batch_norm
@@ -79,6 +79,7 @@ def get_num_threads() -> int:
 def build_info() -> dict:
     """Build facts: version, compiler, SIMD level, threading backend, CUDA compiled/usable."""
     info = dict(_core.build_info())
-    info["cuda_available"] = False  # no CUDA kernels are shipped yet (see README, Limitations)
+    info["cuda_compiled"] = cuda.is_compiled()  # the normkit._cuda module is present
+    info["cuda_available"] = cuda.is_available()  # ... and a GPU it can use
     info["num_threads"] = _core.get_num_threads()
     return info

@@ -21,6 +21,9 @@ import numpy as np
 
 from . import _core
 
+# Arrays exposing this attribute (CuPy) are processed on the GPU (normkit/_cuda_dispatch.py).
+_CAI = "__cuda_array_interface__"
+
 __all__ = [
     "NormOutput",
     "NormGrads",
@@ -68,14 +71,21 @@ def _is_float_dtype(dt: np.dtype) -> bool:
     return (dt.kind == "f" and dt.itemsize in (2, 4, 8)) or dt.name == "bfloat16"
 
 
+def _host_array(a, fn: str, name: str) -> np.ndarray:
+    """``np.asarray(a)``; TypeError for a CUDA array (x is a host array: SPEC section 3)."""
+    if type(a) is np.ndarray:
+        return a
+    if hasattr(a, _CAI):
+        raise TypeError(
+            f"{fn}: {name} is a CUDA array but x is a host array; pass CUDA arrays for every "
+            "array argument (or host arrays for all)"
+        )
+    return np.asarray(a)
+
+
 def _data_array(x, fn: str, name: str = "x") -> np.ndarray:
     if type(x) is not np.ndarray:
-        if hasattr(x, "__cuda_array_interface__"):
-            raise TypeError(
-                f"{fn}: {name} is a CUDA array, but this build of normkit has no CUDA kernels; "
-                "copy it to the host first"
-            )
-        x = np.asarray(x)
+        x = _host_array(x, fn, name)
     if not _is_float_dtype(x.dtype):
         raise TypeError(
             f"{fn}: {name} has unsupported dtype {x.dtype} "
@@ -102,7 +112,7 @@ def _vector(v, fn: str, name: str, shape: Tuple[int, ...], sd: np.dtype, what: s
     if v is None:
         return None
     if type(v) is not np.ndarray:
-        v = np.asarray(v)
+        v = _host_array(v, fn, name)
     if not _is_float_dtype(v.dtype):
         raise TypeError(f"{fn}: {name} has unsupported dtype {v.dtype} (expected a float dtype)")
     if v.shape != shape:
@@ -119,6 +129,7 @@ def _running(rm, rv, fn: str, C: int, sd: np.dtype):
         return None, None
     for name, r in (("running_mean", rm), ("running_var", rv)):
         if not isinstance(r, np.ndarray):
+            _host_array(r, fn, name)
             raise TypeError(f"{fn}: {name} must be a NumPy array (it is updated in place), got {type(r).__name__}")
         if r.dtype != sd:
             raise TypeError(f"{fn}: {name} has dtype {r.dtype} but must be {sd} for this input")
@@ -163,6 +174,7 @@ def _check_out(out, x: np.ndarray, fn: str) -> Optional[np.ndarray]:
     if out is None:
         return None
     if not isinstance(out, np.ndarray):
+        _host_array(out, fn, "out")
         raise TypeError(f"{fn}: out must be a NumPy array, got {type(out).__name__}")
     if out.shape != x.shape or out.dtype != x.dtype:
         raise ValueError(
@@ -339,6 +351,11 @@ def batch_norm(
     Returns ``NormOutput(y, mean, rstd)``: y has x's shape and dtype (it is ``out`` when given),
     mean and rstd ``(C,)`` in float64 for float64 x, else float32.
     """
+    if type(x) is not np.ndarray and hasattr(x, _CAI):  # CUDA array: run on the GPU
+        return _cuda_dispatch.batch_norm(
+            x, weight, bias, running_mean, running_var, training=training, momentum=momentum,
+            eps=eps, channel_axis=channel_axis, out=out
+        )
     r = _batch_fast(x, weight, bias, running_mean, running_var, training, momentum, eps,
                     channel_axis, out)
     if r is not None:
@@ -375,6 +392,10 @@ def batch_norm_backward(
     constants (``dx = dy * weight * rstd``). Returns ``NormGrads(dx, dweight, dbias)``: dx in x's
     dtype; dweight = sum(dy * xhat), dbias = sum(dy), ``(C,)``, in the statistics dtype.
     """
+    if type(x) is not np.ndarray and hasattr(x, _CAI):  # CUDA array: run on the GPU
+        return _cuda_dispatch.batch_norm_backward(
+            dy, x, mean, rstd, weight, training=training, channel_axis=channel_axis
+        )
     fn = "batch_norm_backward"
     x, ca, C, sd = _channel_input(x, fn, channel_axis)
     dy = _grad_array(dy, x, fn)
@@ -413,6 +434,10 @@ def group_norm(
     x: ``(N, C, *spatial)`` or channels-last with ``channel_axis=-1``. weight, bias: ``(C,)``.
     Returns ``NormOutput(y, mean, rstd)`` with mean and rstd of shape ``(N, num_groups)``.
     """
+    if type(x) is not np.ndarray and hasattr(x, _CAI):  # CUDA array: run on the GPU
+        return _cuda_dispatch.group_norm(
+            x, num_groups, weight, bias, eps=eps, channel_axis=channel_axis, out=out
+        )
     fn = "group_norm"
     x, ca, C, sd = _channel_input(x, fn, channel_axis)
     G = _num_groups(num_groups, C, fn)
@@ -427,12 +452,16 @@ def group_norm(
 
 def group_norm_backward(dy, x, mean, rstd, weight=None, *, channel_axis: int = 1) -> NormGrads:
     """Gradients of :func:`group_norm`; the number of groups is ``mean.shape[1]``."""
+    if type(x) is not np.ndarray and hasattr(x, _CAI):  # CUDA array: run on the GPU
+        return _cuda_dispatch.group_norm_backward(
+            dy, x, mean, rstd, weight, channel_axis=channel_axis
+        )
     fn = "group_norm_backward"
     x, ca, C, sd = _channel_input(x, fn, channel_axis)
     dy = _grad_array(dy, x, fn)
     if mean is None or rstd is None:
         raise ValueError(f"{fn}: mean and rstd from the forward are required")
-    mean_a = np.asarray(mean)
+    mean_a = _host_array(mean, fn, "mean")
     if mean_a.ndim != 2 or mean_a.shape[0] != x.shape[0]:
         raise ValueError(f"{fn}: mean has shape {mean_a.shape} but (N, num_groups) with N = {x.shape[0]} is required")
     G = _num_groups(mean_a.shape[1], C, fn)
@@ -461,6 +490,11 @@ def instance_norm(
     given, are updated with the batch averages of the per-instance means and unbiased variances.
     training=False: the running statistics are used (and required); mean/rstd are ``(C,)``.
     """
+    if type(x) is not np.ndarray and hasattr(x, _CAI):  # CUDA array: run on the GPU
+        return _cuda_dispatch.instance_norm(
+            x, weight, bias, running_mean, running_var, training=training, momentum=momentum,
+            eps=eps, channel_axis=channel_axis, out=out
+        )
     fn = "instance_norm"
     x, ca, C, sd = _channel_input(x, fn, channel_axis)
     w = _vector(weight, fn, "weight", (C,), sd, "the number of channels")
@@ -492,6 +526,10 @@ def instance_norm_backward(
 ) -> NormGrads:
     """Gradients of :func:`instance_norm`. training=True: mean/rstd ``(N, C)``; training=False:
     the running statistics used, ``(C,)``, held constant."""
+    if type(x) is not np.ndarray and hasattr(x, _CAI):  # CUDA array: run on the GPU
+        return _cuda_dispatch.instance_norm_backward(
+            dy, x, mean, rstd, weight, training=training, channel_axis=channel_axis
+        )
     fn = "instance_norm_backward"
     x, ca, C, sd = _channel_input(x, fn, channel_axis)
     dy = _grad_array(dy, x, fn)
@@ -558,7 +596,7 @@ def _row_backward(fn, dy, x, mean, rstd, weight, center: bool) -> NormGrads:
     dy = _grad_array(dy, x, fn)
     if rstd is None or (center and mean is None):
         raise ValueError(f"{fn}: the statistics saved by the forward are required")
-    rstd_a = np.asarray(rstd)
+    rstd_a = _host_array(rstd, fn, "rstd")
     k = x.ndim - rstd_a.ndim
     if k < 1:
         raise ValueError(
@@ -595,6 +633,10 @@ def layer_norm(
     shape and dtype (it is ``out`` when given); mean and rstd have shape
     ``x.shape[:-len(normalized_shape)]``, float64 for float64 x, else float32.
     """
+    if type(x) is not np.ndarray and hasattr(x, _CAI):  # CUDA array: run on the GPU
+        return _cuda_dispatch.layer_norm(
+            x, normalized_shape, weight, bias, eps=eps, out=out
+        )
     r = _row_fast(x, normalized_shape, weight, bias, eps, out, True)
     if r is not None:
         return r
@@ -606,6 +648,10 @@ def layer_norm_backward(dy, x, mean, rstd, weight=None) -> NormGrads:
     ``k = x.ndim - mean.ndim`` axes. Returns ``NormGrads(dx, dweight, dbias)`` with dweight and
     dbias of shape ``x.shape[-k:]`` in the statistics dtype.
     """
+    if type(x) is not np.ndarray and hasattr(x, _CAI):  # CUDA array: run on the GPU
+        return _cuda_dispatch.layer_norm_backward(
+            dy, x, mean, rstd, weight
+        )
     return _row_backward("layer_norm_backward", dy, x, mean, rstd, weight, True)
 
 
@@ -621,6 +667,10 @@ def rms_norm(
     ``rstd = 1 / sqrt(mean(x**2) + eps)``. ``eps=None``: float32's machine epsilon for float32 and
     half inputs, float64's for float64. Returns ``NormOutput(y, None, rstd)``.
     """
+    if type(x) is not np.ndarray and hasattr(x, _CAI):  # CUDA array: run on the GPU
+        return _cuda_dispatch.rms_norm(
+            x, normalized_shape, weight, eps=eps, out=out
+        )
     r = _row_fast(x, normalized_shape, weight, None, eps, out, False)
     if r is not None:
         return r
@@ -629,4 +679,11 @@ def rms_norm(
 
 def rms_norm_backward(dy, x, rstd, weight=None) -> NormGrads:
     """Gradients of :func:`rms_norm`; ``NormGrads(dx, dweight, None)``."""
+    if type(x) is not np.ndarray and hasattr(x, _CAI):  # CUDA array: run on the GPU
+        return _cuda_dispatch.rms_norm_backward(
+            dy, x, rstd, weight
+        )
     return _row_backward("rms_norm_backward", dy, x, None, rstd, weight, False)
+
+
+from . import _cuda_dispatch  # noqa: E402  (imports this module's helpers)
