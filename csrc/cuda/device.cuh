@@ -7,10 +7,11 @@
 
 #include "cuda/launch.h"
 
-// Launch bounds of every kernel: `threads` per block, and registers for at least 512 resident
-// threads per SM (at most 128 per thread). With the thread count alone, ptxas targets full
-// occupancy (32 registers for 256 threads) and spilled in the 16-bit row kernels on sm_90.
-#define NK_BOUNDS(threads) __launch_bounds__(threads, 512 / (threads))
+// Launch bounds of every kernel: `threads` per block, and registers for at least 1024 resident
+// threads per SM (at most 64 per thread; the kernels are memory-bound and want occupancy). With
+// the thread count alone, ptxas targeted full occupancy (32 registers for 256 threads) and
+// spilled in the 16-bit row kernels on sm_90.
+#define NK_BOUNDS(threads) __launch_bounds__(threads, 1024 / (threads))
 
 namespace nk::cuda {
 
