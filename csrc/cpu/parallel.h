@@ -1,7 +1,7 @@
 // normkit CPU: the one place threads are started.
 //
 // parallel_for splits [0, n) statically into at most num_threads() contiguous ranges of at least
-// `grain` items and calls f(begin, end) once per range. Kernels built on it only ever split work
+// `grain` items (one range when n < 2 * grain) and calls f(begin, end) once per range. Kernels built on it only ever split work
 // into fixed chunks whose size is a constant of the kernel (never derived from the thread count),
 // and combine chunk results in chunk order afterwards, so results are bitwise identical whatever
 // the thread count (SPEC section 5). OpenMP is used when the build found it, otherwise serial.
@@ -34,7 +34,7 @@ inline int64_t grain_for(int64_t elements_per_item) {
 template <class F> void parallel_for(int64_t n, int64_t grain, F&& f) {
   if (n <= 0) return;
   grain = std::max<int64_t>(1, grain);
-  const int64_t useful = (n + grain - 1) / grain;
+  const int64_t useful = std::max<int64_t>(1, n / grain);  // every thread gets >= grain items
   const int nt = static_cast<int>(std::min<int64_t>(num_threads(), useful));
 #if defined(NORMKIT_WITH_OPENMP)
   if (nt > 1) {
