@@ -185,6 +185,8 @@ def test_batch_norm_matches_cpu(dtype, shape, channel_axis):
                                            ((2, 4, 4097), 1), ((5, 6), 2)])
 @pytest.mark.parametrize("channel_axis", [1, -1])
 def test_group_norm_matches_cpu(dtype, shape, groups, channel_axis):
+    if channel_axis == -1:  # the same (N, C, *spatial) problem, channels last
+        shape = (shape[0], *shape[2:], shape[1])
     C = shape[channel_axis]
     sd = _stat(dtype)
     w, b = data(C, sd, seed=2), data(C, sd, seed=3)

@@ -735,3 +735,58 @@ def test_dispatch_empty_inputs(emulated):
     assert y.shape == (0, 8) and mean.shape == (0,) and rstd.shape == (0,)
     g = nk.layer_norm_backward(x, x, mean, rstd)
     assert g.dx.shape == (0, 8) and (np.asarray(g.dweight) == 0).all()
+
+
+# tests/test_cuda.py itself, run on the emulated device: its calls, shapes and tolerances are
+# checked here against the CPU kernels, so the file is known to be sound before a GPU runs it.
+# (Its mixing test is left out: a NumPy-backed stand-in is a host array to the C++ fast paths.)
+EMULATED_GPU_RUN = r"""
+import sys, types
+import numpy as np
+sys.path.insert(0, sys.argv[1])
+import test_cuda_host as H
+fake = types.ModuleType("cupy")
+fake.ndarray = H.DevArray
+fake.asarray = lambda a, dtype=None: a if isinstance(a, H.DevArray) else np.array(a, dtype=dtype).view(H.DevArray)
+fake.asnumpy = lambda a: np.array(a)
+for name in ("empty", "full", "zeros", "ones"):
+    setattr(fake, name, (lambda f: lambda *a, **k: f(*a, **k).view(H.DevArray))(getattr(np, name)))
+fake.ascontiguousarray = H.FakeCupy.ascontiguousarray
+fake.copyto = np.copyto
+for name in ("float16", "float32", "float64", "uint8", "uint16"):
+    setattr(fake, name, getattr(np, name))
+class Stream:
+    def __init__(self, non_blocking=False):
+        self.ptr = H.STREAM
+    def __enter__(self):
+        return self
+    def __exit__(self, *exc):
+        return False
+    def synchronize(self):
+        pass
+fake.cuda = types.SimpleNamespace(Stream=Stream, get_current_stream=lambda: Stream())
+sys.modules["cupy"] = fake
+import normkit as nk
+from normkit import _cuda, _cuda_dispatch
+emu = H.EmulatedCuda()
+nk.cuda.device_count = lambda: 1
+_cuda_dispatch._runtime = lambda fn: (emu, fake)
+for name in ("row_forward", "row_backward", "channel_forward", "channel_backward"):
+    setattr(_cuda, name, getattr(emu, name))
+import pytest
+sys.exit(pytest.main(["-q", "-p", "no:cacheprovider", sys.argv[1] + "/test_cuda.py",
+                      "-k", "not mixing"]))
+"""
+
+
+@needs_cuda_module
+def test_gpu_test_file_passes_on_the_emulated_device():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    here = Path(__file__).parent
+    r = subprocess.run([sys.executable, "-c", EMULATED_GPU_RUN, str(here)], capture_output=True,
+                       text=True, timeout=600, cwd=here.parent)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    assert " passed" in r.stdout and "skipped" not in r.stdout.splitlines()[-1]
