@@ -242,6 +242,12 @@ def test_module_rechecks_its_arguments():
     with pytest.raises(ValueError, match="eps must be >= 0"):
         _cuda.channel_forward("float32", 0, 0, 0, 0, 0, 0, 1, 1, 0, 0, 2, 3, 4, 0, False, True,
                               0.1, -1.0, 0, 0)
+    # an empty batch (CuPy gives empty arrays a null pointer): accepted, nothing launched
+    _cuda.channel_forward("float32", 0, 0, 0, 0, 0, 0, 1, 1, 0, 0, 0, 4, 5, 2, False, True, 0.1,
+                          1e-5, 1, 0)
+    with pytest.raises(ValueError, match="mean and rstd are required"):
+        _cuda.channel_forward("float32", 0, 0, 0, 0, 0, 0, 1, 1, 0, 0, 2, 4, 5, 2, False, True,
+                              0.1, 1e-5, 1, 0)
     with pytest.raises(ValueError, match="training=False requires"):
         _cuda.channel_forward("float32", 1, 1, 0, 0, 0, 0, 1, 1, 1, 1, 2, 3, 4, 0, False, False,
                               0.1, 1e-5, 1, 0)
