@@ -11,6 +11,7 @@
 #include <cmath>
 
 #include "bindings/arrays.h"
+#include "bindings/buffer_cache.h"
 #include "cpu/kernels.h"
 
 namespace nk::bind {
@@ -152,7 +153,7 @@ py::object row_fast(py::handle x_h, py::handle ns_h, py::handle w_h, py::handle 
     if (!fast_array<A>(w_h, d, ns, k, false, w) || !fast_array<A>(b_h, d, ns, k, false, b))
       return py::none();
     if (has_out && (overlaps_ptr(out, w, N) || overlaps_ptr(out, b, N))) return py::none();
-    py::array y = has_out ? out : py::array(x.dtype(), shape_of(x));
+    py::array y = has_out ? out : cached_empty(x.dtype(), shape_of(x));
     const auto lead = shape_of(x, k);
     py::array rstd(acc_dtype<A>(), lead);
     py::object mean = py::none();
@@ -210,7 +211,7 @@ py::object batch_fast(py::handle x_h, py::handle w_h, py::handle b_h, py::handle
         for (int64_t c = 0; c < C; ++c)
           if (rv[c] < 0) return py::none();
     }
-    py::array y = has_out ? out : py::array(x.dtype(), shape_of(x));
+    py::array y = has_out ? out : cached_empty(x.dtype(), shape_of(x));
     py::array mean(acc_dtype<A>(), std::vector<py::ssize_t>{C}), rstd(acc_dtype<A>(), std::vector<py::ssize_t>{C});
     p.x = static_cast<const T*>(x.data());
     p.y = static_cast<T*>(y.mutable_data());

@@ -24,6 +24,7 @@ namespace nk::bind {
 void bind_row_norm(py::module_& m);
 void bind_channel_norm(py::module_& m);
 void bind_fast(py::module_& m);
+void bind_buffer_cache(py::module_& m);
 }  // namespace nk::bind
 
 namespace {
@@ -156,6 +157,7 @@ PYBIND11_MODULE(_core, m) {
   nk::bind::bind_row_norm(m);
   nk::bind::bind_channel_norm(m);
   nk::bind::bind_fast(m);
+  nk::bind::bind_buffer_cache(m);
   m.def("set_num_threads", [](int n) {
     if (n < 1) throw std::invalid_argument("set_num_threads: n must be >= 1, got " + std::to_string(n));
     nk::cpu::set_num_threads(n);

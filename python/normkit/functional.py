@@ -235,15 +235,28 @@ def _channel_view(x: np.ndarray, channel_axis: int):
         return xl.reshape(B, S, C), True, last
     # Any other strides: one dense copy, keeping the caller's channel placement.
     if channel_axis == 1:
-        return np.ascontiguousarray(xf).reshape(B, C, S), False, first
-    return np.ascontiguousarray(xl).reshape(B, S, C), True, last
+        return _dense(xf).reshape(B, C, S), False, first
+    return _dense(xl).reshape(B, S, C), True, last
+
+
+def _empty(shape, dtype) -> np.ndarray:
+    """An uninitialized C-contiguous array for an output or temporary. Buffers of 4 MiB or more
+    come from normkit's bounded cache of freed buffers (``set_buffer_cache_limit``), which
+    spares the page faults of mapping fresh memory on every call."""
+    return _core.empty(shape, dtype)
+
+
+def _dense(a: np.ndarray) -> np.ndarray:
+    """``a`` itself when C-contiguous, else a C-contiguous copy."""
+    if a.flags.c_contiguous:
+        return a
+    c = _empty(a.shape, a.dtype)
+    np.copyto(c, a)
+    return c
 
 
 def _like_view(a: np.ndarray, perm, shape3) -> np.ndarray:
-    ap = a.transpose(perm)
-    if not ap.flags.c_contiguous:
-        ap = np.ascontiguousarray(ap)
-    return ap.reshape(shape3)
+    return _dense(a.transpose(perm)).reshape(shape3)
 
 
 def _output(out: Optional[np.ndarray], x: np.ndarray, xp: np.ndarray, perm, others=()):
@@ -257,7 +270,7 @@ def _output(out: Optional[np.ndarray], x: np.ndarray, xp: np.ndarray, perm, othe
     """
     pshape = tuple(x.shape[p] for p in perm)
     if out is None:
-        yp = np.empty(xp.shape, x.dtype)
+        yp = _empty(xp.shape, x.dtype)
         return yp, yp.reshape(pshape).transpose(_inverse(perm)), None
     op = out.transpose(perm)
     if op.flags.c_contiguous and not any(
@@ -268,7 +281,7 @@ def _output(out: Optional[np.ndarray], x: np.ndarray, xp: np.ndarray, perm, othe
             yp.__array_interface__["data"][0] == xp.__array_interface__["data"][0]
         ):
             return yp, out, None
-    tmp = np.empty(xp.shape, x.dtype)
+    tmp = _empty(xp.shape, x.dtype)
     return tmp, out, tmp.reshape(pshape).transpose(_inverse(perm))
 
 
@@ -561,7 +574,7 @@ def _row_setup(x: np.ndarray, ns: Tuple[int, ...], fn: str):
 
 
 def _rows(a: np.ndarray, M: int, N: int) -> np.ndarray:
-    return (a if a.flags.c_contiguous else np.ascontiguousarray(a)).reshape(M, N)
+    return _dense(a).reshape(M, N)
 
 
 def _flat(v: Optional[np.ndarray], n: int) -> Optional[np.ndarray]:
@@ -608,7 +621,7 @@ def _row_backward(fn, dy, x, mean, rstd, weight, center: bool) -> NormGrads:
     rstd = _vector(rstd_a, fn, "rstd", lead, sd, "x.shape[:-k]")
     mean = _vector(mean, fn, "mean", lead, sd, "x.shape[:-k]") if center else None
     w = _vector(weight, fn, "weight", ns, sd, "the normalized shape")
-    dx = np.empty(x.shape, x.dtype)
+    dx = _empty(x.shape, x.dtype)
     dweight = np.empty(ns, sd)
     dbias = np.empty(ns, sd) if center else None
     _core.row_norm_backward(
