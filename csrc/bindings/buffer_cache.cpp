@@ -11,9 +11,12 @@
 //
 // Bounds: only buffers of at least kMinBytes go through the cache; it keeps at most `limit`
 // bytes of free buffers (set_buffer_cache_limit; 0 turns caching off), dropping the oldest
-// first; a buffer handed out is the caller's until its array is freed, like any NumPy array. New
-// buffers are aligned to 2 MiB and, on Linux, marked for transparent huge pages (NumPy does the
-// same for its large arrays), so their first mapping costs one fault per 2 MiB.
+// first; a buffer handed out is the caller's until its array is freed, like any NumPy array.
+// Buffers are page-aligned and deliberately not marked for transparent huge pages: with dx on
+// 2 MiB pages the LayerNorm backward ran at 10-13 ms in some processes and 23-27 ms in others
+// (8192 x 1024 float32, one thread; presumably cache-set conflicts between x, dy and dx rows that
+// share their low 21 address bits), while 4 KiB pages gave 13-17 ms every time. Since buffers
+// are reused, huge pages would only make the first call of a size cheaper.
 //
 // All operations run with the GIL held (allocation from the bindings, release from the array's
 // base capsule); the mutex guards against callers that do not.
@@ -26,16 +29,15 @@
 #include <new>
 #include <vector>
 
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
 
 namespace nk::bind {
 
 namespace {
 
 constexpr size_t kMinBytes = size_t{4} << 20;
-constexpr size_t kAlign = size_t{2} << 20;
+constexpr size_t kAlign = 4096;
+// Sizes are rounded up to this, so that shapes of nearly the same size share buffers.
+constexpr size_t kRound = size_t{64} << 10;
 constexpr size_t kDefaultLimit = size_t{256} << 20;
 
 void* allocate_aligned(size_t bytes) {
@@ -46,9 +48,6 @@ void* allocate_aligned(size_t bytes) {
   if (posix_memalign(&p, kAlign, bytes) != 0) p = nullptr;
 #endif
   if (!p) throw std::bad_alloc();
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  (void)madvise(p, bytes, MADV_HUGEPAGE);  // a hint: failure only costs speed
-#endif
   return p;
 }
 
@@ -67,7 +66,7 @@ struct Block {
 
 class BufferCache {
  public:
-  // A buffer of `bytes` (already rounded to a multiple of kAlign): the most recently returned
+  // A buffer of `bytes` (already rounded to a multiple of kRound): the most recently returned
   // free one of that size, or a new one.
   void* acquire(size_t bytes) {
     {
@@ -162,7 +161,7 @@ py::array cached_empty(const py::dtype& dt, const std::vector<py::ssize_t>& shap
   for (py::ssize_t s : shape) count *= static_cast<size_t>(s);
   const size_t nbytes = count * static_cast<size_t>(dt.itemsize());
   if (nbytes < kMinBytes) return py::array(dt, shape);
-  const size_t bytes = (nbytes + kAlign - 1) / kAlign * kAlign;
+  const size_t bytes = (nbytes + kRound - 1) / kRound * kRound;
   void* p = cache().acquire(bytes);
   Handout* h;
   try {

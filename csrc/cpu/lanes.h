@@ -2,9 +2,10 @@
 //
 // A plain `s += f(i)` loop is one long dependency chain the compiler may not reorder (that would
 // change the rounding), so it neither vectorizes nor pipelines. Here the order is fixed in the
-// source instead: kLanes = 16 accumulators, element i of each full block of 16 goes to lane
-// i % 16 (two blocks of 8 held in SIMD registers), the remaining elements go to lanes 0, 1, ...
-// in order, and the lanes are added in a fixed tree at the end. The result is the same bits for
+// source instead: kLanes = 32 accumulators, element i of each full block of 32 goes to lane
+// i % 32 (four blocks of 8 held in SIMD registers: four independent addition chains, enough to
+// hide the latency of a double addition), the remaining elements go to lanes 0, 1, ... in
+// order, and the lanes are added in a fixed tree at the end. The result is the same bits for
 // every instruction set, thread count and machine.
 #pragma once
 
@@ -16,14 +17,14 @@
 
 namespace nk::cpu {
 
-constexpr int kLanes = 16;
+constexpr int kLanes = 32;
 
 NK_INLINE double lanes_total(const double* acc) {
   double t[kLanes / 2];
   for (int k = 0; k < kLanes / 2; ++k) t[k] = acc[k] + acc[k + kLanes / 2];
-  for (int k = 0; k < kLanes / 4; ++k) t[k] += t[k + kLanes / 4];
-  for (int k = 0; k < kLanes / 8; ++k) t[k] += t[k + kLanes / 8];
-  return t[0] + t[1];
+  for (int half = kLanes / 4; half >= 1; half /= 2)
+    for (int k = 0; k < half; ++k) t[k] += t[k + half];
+  return t[0];
 }
 
 // Sum over i in [0, n) of f(i, width), in double. f returns a double for Width<1> and 8 doubles
@@ -32,13 +33,17 @@ template <class F> NK_INLINE double lane_sum(int64_t n, F&& f) {
   double acc[kLanes] = {};
   int64_t i = 0;
 #if defined(NK_HAVE_VECTOR_EXT)
-  d8 a0 = {}, a1 = {};
+  d8 a0 = {}, a1 = {}, a2 = {}, a3 = {};
   for (; i + kLanes <= n; i += kLanes) {
     a0 += f(i, Width<8>{});
     a1 += f(i + 8, Width<8>{});
+    a2 += f(i + 16, Width<8>{});
+    a3 += f(i + 24, Width<8>{});
   }
   std::memcpy(acc, &a0, sizeof a0);
   std::memcpy(acc + 8, &a1, sizeof a1);
+  std::memcpy(acc + 16, &a2, sizeof a2);
+  std::memcpy(acc + 24, &a3, sizeof a3);
 #else
   for (; i + kLanes <= n; i += kLanes)
     for (int k = 0; k < kLanes; ++k) acc[k] += f(i + k, Width<1>{});
@@ -52,19 +57,29 @@ template <class F> NK_INLINE void lane_sum2(int64_t n, double& out_a, double& ou
   double a[kLanes] = {}, b[kLanes] = {};
   int64_t i = 0;
 #if defined(NK_HAVE_VECTOR_EXT)
-  d8 a0 = {}, a1 = {}, b0 = {}, b1 = {};
+  d8 a0 = {}, a1 = {}, a2 = {}, a3 = {}, b0 = {}, b1 = {}, b2 = {}, b3 = {};
   for (; i + kLanes <= n; i += kLanes) {
-    const auto lo = f(i, Width<8>{});
-    const auto hi = f(i + 8, Width<8>{});
-    a0 += lo.first;
-    b0 += lo.second;
-    a1 += hi.first;
-    b1 += hi.second;
+    const auto v0 = f(i, Width<8>{});
+    const auto v1 = f(i + 8, Width<8>{});
+    const auto v2 = f(i + 16, Width<8>{});
+    const auto v3 = f(i + 24, Width<8>{});
+    a0 += v0.first;
+    b0 += v0.second;
+    a1 += v1.first;
+    b1 += v1.second;
+    a2 += v2.first;
+    b2 += v2.second;
+    a3 += v3.first;
+    b3 += v3.second;
   }
   std::memcpy(a, &a0, sizeof a0);
   std::memcpy(a + 8, &a1, sizeof a1);
+  std::memcpy(a + 16, &a2, sizeof a2);
+  std::memcpy(a + 24, &a3, sizeof a3);
   std::memcpy(b, &b0, sizeof b0);
   std::memcpy(b + 8, &b1, sizeof b1);
+  std::memcpy(b + 16, &b2, sizeof b2);
+  std::memcpy(b + 24, &b3, sizeof b3);
 #else
   for (; i + kLanes <= n; i += kLanes)
     for (int k = 0; k < kLanes; ++k) {
