@@ -17,13 +17,14 @@
 //     squared deviations), a larger one is reduced in pieces of at most kPiece elements merged
 //     with Chan's formula; then the group is normalized right away, while still in cache.
 //   sample planes (BatchNorm whose planes are planes-eligible but shorter than kSamplePlane):
-//     threads own rows o and walk memory in order, one two-pass piece per plane (o, c); pieces
-//     are merged per channel in row order and a second sweep normalizes (x is read twice, but
+//     threads own rows o and walk memory in order, one piece per plane (o, c): shifted sums
+//     (shift: the channel's first element) added per channel in row order, or for double
+//     two-pass moments merged with Chan's formula; a second sweep normalizes (x is read twice, but
 //     sequentially, instead of in scattered pieces too small for the prefetchers).
 //   rows   (otherwise): each block is a matrix (O, C * I); threads own fixed chunks of rows
 //     and keep per-column partials, merged per column in chunk order, then per group.
-// Forward: 1) stats — two passes per piece in double, pieces merged with Chan's formula
-// (core/welford.h). 2) normalize + affine (core/norm_math.h). 3) write y, mean, rstd; running
+// Forward: 1) stats in double — one pass of shifted sums for float/half/bfloat16, two passes for
+// double (kShiftedStats, cpu/lanes.h); pieces merged with Chan's formula (core/welford.h). 2) normalize + affine (core/norm_math.h). 3) write y, mean, rstd; running
 // statistics updated with unbiased variances. A group is fully reduced before any of its y is
 // written, so y may be x (in place).
 // Backward: per (s, c) sums S1 = sum(dy * xhat), S2 = sum(dy); dweight = sum_s S1, dbias = sum_s S2;
@@ -101,8 +102,16 @@ template <class C> struct ColumnStats {
   }
 };
 
-// Two-pass moments of a contiguous piece.
+// Moments of a contiguous piece: shifted sums for float/half/bfloat16 (cpu/lanes.h), two
+// passes for double.
 template <class T> Moments<double> piece_moments(const T* x, int64_t len) {
+  if constexpr (kShiftedStats<T>) {
+    double s1 = 0.0, s2 = 0.0;
+    const double shift = widen(loadw(x, Width<1>{}));
+    add_shifted_sums(x, len, shift, s1, s2);
+    const auto mm = shifted_mean_m2(len, shift, s1, s2);
+    return moments_from_two_pass(len, mm.first, mm.second);
+  }
   const double mean = lane_sum(len, [&](int64_t i, auto w) { return widen(loadw(x + i, w)); }) /
                       static_cast<double>(len);
   const double m2 = lane_sum(len, [&](int64_t i, auto w) {
@@ -191,7 +200,16 @@ void forward_planes(const ChannelForwardParams<T>& p, const View& v) {
       const int64_t s = t / v.G, g = t % v.G;
       // 1) stats
       Moments<double> m;
-      if (p.training && v.group_size() <= kTwoPassElements) {
+      if (p.training && v.group_size() <= kTwoPassElements && kShiftedStats<T>) {
+        // one pass of shifted sums over the whole group; plane sums added in plane order
+        double s1 = 0.0, s2 = 0.0;
+        const double shift = widen(loadw(p.x + v.offset(s, 0, g * v.D), Width<1>{}));
+        for (int64_t o = 0; o < v.O; ++o)
+          for (int64_t c = g * v.D; c < (g + 1) * v.D; ++c)
+            add_shifted_sums(p.x + v.offset(s, o, c), v.I, shift, s1, s2);
+        const auto mm = shifted_mean_m2(v.group_size(), shift, s1, s2);
+        m = moments_from_two_pass(v.group_size(), mm.first, mm.second);
+      } else if (p.training && v.group_size() <= kTwoPassElements) {
         // two passes over the whole group; plane sums added in plane order
         const auto over_planes = [&](auto&& term) {
           double total = 0.0;
@@ -334,19 +352,39 @@ template <class T, bool kHasWeight, bool kHasBias>
 void forward_sample_planes(const ChannelForwardParams<T>& p, const View& v) {
   using C = compute_t<T>;
   // 1) stats
-  std::vector<Moments<double>> piece;
-  if (p.training) {
-    piece.resize(at(v.O * v.C));
+  std::vector<Moments<double>> gm(at(v.C));
+  if (p.training && kShiftedStats<T>) {
+    // shifted sums per plane, the shift of channel c its first element; the planes' sums are
+    // added per channel in row order
+    std::vector<double> shift(at(v.C)), sums(at(2 * v.O * v.C), 0.0);
+    for (int64_t c = 0; c < v.C; ++c) shift[at(c)] = widen(loadw(p.x + v.offset(0, 0, c), Width<1>{}));
+    parallel_for(v.O, grain_for(v.C * v.I), [&](int64_t o0, int64_t o1) {
+      for (int64_t o = o0; o < o1; ++o)
+        for (int64_t c = 0; c < v.C; ++c) {
+          double* sc = sums.data() + 2 * (o * v.C + c);
+          add_shifted_sums(p.x + v.offset(0, o, c), v.I, shift[at(c)], sc[0], sc[1]);
+        }
+    });
+    for (int64_t c = 0; c < v.C; ++c) {
+      double s1 = 0.0, s2 = 0.0;
+      for (int64_t o = 0; o < v.O; ++o) {
+        s1 += sums[at(2 * (o * v.C + c))];
+        s2 += sums[at(2 * (o * v.C + c) + 1)];
+      }
+      const int64_t n = v.O * v.I;
+      const auto mm = shifted_mean_m2(n, shift[at(c)], s1, s2);
+      gm[at(c)] = moments_from_two_pass(n, mm.first, mm.second);
+    }
+  } else if (p.training) {
+    std::vector<Moments<double>> piece(at(v.O * v.C));
     parallel_for(v.O, grain_for(v.C * v.I), [&](int64_t o0, int64_t o1) {
       for (int64_t o = o0; o < o1; ++o)
         for (int64_t c = 0; c < v.C; ++c)
           piece[at(o * v.C + c)] = piece_moments(p.x + v.offset(0, o, c), v.I);
     });
-  }
-  std::vector<Moments<double>> gm(at(v.C));
-  if (p.training)
     for (int64_t c = 0; c < v.C; ++c)
       for (int64_t o = 0; o < v.O; ++o) welford_merge(gm[at(c)], piece[at(o * v.C + c)]);
+  }
   const std::vector<GroupStats<C>> st = finish_groups(p, gm);
   update_running(p, v, gm);
   // 2) normalize + affine, 3) write y

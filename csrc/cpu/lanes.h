@@ -4,13 +4,17 @@
 // change the rounding), so it neither vectorizes nor pipelines. Here the order is fixed in the
 // source instead: kLanes = 32 accumulators, element i of each full block of 32 goes to lane
 // i % 32 (four blocks of 8 held in SIMD registers: four independent addition chains, enough to
-// hide the latency of a double addition), the remaining elements go to lanes 0, 1, ... in
-// order, and the lanes are added in a fixed tree at the end. The result is the same bits for
+// hide the latency of a double addition); of the remaining elements, each full block of 8 goes
+// to lanes 0..7 and the last few to lanes 0, 1, ... in order; the lanes are added in a fixed
+// tree at the end. (The blocks of 8 keep short pieces, such as BatchNorm planes of 49, mostly
+// vectorized.) The result is the same bits for
 // every instruction set, thread count and machine.
 #pragma once
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
+#include <utility>
 
 #include "core/macros.h"
 #include "cpu/simd.h"
@@ -40,6 +44,7 @@ template <class F> NK_INLINE double lane_sum(int64_t n, F&& f) {
     a2 += f(i + 16, Width<8>{});
     a3 += f(i + 24, Width<8>{});
   }
+  for (; i + 8 <= n; i += 8) a0 += f(i, Width<8>{});
   std::memcpy(acc, &a0, sizeof a0);
   std::memcpy(acc + 8, &a1, sizeof a1);
   std::memcpy(acc + 16, &a2, sizeof a2);
@@ -47,6 +52,8 @@ template <class F> NK_INLINE double lane_sum(int64_t n, F&& f) {
 #else
   for (; i + kLanes <= n; i += kLanes)
     for (int k = 0; k < kLanes; ++k) acc[k] += f(i + k, Width<1>{});
+  for (; i + 8 <= n; i += 8)
+    for (int k = 0; k < 8; ++k) acc[k] += f(i + k, Width<1>{});
 #endif
   for (int k = 0; i < n; ++i, ++k) acc[k] += f(i, Width<1>{});
   return lanes_total(acc);
@@ -72,6 +79,11 @@ template <class F> NK_INLINE void lane_sum2(int64_t n, double& out_a, double& ou
     a3 += v3.first;
     b3 += v3.second;
   }
+  for (; i + 8 <= n; i += 8) {
+    const auto v0 = f(i, Width<8>{});
+    a0 += v0.first;
+    b0 += v0.second;
+  }
   std::memcpy(a, &a0, sizeof a0);
   std::memcpy(a + 8, &a1, sizeof a1);
   std::memcpy(a + 16, &a2, sizeof a2);
@@ -87,6 +99,12 @@ template <class F> NK_INLINE void lane_sum2(int64_t n, double& out_a, double& ou
       a[k] += v.first;
       b[k] += v.second;
     }
+  for (; i + 8 <= n; i += 8)
+    for (int k = 0; k < 8; ++k) {
+      const auto v = f(i + k, Width<1>{});
+      a[k] += v.first;
+      b[k] += v.second;
+    }
 #endif
   for (int k = 0; i < n; ++i, ++k) {
     const auto v = f(i, Width<1>{});
@@ -95,6 +113,38 @@ template <class F> NK_INLINE void lane_sum2(int64_t n, double& out_a, double& ou
   }
   out_a = lanes_total(a);
   out_b = lanes_total(b);
+}
+
+// ---- shifted one-pass moments -------------------------------------------------------------------
+// Statistics of float, half and bfloat16 data take one pass of shifted sums instead of two passes
+// (mean, then squared deviations): with a shift s taken from the data (its first element),
+// d = x - s and d^2 are exact in double (a float has 24 significant bits), their sums are formed
+// in double with the fixed lanes above, and then
+//   mean = s + sum(d) / n,   M2 = sum(d^2) - sum(d)^2 / n   (clamped at 0).
+// The cancellation in M2 costs a relative error of at most about n * 2^-53: the shift's own term
+// makes M2 >= (s - mean)^2 * (n - 1) / n. A constant group gives d = 0: mean = s and M2 = 0
+// exactly, so `y = bias` holds bit for bit; a NaN or infinity in the group gives a NaN M2, as the
+// two passes do. Double data keeps the two passes: there d itself is
+// rounded and the bound would not hold to double precision.
+template <class T> constexpr bool kShiftedStats = !std::is_same_v<T, double>;
+
+// Sums of d = x[i] - shift and d^2 over [0, n), added to s1 and s2.
+template <class T>
+NK_INLINE void add_shifted_sums(const T* x, int64_t n, double shift, double& s1, double& s2) {
+  double a = 0.0, b = 0.0;
+  lane_sum2(n, a, b, [&](int64_t i, auto w) {
+    const auto d = widen(loadw(x + i, w)) - shift;
+    return std::make_pair(d, d * d);
+  });
+  s1 += a;
+  s2 += b;
+}
+
+// (mean, M2) of n elements from their shifted sums.
+NK_INLINE std::pair<double, double> shifted_mean_m2(int64_t n, double shift, double s1, double s2) {
+  const double dm = s1 / static_cast<double>(n);
+  const double m2 = s2 - s1 * dm;
+  return {shift + dm, m2 < 0.0 ? 0.0 : m2};  // NaN stays NaN
 }
 
 }  // namespace nk::cpu
