@@ -31,10 +31,30 @@ NK_INLINE double lanes_total(const double* acc) {
   return t[0];
 }
 
+#if defined(NK_HAVE_VECTOR_EXT)
+// lanes_total of the 32 lanes held as four blocks (lanes 0-7, 8-15, 16-23, 24-31) plus `tail`
+// added to lanes 0-7, computed with vector operations in the same order as lanes_total.
+typedef double d4 __attribute__((vector_size(32)));
+typedef double d2 __attribute__((vector_size(16)));
+NK_INLINE double lanes_total(d8 a0, d8 a1, d8 a2, d8 a3) {
+  const d8 t = (a0 + a2) + (a1 + a3);
+  const d4 u = __builtin_shufflevector(t, t, 0, 1, 2, 3) + __builtin_shufflevector(t, t, 4, 5, 6, 7);
+  const d2 v = __builtin_shufflevector(u, u, 0, 1) + __builtin_shufflevector(u, u, 2, 3);
+  return v[0] + v[1];
+}
+
+// The last n - i (< 8) terms as a block for lanes 0, 1, ...: -0.0 elsewhere, and -0.0 + t = t
+// and a + -0.0 = a exactly, so adding the block equals adding the terms one by one.
+template <class F> NK_INLINE d8 tail_block(int64_t i, int64_t n, F&& f) {
+  d8 t = {-0.0, -0.0, -0.0, -0.0, -0.0, -0.0, -0.0, -0.0};
+  for (int k = 0; i < n; ++i, ++k) t[k] += f(i);
+  return t;
+}
+#endif
+
 // Sum over i in [0, n) of f(i, width), in double. f returns a double for Width<1> and 8 doubles
 // (elements i .. i+7) for Width<8>.
 template <class F> NK_INLINE double lane_sum(int64_t n, F&& f) {
-  double acc[kLanes] = {};
   int64_t i = 0;
 #if defined(NK_HAVE_VECTOR_EXT)
   d8 a0 = {}, a1 = {}, a2 = {}, a3 = {};
@@ -45,23 +65,21 @@ template <class F> NK_INLINE double lane_sum(int64_t n, F&& f) {
     a3 += f(i + 24, Width<8>{});
   }
   for (; i + 8 <= n; i += 8) a0 += f(i, Width<8>{});
-  std::memcpy(acc, &a0, sizeof a0);
-  std::memcpy(acc + 8, &a1, sizeof a1);
-  std::memcpy(acc + 16, &a2, sizeof a2);
-  std::memcpy(acc + 24, &a3, sizeof a3);
+  if (i < n) a0 += tail_block(i, n, [&](int64_t k) { return f(k, Width<1>{}); });
+  return lanes_total(a0, a1, a2, a3);
 #else
+  double acc[kLanes] = {};
   for (; i + kLanes <= n; i += kLanes)
     for (int k = 0; k < kLanes; ++k) acc[k] += f(i + k, Width<1>{});
   for (; i + 8 <= n; i += 8)
     for (int k = 0; k < 8; ++k) acc[k] += f(i + k, Width<1>{});
-#endif
   for (int k = 0; i < n; ++i, ++k) acc[k] += f(i, Width<1>{});
   return lanes_total(acc);
+#endif
 }
 
 // Two sums in one pass: f(i, width) returns a pair (std::pair of doubles or of 8-double blocks).
 template <class F> NK_INLINE void lane_sum2(int64_t n, double& out_a, double& out_b, F&& f) {
-  double a[kLanes] = {}, b[kLanes] = {};
   int64_t i = 0;
 #if defined(NK_HAVE_VECTOR_EXT)
   d8 a0 = {}, a1 = {}, a2 = {}, a3 = {}, b0 = {}, b1 = {}, b2 = {}, b3 = {};
@@ -84,15 +102,20 @@ template <class F> NK_INLINE void lane_sum2(int64_t n, double& out_a, double& ou
     a0 += v0.first;
     b0 += v0.second;
   }
-  std::memcpy(a, &a0, sizeof a0);
-  std::memcpy(a + 8, &a1, sizeof a1);
-  std::memcpy(a + 16, &a2, sizeof a2);
-  std::memcpy(a + 24, &a3, sizeof a3);
-  std::memcpy(b, &b0, sizeof b0);
-  std::memcpy(b + 8, &b1, sizeof b1);
-  std::memcpy(b + 16, &b2, sizeof b2);
-  std::memcpy(b + 24, &b3, sizeof b3);
+  if (i < n) {
+    d8 ta = {-0.0, -0.0, -0.0, -0.0, -0.0, -0.0, -0.0, -0.0}, tb = ta;
+    for (int k = 0; i < n; ++i, ++k) {
+      const auto v = f(i, Width<1>{});
+      ta[k] += v.first;
+      tb[k] += v.second;
+    }
+    a0 += ta;
+    b0 += tb;
+  }
+  out_a = lanes_total(a0, a1, a2, a3);
+  out_b = lanes_total(b0, b1, b2, b3);
 #else
+  double a[kLanes] = {}, b[kLanes] = {};
   for (; i + kLanes <= n; i += kLanes)
     for (int k = 0; k < kLanes; ++k) {
       const auto v = f(i + k, Width<1>{});
@@ -105,7 +128,6 @@ template <class F> NK_INLINE void lane_sum2(int64_t n, double& out_a, double& ou
       a[k] += v.first;
       b[k] += v.second;
     }
-#endif
   for (int k = 0; i < n; ++i, ++k) {
     const auto v = f(i, Width<1>{});
     a[k] += v.first;
@@ -113,6 +135,7 @@ template <class F> NK_INLINE void lane_sum2(int64_t n, double& out_a, double& ou
   }
   out_a = lanes_total(a);
   out_b = lanes_total(b);
+#endif
 }
 
 // ---- shifted one-pass moments -------------------------------------------------------------------
