@@ -89,6 +89,46 @@ template <class P> View view_of(const P& p) {
 
 inline size_t at(int64_t i) { return static_cast<size_t>(i); }
 
+// Column sums over the rows [r0, r1) of a chunk: for every column j in [0, cols),
+//   a[j] += f(r, j).first,  b[j] += f(r, j).second,  rows added in order,
+// where f(r, j, width) gives a pair of double values or 8-double blocks (columns j .. j+7).
+// Narrow rows (kRegisterCols columns or fewer, as channels-last BatchNorm's) are summed a block
+// of 32 columns at a time with the sums held in registers down the rows; wider rows a row at a
+// time with the sums in memory (walking down 32 columns of rows that far apart would defeat the
+// prefetchers). Both orders add the same terms in the same order: the same bits.
+constexpr int64_t kRegisterCols = 256;
+
+template <class F>
+void column_sums(int64_t r0, int64_t r1, int64_t cols, double* a, double* b, F&& f) {
+  int64_t j0 = 0;
+#if defined(NK_HAVE_VECTOR_EXT)
+  if (cols <= kRegisterCols && g_tune != 5)
+    for (; j0 + 32 <= cols; j0 += 32) {
+      d8 sa[4], sb[4];
+      for (int q = 0; q < 4; ++q) {
+        sa[q] = loadw(a + j0 + 8 * q, Width<8>{});
+        sb[q] = loadw(b + j0 + 8 * q, Width<8>{});
+      }
+      for (int64_t r = r0; r < r1; ++r)
+        for (int q = 0; q < 4; ++q) {
+          const auto v = f(r, j0 + 8 * q, Width<8>{});
+          sa[q] += v.first;
+          sb[q] += v.second;
+        }
+      for (int q = 0; q < 4; ++q) {
+        storew(a + j0 + 8 * q, sa[q], Width<8>{});
+        storew(b + j0 + 8 * q, sb[q], Width<8>{});
+      }
+    }
+#endif
+  for (int64_t r = r0; r < r1; ++r)
+    for_blocks(cols - j0, [&](int64_t jj, auto w) {
+      const auto v = f(r, j0 + jj, w);
+      add_to(a + j0 + jj, v.first);
+      add_to(b + j0 + jj, v.second);
+    });
+}
+
 // Statistics per column, as separate arrays so the column loops vectorize.
 template <class C> struct ColumnStats {
   std::vector<C> hi, lo, rstd;
@@ -258,7 +298,8 @@ void forward_rows(const ChannelForwardParams<T>& p, const View& v) {
   using C = compute_t<T>;
   const int64_t cols = v.cols(), rpc = v.rows_per_chunk(), n_chunks = v.chunks();
   const int64_t tasks = v.samples * n_chunks;
-  // 1) stats: per-column (mean, M2) of each (sample, chunk), two passes over the chunk.
+  // 1) stats: per-column (mean, M2) of each (sample, chunk): one pass of shifted sums over the
+  // chunk (float/half/bfloat16), or two passes (double).
   std::vector<double> partial;
   if (p.training) {
     partial.assign(at(tasks * 2 * cols), 0.0);
@@ -268,6 +309,22 @@ void forward_rows(const ChannelForwardParams<T>& p, const View& v) {
         const int64_t r0 = k * rpc, r1 = r0 + v.chunk_rows(k);
         double* mean = partial.data() + t * 2 * cols;
         double* m2 = mean + cols;
+        if constexpr (kShiftedStats<T>) {
+          // one pass of shifted sums per column, the shift its value in the chunk's first row
+          // (an element of the chunk, as the error bound in cpu/lanes.h needs)
+          const T* x0 = p.x + v.offset(s, r0, 0);
+          const int64_t n = r1 - r0;
+          column_sums(r0, r1, cols, mean, m2, [&](int64_t r, int64_t j, auto w) {
+            const auto d = widen(loadw(p.x + v.offset(s, r, 0) + j, w)) - widen(loadw(x0 + j, w));
+            return std::make_pair(d, d * d);
+          });
+          for (int64_t j = 0; j < cols; ++j) {
+            const auto mm = shifted_mean_m2(n, widen(loadw(x0 + j, Width<1>{})), mean[j], m2[j]);
+            mean[j] = mm.first;
+            m2[j] = mm.second;
+          }
+          continue;
+        }
         for (int64_t r = r0; r < r1; ++r) {
           const T* xr = p.x + v.offset(s, r, 0);
           for_blocks(cols, [&](int64_t j, auto w) { add_to(mean + j, widen(loadw(xr + j, w))); });
@@ -511,16 +568,12 @@ void backward_rows(const ChannelBackwardParams<T>& p, const View& v) {
       double* s_dy_xhat = partial.data() + t * 2 * cols;
       double* s_dy = s_dy_xhat + cols;
       const int64_t r0 = k * rpc, r1 = r0 + v.chunk_rows(k);
-      for (int64_t r = r0; r < r1; ++r) {
-        const T* xr = p.x + v.offset(s, r, 0);
-        const T* dyr = p.dy + v.offset(s, r, 0);
-        for_blocks(cols, [&](int64_t j, auto w) {
-          const auto d = widen(loadw(dyr + j, w));
-          const auto xh = xhat_of(loadw(xr + j, w), loadw(hi + j, w), loadw(lo + j, w), loadw(rs + j, w));
-          add_to(s_dy_xhat + j, d * widen(xh));
-          add_to(s_dy + j, d);
-        });
-      }
+      column_sums(r0, r1, cols, s_dy_xhat, s_dy, [&](int64_t r, int64_t j, auto w) {
+        const int64_t off = v.offset(s, r, 0) + j;
+        const auto d = widen(loadw(p.dy + off, w));
+        const auto xh = xhat_of(loadw(p.x + off, w), loadw(hi + j, w), loadw(lo + j, w), loadw(rs + j, w));
+        return std::make_pair(d * widen(xh), d);
+      });
     }
   });
   // S1, S2 per (sample, channel): chunks in order, then the channel's columns in order.
