@@ -1,6 +1,6 @@
 """The bounded cache of large output buffers (normkit.set_buffer_cache_limit).
 
-Outputs of 4 MiB or more that no ``out=`` receives come from a cache of freed buffers. These
+Outputs of 256 KiB or more that no ``out=`` receives come from a cache of freed buffers. These
 tests check the promises users rely on: a reused buffer never changes a result (it is fully
 overwritten, whatever it held), two live arrays never share memory, the limit bounds what is kept,
 0 turns caching off, and bad limits raise.

@@ -34,7 +34,7 @@ namespace nk::bind {
 
 namespace {
 
-constexpr size_t kMinBytes = size_t{4} << 20;
+constexpr size_t kMinBytes = size_t{256} << 10;
 constexpr size_t kAlign = 4096;
 // Sizes are rounded up to this, so that shapes of nearly the same size share buffers.
 constexpr size_t kRound = size_t{64} << 10;
@@ -193,7 +193,7 @@ void bind_buffer_cache(py::module_& m) {
       if (s < 0) throw std::invalid_argument("empty: negative dimension");
     return cached_empty(dt, shape);
   }, py::arg("shape"), py::arg("dtype"),
-     "An uninitialized C-contiguous array; buffers of at least 4 MiB come from the cache.");
+     "An uninitialized C-contiguous array; buffers of at least 256 KiB come from the cache.");
   m.def("set_buffer_cache_limit", [](int64_t limit) {
     if (limit < 0) throw std::invalid_argument("set_buffer_cache_limit: limit must be >= 0");
     return cache().set_limit(static_cast<size_t>(limit));

@@ -7,7 +7,7 @@
 
 namespace nk::bind {
 
-// An uninitialized C-contiguous array of `shape` and `dt`. Arrays of at least 4 MiB take their
+// An uninitialized C-contiguous array of `shape` and `dt`. Arrays of at least 256 KiB take their
 // memory from the cache and give it back when they are freed; smaller ones are plain NumPy arrays.
 py::array cached_empty(const py::dtype& dt, const std::vector<py::ssize_t>& shape);
 

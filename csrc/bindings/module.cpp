@@ -164,7 +164,6 @@ PYBIND11_MODULE(_core, m) {
   }, py::arg("n"));
   m.def("get_num_threads", &nk::cpu::num_threads);
   m.def("build_info", &build_info);
-  m.def("_set_tune", [](int v) { nk::cpu::g_tune = v; });
   m.def("_float_to_half", &float_to_half_array);
   m.def("_half_to_float", &half_to_float_array);
   m.def("_float_to_bfloat16", &float_to_bfloat16_array);

@@ -102,7 +102,7 @@ template <class F>
 void column_sums(int64_t r0, int64_t r1, int64_t cols, double* a, double* b, F&& f) {
   int64_t j0 = 0;
 #if defined(NK_HAVE_VECTOR_EXT)
-  if (cols <= kRegisterCols && g_tune != 5)
+  if (cols <= kRegisterCols)
     for (; j0 + 32 <= cols; j0 += 32) {
       d8 sa[4], sb[4];
       for (int q = 0; q < 4; ++q) {
@@ -318,8 +318,9 @@ void forward_rows(const ChannelForwardParams<T>& p, const View& v) {
             const auto d = widen(loadw(p.x + v.offset(s, r, 0) + j, w)) - widen(loadw(x0 + j, w));
             return std::make_pair(d, d * d);
           });
+          const double inv_n = 1.0 / static_cast<double>(n);
           for (int64_t j = 0; j < cols; ++j) {
-            const auto mm = shifted_mean_m2(n, widen(loadw(x0 + j, Width<1>{})), mean[j], m2[j]);
+            const auto mm = shifted_mean_m2_inv(inv_n, widen(loadw(x0 + j, Width<1>{})), mean[j], m2[j]);
             mean[j] = mm.first;
             m2[j] = mm.second;
           }
@@ -362,13 +363,29 @@ void forward_rows(const ChannelForwardParams<T>& p, const View& v) {
       }
     }
   }
+  // A group's k = D * I columns all hold O rows: mean = the average of their means, M2 = the
+  // sum of their M2 plus O times the squared deviations of their means (two short passes, no
+  // division per column; BatchNorm's groups are single columns and are taken as they are).
   std::vector<Moments<double>> gm(at(groups));
   if (p.training)
     for (int64_t t = 0; t < groups; ++t) {
-      const int64_t s = t / v.G, g = t % v.G;
-      const double* mean = partial.data() + s * n_chunks * 2 * cols;
-      for (int64_t j = g * v.D * v.I; j < (g + 1) * v.D * v.I; ++j)
-        welford_merge(gm[at(t)], moments_from_two_pass(v.O, mean[j], mean[cols + j]));
+      const int64_t s = t / v.G, g = t % v.G, k = v.D * v.I;
+      const double* mean = partial.data() + s * n_chunks * 2 * cols + g * k;
+      const double* m2 = mean + cols;
+      if (k == 1) {
+        gm[at(t)] = moments_from_two_pass(v.O, mean[0], m2[0]);
+        continue;
+      }
+      double sum = 0.0;
+      for (int64_t j = 0; j < k; ++j) sum += mean[j];
+      const double gmean = sum / static_cast<double>(k);
+      double dev = 0.0, within = 0.0;
+      for (int64_t j = 0; j < k; ++j) {
+        const double d = mean[j] - gmean;
+        dev += d * d;
+        within += m2[j];
+      }
+      gm[at(t)] = moments_from_two_pass(v.O * k, gmean, within + static_cast<double>(v.O) * dev);
     }
   const std::vector<GroupStats<C>> st = finish_groups(p, gm);
   ColumnStats<C> scol(v.samples * cols);  // per (sample, column)

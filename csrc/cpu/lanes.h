@@ -163,11 +163,16 @@ NK_INLINE void add_shifted_sums(const T* x, int64_t n, double shift, double& s1,
   s2 += b;
 }
 
-// (mean, M2) of n elements from their shifted sums.
-NK_INLINE std::pair<double, double> shifted_mean_m2(int64_t n, double shift, double s1, double s2) {
-  const double dm = s1 / static_cast<double>(n);
+// (mean, M2) of n elements from their shifted sums, given inv_n = 1 / n.
+NK_INLINE std::pair<double, double> shifted_mean_m2_inv(double inv_n, double shift, double s1,
+                                                        double s2) {
+  const double dm = s1 * inv_n;
   const double m2 = s2 - s1 * dm;
   return {shift + dm, m2 < 0.0 ? 0.0 : m2};  // NaN stays NaN
+}
+
+NK_INLINE std::pair<double, double> shifted_mean_m2(int64_t n, double shift, double s1, double s2) {
+  return shifted_mean_m2_inv(1.0 / static_cast<double>(n), shift, s1, s2);
 }
 
 }  // namespace nk::cpu

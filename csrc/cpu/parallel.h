@@ -17,8 +17,6 @@
 
 namespace nk::cpu {
 
-inline int g_tune = 0;  // TEMPORARY experiment switch
-
 // Work below this many elements per thread is not worth waking a thread for.
 constexpr int64_t kMinElementsPerThread = 32768;
 

@@ -81,7 +81,7 @@ def get_num_threads() -> int:
 def set_buffer_cache_limit(nbytes: int) -> int:
     """Set how many bytes of freed output buffers normkit keeps for reuse; returns the old limit.
 
-    Outputs of 4 MiB or more that no ``out=`` receives (every ``dx``, and ``y`` when ``out`` is
+    Outputs of 256 KiB or more that no ``out=`` receives (every ``dx``, and ``y`` when ``out`` is
     None) take their memory from this cache and give it back when the array is freed, so a
     training loop does not pay the page faults of fresh memory on every step. The default is
     256 MiB, or ``NORMKIT_BUFFER_CACHE_MB`` from the environment at import; 0 turns the cache off

@@ -240,7 +240,7 @@ def _channel_view(x: np.ndarray, channel_axis: int):
 
 
 def _empty(shape, dtype) -> np.ndarray:
-    """An uninitialized C-contiguous array for an output or temporary. Buffers of 4 MiB or more
+    """An uninitialized C-contiguous array for an output or temporary. Buffers of 256 KiB or more
     come from normkit's bounded cache of freed buffers (``set_buffer_cache_limit``), which
     spares the page faults of mapping fresh memory on every call."""
     return _core.empty(shape, dtype)
