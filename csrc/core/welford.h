@@ -7,7 +7,8 @@
 //   n = na + nb,  d = mean_b - mean_a,
 //   mean = mean_a + d * nb / n,   M2 = M2a + M2b + d^2 * na * nb / n.
 // Neither form subtracts two large sums (E[x^2] - E[x]^2), so a large mean with a small spread
-// keeps its precision. Pieces are always merged in a fixed order so that the result does not
+// keeps its precision. (The CPU kernels form float/half/bfloat16 pieces from sums shifted by one
+// of the piece's own values, which bounds that subtraction's error; see cpu/lanes.h.) Pieces are always merged in a fixed order so that the result does not
 // depend on how the work was split among threads (SPEC section 5).
 //
 // References: B. P. Welford, Technometrics 4(3), 1962; T. F. Chan, G. H. Golub, R. J. LeVeque,

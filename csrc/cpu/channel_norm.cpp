@@ -17,15 +17,17 @@
 //     squared deviations), a larger one is reduced in pieces of at most kPiece elements merged
 //     with Chan's formula; then the group is normalized right away, while still in cache.
 //   sample planes (BatchNorm whose planes are planes-eligible but shorter than kSamplePlane):
-//     threads own rows o and walk memory in order, one piece per plane (o, c): shifted sums
-//     (shift: the channel's first element) added per channel in row order, or for double
-//     two-pass moments merged with Chan's formula; a second sweep normalizes (x is read twice, but
+//     threads own rows o and walk memory in order, shifted sums per plane (o, c), added per
+//     channel in row order over pieces of up to kShiftPiece elements that share a shift, the
+//     pieces merged with Chan's formula (double: two-pass moments per plane, merged); a second
+//     sweep normalizes (x is read twice, but
 //     sequentially, instead of in scattered pieces too small for the prefetchers).
 //   rows   (otherwise): each block is a matrix (O, C * I); threads own fixed chunks of rows
 //     and keep per-column partials, merged per column in chunk order, then per group.
 // Forward: 1) stats in double — one pass of shifted sums for float/half/bfloat16, two passes for
-// double (kShiftedStats, cpu/lanes.h); pieces merged with Chan's formula (core/welford.h). 2) normalize + affine (core/norm_math.h). 3) write y, mean, rstd; running
-// statistics updated with unbiased variances. A group is fully reduced before any of its y is
+// double (kShiftedStats, cpu/lanes.h); pieces merged with Chan's formula (core/welford.h).
+// 2) normalize + affine (core/norm_math.h). 3) write y, mean, rstd; running statistics updated
+// with unbiased variances. A group is fully reduced before any of its y is
 // written, so y may be x (in place).
 // Backward: per (s, c) sums S1 = sum(dy * xhat), S2 = sum(dy); dweight = sum_s S1, dbias = sum_s S2;
 // per group c1 = sum_c w_c S1 / n, c2 = sum_c w_c S2 / n; dx = rstd * (w dy - c2 - xhat c1);
@@ -62,8 +64,8 @@ struct View {
   int64_t offset(int64_t s, int64_t o, int64_t c) const { return ((s * O + o) * C + c) * I; }
   int64_t group_size() const { return O * D * I; }
   int64_t cols() const { return C * I; }
-  int64_t rows_per_chunk() const {
-    return std::max<int64_t>(1, kChunkElements / std::max<int64_t>(1, cols()));
+  int64_t rows_per_chunk() const {  // at most kShiftPiece: a chunk's column is a shifted piece
+    return std::clamp<int64_t>(kChunkElements / std::max<int64_t>(1, cols()), 1, kShiftPiece);
   }
   int64_t chunks() const { return (O + rows_per_chunk() - 1) / rows_per_chunk(); }
   int64_t chunk_rows(int64_t k) const {
@@ -145,13 +147,7 @@ template <class C> struct ColumnStats {
 // Moments of a contiguous piece: shifted sums for float/half/bfloat16 (cpu/lanes.h), two
 // passes for double.
 template <class T> Moments<double> piece_moments(const T* x, int64_t len) {
-  if constexpr (kShiftedStats<T>) {
-    double s1 = 0.0, s2 = 0.0;
-    const double shift = widen(loadw(x, Width<1>{}));
-    add_shifted_sums(x, len, shift, s1, s2);
-    const auto mm = shifted_mean_m2(len, shift, s1, s2);
-    return moments_from_two_pass(len, mm.first, mm.second);
-  }
+  if constexpr (kShiftedStats<T>) return shifted_moments(x, len);
   const double mean = lane_sum(len, [&](int64_t i, auto w) { return widen(loadw(x + i, w)); }) /
                       static_cast<double>(len);
   const double m2 = lane_sum(len, [&](int64_t i, auto w) {
@@ -241,14 +237,10 @@ void forward_planes(const ChannelForwardParams<T>& p, const View& v) {
       // 1) stats
       Moments<double> m;
       if (p.training && v.group_size() <= kTwoPassElements && kShiftedStats<T>) {
-        // one pass of shifted sums over the whole group; plane sums added in plane order
-        double s1 = 0.0, s2 = 0.0;
-        const double shift = widen(loadw(p.x + v.offset(s, 0, g * v.D), Width<1>{}));
+        // shifted sums per plane (in pieces of at most kShiftPiece), merged in plane order
         for (int64_t o = 0; o < v.O; ++o)
           for (int64_t c = g * v.D; c < (g + 1) * v.D; ++c)
-            add_shifted_sums(p.x + v.offset(s, o, c), v.I, shift, s1, s2);
-        const auto mm = shifted_mean_m2(v.group_size(), shift, s1, s2);
-        m = moments_from_two_pass(v.group_size(), mm.first, mm.second);
+            welford_merge(m, shifted_moments(p.x + v.offset(s, o, c), v.I));
       } else if (p.training && v.group_size() <= kTwoPassElements) {
         // two passes over the whole group; plane sums added in plane order
         const auto over_planes = [&](auto&& term) {
@@ -428,27 +420,32 @@ void forward_sample_planes(const ChannelForwardParams<T>& p, const View& v) {
   // 1) stats
   std::vector<Moments<double>> gm(at(v.C));
   if (p.training && kShiftedStats<T>) {
-    // shifted sums per plane, the shift of channel c its first element; the planes' sums are
-    // added per channel in row order
-    std::vector<double> shift(at(v.C)), sums(at(2 * v.O * v.C), 0.0);
-    for (int64_t c = 0; c < v.C; ++c) shift[at(c)] = widen(loadw(p.x + v.offset(0, 0, c), Width<1>{}));
+    // shifted sums per plane; the planes of a channel form pieces of rows_per_piece rows (at
+    // most kShiftPiece elements) that share a shift, the channel's first element in the piece;
+    // pieces' sums are added in row order, and pieces merged in order with Chan's formula
+    const int64_t rows_per_piece = std::max<int64_t>(1, kShiftPiece / v.I);
+    const auto shift_of = [&](int64_t o, int64_t c) {
+      return widen(loadw(p.x + v.offset(0, o / rows_per_piece * rows_per_piece, c), Width<1>{}));
+    };
+    std::vector<double> sums(at(2 * v.O * v.C), 0.0);
     parallel_for(v.O, grain_for(v.C * v.I), [&](int64_t o0, int64_t o1) {
       for (int64_t o = o0; o < o1; ++o)
         for (int64_t c = 0; c < v.C; ++c) {
           double* sc = sums.data() + 2 * (o * v.C + c);
-          add_shifted_sums(p.x + v.offset(0, o, c), v.I, shift[at(c)], sc[0], sc[1]);
+          add_shifted_sums(p.x + v.offset(0, o, c), v.I, shift_of(o, c), sc[0], sc[1]);
         }
     });
-    for (int64_t c = 0; c < v.C; ++c) {
-      double s1 = 0.0, s2 = 0.0;
-      for (int64_t o = 0; o < v.O; ++o) {
-        s1 += sums[at(2 * (o * v.C + c))];
-        s2 += sums[at(2 * (o * v.C + c) + 1)];
+    for (int64_t c = 0; c < v.C; ++c)
+      for (int64_t o0 = 0; o0 < v.O; o0 += rows_per_piece) {
+        const int64_t o1 = std::min(v.O, o0 + rows_per_piece);
+        double s1 = 0.0, s2 = 0.0;
+        for (int64_t o = o0; o < o1; ++o) {
+          s1 += sums[at(2 * (o * v.C + c))];
+          s2 += sums[at(2 * (o * v.C + c) + 1)];
+        }
+        const auto mm = shifted_mean_m2((o1 - o0) * v.I, shift_of(o0, c), s1, s2);
+        welford_merge(gm[at(c)], moments_from_two_pass((o1 - o0) * v.I, mm.first, mm.second));
       }
-      const int64_t n = v.O * v.I;
-      const auto mm = shifted_mean_m2(n, shift[at(c)], s1, s2);
-      gm[at(c)] = moments_from_two_pass(n, mm.first, mm.second);
-    }
   } else if (p.training) {
     std::vector<Moments<double>> piece(at(v.O * v.C));
     parallel_for(v.O, grain_for(v.C * v.I), [&](int64_t o0, int64_t o1) {

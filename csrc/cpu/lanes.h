@@ -17,6 +17,7 @@
 #include <utility>
 
 #include "core/macros.h"
+#include "core/welford.h"
 #include "cpu/simd.h"
 
 namespace nk::cpu {
@@ -144,8 +145,11 @@ template <class F> NK_INLINE void lane_sum2(int64_t n, double& out_a, double& ou
 // d = x - s and d^2 are exact in double (a float has 24 significant bits), their sums are formed
 // in double with the fixed lanes above, and then
 //   mean = s + sum(d) / n,   M2 = sum(d^2) - sum(d)^2 / n   (clamped at 0).
-// The cancellation in M2 costs a relative error of at most about n * 2^-53: the shift's own term
-// makes M2 >= (s - mean)^2 * (n - 1) / n. A constant group gives d = 0: mean = s and M2 = 0
+// The cancellation in M2 grows with sum(d^2) / M2, which is at most about n when the shift is
+// the group's most extreme value (the shift's own term makes M2 >= (s - mean)^2 * (n - 1) / n),
+// and the rounding of the sums with the number of terms per lane: so every shifted piece holds
+// at most kShiftPiece elements (worst case then ~1e-10 relative, typical ~1e-15), and longer
+// groups merge their pieces with Chan's formula. A constant group gives d = 0: mean = s and M2 = 0
 // exactly, so `y = bias` holds bit for bit; a NaN or infinity in the group gives a NaN M2, as the
 // two passes do. Double data keeps the two passes: there d itself is
 // rounded and the bound would not hold to double precision.
@@ -173,6 +177,23 @@ NK_INLINE std::pair<double, double> shifted_mean_m2_inv(double inv_n, double shi
 
 NK_INLINE std::pair<double, double> shifted_mean_m2(int64_t n, double shift, double s1, double s2) {
   return shifted_mean_m2_inv(1.0 / static_cast<double>(n), shift, s1, s2);
+}
+
+constexpr int64_t kShiftPiece = 4096;
+
+// Moments of x[0, n) (n >= 1): pieces of at most kShiftPiece elements, each shifted by its first
+// element, merged in order with Chan's formula.
+template <class T> NK_INLINE Moments<double> shifted_moments(const T* x, int64_t n) {
+  Moments<double> m;
+  for (int64_t i = 0; i < n; i += kShiftPiece) {
+    const int64_t len = n - i < kShiftPiece ? n - i : kShiftPiece;
+    double s1 = 0.0, s2 = 0.0;
+    const double shift = widen(loadw(x + i, Width<1>{}));
+    add_shifted_sums(x + i, len, shift, s1, s2);
+    const auto mm = shifted_mean_m2(len, shift, s1, s2);
+    welford_merge(m, moments_from_two_pass(len, mm.first, mm.second));
+  }
+  return m;
 }
 
 }  // namespace nk::cpu

@@ -3,7 +3,7 @@
 // View: x is (M, N) row-major, one group per row (STYLE section 2); weight/bias (N,).
 // Forward per row:
 //   1) stats in double with fixed-order lanes (cpu/lanes.h): float/half/bfloat16 rows in one
-//      pass of shifted sums (kShiftedStats in cpu/lanes.h); double rows in two passes over the row (it is
+//      pass of shifted sums in pieces (kShiftedStats in cpu/lanes.h); double rows in two passes over the row (it is
 //      in L1/L2 after the first): mean = sum(x) / N, then var = sum((x - mean)^2) / N.
 //      RMSNorm: mean = 0, var = sum(x^2) / N.
 //   2) normalize + affine: y = xhat * w + b (core/norm_math.h).
@@ -63,12 +63,9 @@ void row_forward_rows(const RowForwardParams<T>& p, int64_t r0, int64_t r1, bool
     // 1) stats
     double mean = 0.0, var = 0.0;
     if constexpr (kCenter && kShiftedStats<T>) {
-      double s1 = 0.0, s2 = 0.0;
-      const double shift = widen(loadw(x, Width<1>{}));
-      add_shifted_sums(x, N, shift, s1, s2);
-      const auto mm = shifted_mean_m2(N, shift, s1, s2);
-      mean = mm.first;
-      var = mm.second * inv_n;
+      const Moments<double> m = shifted_moments(x, N);
+      mean = m.mean;
+      var = m.m2 * inv_n;
     } else if constexpr (kCenter) {
       mean = lane_sum(N, [&](int64_t j, auto w) { return widen(loadw(x + j, w)); }) * inv_n;
       var = lane_sum(N, [&](int64_t j, auto w) {
