@@ -194,7 +194,17 @@ std::vector<GroupStats<compute_t<T>>> finish_groups(const ChannelForwardParams<T
                                                     const std::vector<Moments<double>>& gm) {
   const int64_t n = static_cast<int64_t>(gm.size());
   std::vector<double> mean(at(n)), rstd(at(n));
-  for (int64_t t = 0; t < n; ++t) group_mean_var(p, t, gm[at(t)], mean[at(t)], rstd[at(t)]);
+  if (p.training) {  // plain loops over arrays, so the divisions and roots vectorize
+    std::vector<double> m2(at(n)), count(at(n));
+    for (int64_t t = 0; t < n; ++t) {
+      mean[at(t)] = gm[at(t)].mean;
+      m2[at(t)] = gm[at(t)].m2;
+      count[at(t)] = gm[at(t)].count > 0 ? static_cast<double>(gm[at(t)].count) : 1.0;
+    }
+    for (int64_t t = 0; t < n; ++t) rstd[at(t)] = m2[at(t)] / count[at(t)];  // population var
+  } else {
+    for (int64_t t = 0; t < n; ++t) group_mean_var(p, t, gm[at(t)], mean[at(t)], rstd[at(t)]);
+  }
   for (int64_t t = 0; t < n; ++t) rstd[at(t)] = rstd_from_var(rstd[at(t)], p.eps);
   std::vector<GroupStats<compute_t<T>>> st(at(n));
   for (int64_t t = 0; t < n; ++t) st[at(t)] = write_group(p, t, mean[at(t)], rstd[at(t)]);
@@ -388,10 +398,11 @@ void forward_rows(const ChannelForwardParams<T>& p, const View& v) {
   update_running(p, v, gm);
   // 2) normalize + affine, 3) write y
   std::vector<C> wcol(at(cols)), bcol(at(cols));
-  for (int64_t j = 0; j < cols; ++j) {
-    wcol[at(j)] = kHasWeight ? static_cast<C>(p.weight[j / v.I]) : C(1);
-    bcol[at(j)] = kHasBias ? static_cast<C>(p.bias[j / v.I]) : C(0);
-  }
+  for (int64_t c = 0; c < v.C; ++c)  // column j = c * I + i belongs to channel c
+    for (int64_t j = c * v.I; j < (c + 1) * v.I; ++j) {
+      wcol[at(j)] = kHasWeight ? static_cast<C>(p.weight[c]) : C(1);
+      bcol[at(j)] = kHasBias ? static_cast<C>(p.bias[c]) : C(0);
+    }
   const bool stream = p.B * p.C * p.S * static_cast<int64_t>(sizeof(T)) >= kStreamBytes;
   parallel_for(v.samples * v.O, grain_for(cols), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
@@ -595,10 +606,11 @@ void backward_rows(const ChannelBackwardParams<T>& p, const View& v) {
   for (int64_t s = 0; s < v.samples; ++s)
     for (int64_t k = 0; k < n_chunks; ++k) {
       const double* part = partial.data() + (s * n_chunks + k) * 2 * cols;
-      for (int64_t j = 0; j < cols; ++j) {
-        s1[at(s * v.C + j / v.I)] += part[j];
-        s2[at(s * v.C + j / v.I)] += part[cols + j];
-      }
+      for (int64_t c = 0; c < v.C; ++c)
+        for (int64_t j = c * v.I; j < (c + 1) * v.I; ++j) {
+          s1[at(s * v.C + c)] += part[j];
+          s2[at(s * v.C + c)] += part[cols + j];
+        }
     }
   write_param_grads(p, v, s1, s2);
   // c1, c2 per (sample, column)
@@ -612,7 +624,9 @@ void backward_rows(const ChannelBackwardParams<T>& p, const View& v) {
         c2col[at(s * cols + j)] = c2;
       }
     }
-  for (int64_t j = 0; j < cols; ++j) wcol[at(j)] = kHasWeight ? static_cast<C>(p.weight[j / v.I]) : C(1);
+  for (int64_t c = 0; c < v.C; ++c)
+    for (int64_t j = c * v.I; j < (c + 1) * v.I; ++j)
+      wcol[at(j)] = kHasWeight ? static_cast<C>(p.weight[c]) : C(1);
   // dx
   const bool stream = p.B * p.C * p.S * static_cast<int64_t>(sizeof(T)) >= kStreamBytes;
   parallel_for(v.samples * v.O, grain_for(cols), [&](int64_t r0, int64_t r1) {
