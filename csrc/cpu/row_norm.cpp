@@ -116,13 +116,18 @@ void row_backward_rows(const RowBackwardParams<T>& p, int64_t r0, int64_t r1, do
       const T* dy = p.dy + r * N;
       const double mean = kCenter ? static_cast<double>(p.mean[r]) : 0.0;
       st[k] = make_group_stats<C>(mean, static_cast<double>(p.rstd[r]));
-      // c1, c2
+      // c1 = sum(g * xhat) / N = rstd * (sum(g * (x - hi)) - lo * sum(g)) / N, the sums in
+      // double (x - hi is exact in float for x near the mean; no per-element xhat needed), and
+      // c2 = sum(g) / N
       double sum_gx = 0.0, sum_g = 0.0;
+      const C hi = st[k].mean_hi;
       lane_sum2(N, sum_gx, sum_g, [&](int64_t j, auto w) {
         const auto g = widen(loadw(dy + j, w) * param<kHasWeight>(p.weight, j, w, C(1)));
-        return std::make_pair(g * widen(xhat_of(loadw(x + j, w), st[k])), g);
+        return std::make_pair(g * widen(loadw(x + j, w) - hi), g);
       });
-      c1[k] = static_cast<C>(sum_gx * inv_n);
+      const double rstd = static_cast<double>(p.rstd[r]);
+      const double lo = static_cast<double>(st[k].mean_lo);
+      c1[k] = static_cast<C>(rstd * (sum_gx - lo * sum_g) * inv_n);
       c2[k] = kCenter ? static_cast<C>(sum_g * inv_n) : C(0);
     }
     // dx, and partial dweight, dbias (the group's rows are read once more, from cache)
