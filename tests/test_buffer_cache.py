@@ -128,3 +128,12 @@ def test_environment_sets_the_limit():
     assert _limit_in_subprocess("0")[0] == 0
     limit, err = _limit_in_subprocess("lots")
     assert limit == 256 * MiB and "NORMKIT_BUFFER_CACHE_MB" in err
+
+
+def test_impossible_sizes_give_none_and_numpy_raises():
+    # _core.empty never throws for memory: None sends the caller to NumPy, which raises
+    assert _core.empty((2**62,), np.dtype(np.float32)) is None  # bytes overflow size_t
+    assert _core.empty((2**40,), np.dtype(np.float32)) is None  # 4 TiB
+    x = np.broadcast_to(np.ones(2**20, np.float32), (2**20, 2**20))
+    with pytest.raises(MemoryError):
+        nk.layer_norm(x, 2**20)

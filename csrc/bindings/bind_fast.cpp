@@ -153,7 +153,12 @@ py::object row_fast(py::handle x_h, py::handle ns_h, py::handle w_h, py::handle 
     if (!fast_array<A>(w_h, d, ns, k, false, w) || !fast_array<A>(b_h, d, ns, k, false, b))
       return py::none();
     if (has_out && (overlaps_ptr(out, w, N) || overlaps_ptr(out, b, N))) return py::none();
-    py::array y = has_out ? out : cached_empty(x.dtype(), shape_of(x));
+    py::array y = out;
+    if (!has_out) {
+      py::object fresh = cached_empty(x.dtype(), shape_of(x));
+      if (fresh.is_none()) return py::none();  // the general path lets NumPy raise MemoryError
+      y = py::reinterpret_steal<py::array>(fresh.release());
+    }
     const auto lead = shape_of(x, k);
     py::array rstd(acc_dtype<A>(), lead);
     py::object mean = py::none();
@@ -211,7 +216,12 @@ py::object batch_fast(py::handle x_h, py::handle w_h, py::handle b_h, py::handle
         for (int64_t c = 0; c < C; ++c)
           if (rv[c] < 0) return py::none();
     }
-    py::array y = has_out ? out : cached_empty(x.dtype(), shape_of(x));
+    py::array y = out;
+    if (!has_out) {
+      py::object fresh = cached_empty(x.dtype(), shape_of(x));
+      if (fresh.is_none()) return py::none();  // the general path lets NumPy raise MemoryError
+      y = py::reinterpret_steal<py::array>(fresh.release());
+    }
     py::array mean(acc_dtype<A>(), std::vector<py::ssize_t>{C}), rstd(acc_dtype<A>(), std::vector<py::ssize_t>{C});
     p.x = static_cast<const T*>(x.data());
     p.y = static_cast<T*>(y.mutable_data());

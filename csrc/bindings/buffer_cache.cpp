@@ -26,6 +26,7 @@
 #include <mutex>
 
 #include <pybind11/stl.h>
+#include <cstdint>
 #include <new>
 #include <vector>
 
@@ -47,8 +48,7 @@ void* allocate_aligned(size_t bytes) {
 #else
   if (posix_memalign(&p, kAlign, bytes) != 0) p = nullptr;
 #endif
-  if (!p) throw std::bad_alloc();
-  return p;
+  return p;  // nullptr when the memory is not available
 }
 
 void free_aligned(void* p) {
@@ -156,34 +156,40 @@ struct Handout {
 
 }  // namespace
 
-py::array cached_empty(const py::dtype& dt, const std::vector<py::ssize_t>& shape) {
-  size_t count = 1;
-  for (py::ssize_t s : shape) count *= static_cast<size_t>(s);
-  const size_t nbytes = count * static_cast<size_t>(dt.itemsize());
-  if (nbytes < kMinBytes) return py::array(dt, shape);
-  const size_t bytes = (nbytes + kRound - 1) / kRound * kRound;
-  void* p = cache().acquire(bytes);
-  Handout* h;
-  try {
-    h = new Handout{p, bytes};
-  } catch (...) {
-    cache().release(p, bytes);
-    throw;
+py::object cached_empty(const py::dtype& dt, const std::vector<py::ssize_t>& shape) {
+  // Size in bytes, or None on overflow (NumPy then reports the impossible shape itself).
+  size_t nbytes = static_cast<size_t>(dt.itemsize());
+  for (py::ssize_t s : shape) {
+    const auto e = static_cast<size_t>(s);
+    if (e != 0 && nbytes > SIZE_MAX / e) return py::none();
+    nbytes *= e;
   }
-  py::capsule owner;
-  try {
-    owner = py::capsule(h, [](void* q) {
-      auto* hh = static_cast<Handout*>(q);
-      cache().release(hh->ptr, hh->bytes);
-      delete hh;
-    });
-  } catch (...) {
+  if (nbytes < kMinBytes) return py::array(dt, shape);
+  if (nbytes > SIZE_MAX - kRound) return py::none();
+  const size_t bytes = (nbytes + kRound - 1) / kRound * kRound;
+  // Failures return None instead of throwing: the caller then asks NumPy, which raises
+  // MemoryError in Python (a C++ exception from a failed allocation is avoided on purpose).
+  void* p = cache().acquire(bytes);
+  if (!p) return py::none();
+  auto* h = new (std::nothrow) Handout{p, bytes};
+  if (!h) {
+    cache().release(p, bytes);
+    return py::none();
+  }
+  PyObject* cap = PyCapsule_New(h, nullptr, [](PyObject* c) {
+    auto* hh = static_cast<Handout*>(PyCapsule_GetPointer(c, nullptr));
+    cache().release(hh->ptr, hh->bytes);
+    delete hh;
+  });
+  if (!cap) {
+    PyErr_Clear();
     delete h;
     cache().release(p, bytes);
-    throw;
+    return py::none();
   }
   // From here on the capsule owns the buffer: if the array cannot be made, dropping the capsule
   // returns it to the cache.
+  py::capsule owner = py::reinterpret_steal<py::capsule>(cap);
   return py::array(dt, shape, p, owner);
 }
 
@@ -193,7 +199,8 @@ void bind_buffer_cache(py::module_& m) {
       if (s < 0) throw std::invalid_argument("empty: negative dimension");
     return cached_empty(dt, shape);
   }, py::arg("shape"), py::arg("dtype"),
-     "An uninitialized C-contiguous array; buffers of at least 256 KiB come from the cache.");
+     "An uninitialized C-contiguous array (buffers of at least 256 KiB come from the cache), or "
+     "None when the memory cannot be had (the caller then asks NumPy, which raises).");
   m.def("set_buffer_cache_limit", [](int64_t limit) {
     if (limit < 0) throw std::invalid_argument("set_buffer_cache_limit: limit must be >= 0");
     return cache().set_limit(static_cast<size_t>(limit));

@@ -243,7 +243,8 @@ def _empty(shape, dtype) -> np.ndarray:
     """An uninitialized C-contiguous array for an output or temporary. Buffers of 256 KiB or more
     come from normkit's bounded cache of freed buffers (``set_buffer_cache_limit``), which
     spares the page faults of mapping fresh memory on every call."""
-    return _core.empty(shape, dtype)
+    a = _core.empty(shape, dtype)
+    return np.empty(shape, dtype) if a is None else a  # None: NumPy raises MemoryError itself
 
 
 def _dense(a: np.ndarray) -> np.ndarray:
