@@ -20,15 +20,15 @@
 //     threads own rows o and walk memory in order, shifted sums per plane (o, c), added per
 //     channel in row order over pieces of up to kShiftPiece elements that share a shift, the
 //     pieces merged with Chan's formula (double: two-pass moments per plane, merged); a second
-//     sweep normalizes (x is read twice, but
-//     sequentially, instead of in scattered pieces too small for the prefetchers).
+//     sweep normalizes (x is read twice, but sequentially, instead of in scattered pieces too
+//     small for the prefetchers).
 //   rows   (otherwise): each block is a matrix (O, C * I); threads own fixed chunks of rows
 //     and keep per-column partials, merged per column in chunk order, then per group.
 // Forward: 1) stats in double — one pass of shifted sums for float/half/bfloat16, two passes for
 // double (kShiftedStats, cpu/lanes.h); pieces merged with Chan's formula (core/welford.h).
 // 2) normalize + affine (core/norm_math.h). 3) write y, mean, rstd; running statistics updated
-// with unbiased variances. A group is fully reduced before any of its y is
-// written, so y may be x (in place).
+// with unbiased variances. A group is fully reduced before any of its y is written, so y may
+// be x (in place).
 // Backward: per (s, c) sums S1 = sum(dy * xhat), S2 = sum(dy); dweight = sum_s S1, dbias = sum_s S2;
 // per group c1 = sum_c w_c S1 / n, c2 = sum_c w_c S2 / n; dx = rstd * (w dy - c2 - xhat c1);
 // training=False: statistics are constants, c1 = c2 = 0.

@@ -3,8 +3,9 @@
 // View: x is (M, N) row-major, one group per row (STYLE section 2); weight/bias (N,).
 // Forward per row:
 //   1) stats in double with fixed-order lanes (cpu/lanes.h): float/half/bfloat16 rows in one
-//      pass of shifted sums in pieces (kShiftedStats in cpu/lanes.h); double rows in two passes over the row (it is
-//      in L1/L2 after the first): mean = sum(x) / N, then var = sum((x - mean)^2) / N.
+//      pass of shifted sums in pieces (kShiftedStats in cpu/lanes.h); double rows in two
+//      passes (the row is in L1/L2 after the first): mean = sum(x) / N, then
+//      var = sum((x - mean)^2) / N.
 //      RMSNorm: mean = 0, var = sum(x^2) / N.
 //   2) normalize + affine: y = xhat * w + b (core/norm_math.h).
 //   3) write y, mean, rstd. The row is fully reduced before any of its y is written, so y may

@@ -148,21 +148,6 @@ NK_INLINE void stream_fence() {
 #endif
 }
 
-// ---- prefetch -----------------------------------------------------------------------------------
-// Asks for the cache lines of [p, p + bytes) ahead of use. The hardware prefetchers stop at every
-// 4 KiB page boundary, so a kernel that moves on to a new row or plane each page or so (LayerNorm
-// rows of 4 KiB, small BatchNorm planes) waits for memory at each start unless it asks first.
-NK_INLINE void prefetch_range(const void* p, int64_t bytes) {
-#if defined(NK_HAVE_STREAM)
-  const char* c = static_cast<const char*>(p);
-  for (int64_t off = 0; off < bytes; off += 64)
-    _mm_prefetch(c + off, _MM_HINT_T0);
-#else
-  (void)p;
-  (void)bytes;
-#endif
-}
-
 // ---- loops --------------------------------------------------------------------------------------
 // The whole 64-byte cache lines of out[0, n): [head, end). Only whole lines are ever written with
 // streaming stores: a line written partly by streaming and partly by ordinary stores (at the
