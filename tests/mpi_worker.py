@@ -159,12 +159,12 @@ def check_case(ck, comm, name, seed, sizes, ncs_rest, dt, ca, loc, spread, affin
     dx_tol = tol + 1e-15 * abs(loc) / spread**2
     # the whole batch in one process
     rm1, rv1 = rm.copy(), rv.copy()
-    whole = nk.batch_norm(x, w, b, rm1, rv1, channel_axis=ca)
+    whole = nk.batch_norm(x, w, b, running_mean=rm1, running_var=rv1, channel_axis=ca)
     whole_g = nk.batch_norm_backward(dy, x, whole.mean, whole.rstd, w, channel_axis=ca)
     # this rank's shard
     xs, dys = x[lo:hi], dy[lo:hi]
     rm2, rv2 = rm.copy(), rv.copy()
-    got = sync_batch_norm(xs, w, b, rm2, rv2, channel_axis=ca, comm=comm)
+    got = sync_batch_norm(xs, w, b, running_mean=rm2, running_var=rv2, channel_axis=ca, comm=comm)
     g = sync_batch_norm_backward(dys, xs, got.mean, got.rstd, w, channel_axis=ca, comm=comm)
 
     ck.true(got.y.dtype == dt and g.dx.dtype == dt, f"{name}: y/dx dtype {got.y.dtype}/{g.dx.dtype}")
@@ -194,7 +194,7 @@ def check_case(ck, comm, name, seed, sizes, ncs_rest, dt, ca, loc, spread, affin
         ck.same_on_all_ranks(a, f"{name}: {what}", comm)
     # a second call gives the same bits
     rm3, rv3 = rm.copy(), rv.copy()
-    again = sync_batch_norm(xs, w, b, rm3, rv3, channel_axis=ca, comm=comm)
+    again = sync_batch_norm(xs, w, b, running_mean=rm3, running_var=rv3, channel_axis=ca, comm=comm)
     g2 = sync_batch_norm_backward(dys, xs, again.mean, again.rstd, w, channel_axis=ca, comm=comm)
     for what, a, e in (("y", again.y, got.y), ("mean", again.mean, got.mean),
                        ("rstd", again.rstd, got.rstd), ("running_var", rv3, rv2),
@@ -219,8 +219,8 @@ def scenario_options(ck: Checks):
     view = big[lo:hi, :, :, ::2]
     ck.close(sync_batch_norm(view, w, b).y, whole.y[lo:hi], 1e-12, "strided x: y")
     # eval mode: local, running statistics used
-    ev = sync_batch_norm(x[lo:hi], w, b, rm, rv, training=False)
-    ck.close(ev.y, nk.batch_norm(x, w, b, rm, rv, training=False).y[lo:hi], 0.0, "eval: y")
+    ev = sync_batch_norm(x[lo:hi], w, b, running_mean=rm, running_var=rv, training=False)
+    ck.close(ev.y, nk.batch_norm(x, w, b, running_mean=rm, running_var=rv, training=False).y[lo:hi], 0.0, "eval: y")
     # backward with the statistics held constant: dx local, dweight/dbias global
     whole_g = nk.batch_norm_backward(dy, x, rm, 1 / np.sqrt(rv + 1e-5), w, training=False)
     g = sync_batch_norm_backward(dy[lo:hi], x[lo:hi], rm, 1 / np.sqrt(rv + 1e-5), w, training=False)
@@ -312,21 +312,21 @@ def scenario_errors(ck: Checks):
 
     w_bad = np.ones(4 if rank == last else 3)
     expect_error(ck, "bad weight on the last rank",
-                 lambda: sync_batch_norm(x, w_bad, None, rm, rv), ValueError,
+                 lambda: sync_batch_norm(x, w_bad, None, running_mean=rm, running_var=rv), ValueError,
                  "sync_batch_norm: weight has shape (4,)", f"(raised on rank {last} of {k})",
                  check_after=untouched)
     xi = x.astype(np.int32) if rank == 0 else x
-    expect_error(ck, "integer x on rank 0", lambda: sync_batch_norm(xi, None, None, rm, rv),
+    expect_error(ck, "integer x on rank 0", lambda: sync_batch_norm(xi, None, None, running_mean=rm, running_var=rv),
                  TypeError, "unsupported dtype int32", f"(raised on rank 0 of {k})",
                  check_after=untouched)
     x1 = x[0, 0] if rank == last else x
     expect_error(ck, "1-D x on the last rank", lambda: sync_batch_norm(x1), ValueError,
                  "at least 2 dimensions", f"rank {last} of {k}")
-    expect_error(ck, "every rank empty", lambda: sync_batch_norm(x[:0], None, None, rm, rv),
+    expect_error(ck, "every rank empty", lambda: sync_batch_norm(x[:0], None, None, running_mean=rm, running_var=rv),
                  ValueError, "empty reduction", check_after=untouched)
     one = x[:1, :, 0] if rank == 0 else x[:0, :, 0]
     expect_error(ck, "one value per channel over all ranks",
-                 lambda: sync_batch_norm(one, None, None, rm, rv), ValueError,
+                 lambda: sync_batch_norm(one, None, None, running_mean=rm, running_var=rv), ValueError,
                  "expected more than 1 value per channel when training", check_after=untouched)
     dy_bad = x[:, :, :3] if rank == last else x
     expect_error(ck, "backward: bad dy on the last rank",
@@ -363,7 +363,7 @@ def digest() -> str:
     """Hash of every rank's outputs of a fixed float32 case with uneven shards."""
     sizes = size_patterns(WORLD.size)["uneven"]
     x, dy, w, b, rm, rv, (lo, hi) = make_case(42, sizes, (5, 3, 7), np.float32, 1, 0.5, 1.0, "wb")
-    out = sync_batch_norm(x[lo:hi], w, b, rm, rv)
+    out = sync_batch_norm(x[lo:hi], w, b, running_mean=rm, running_var=rv)
     g = sync_batch_norm_backward(dy[lo:hi], x[lo:hi], out.mean, out.rstd, w)
     mine = b"".join(np.ascontiguousarray(a).tobytes()
                     for a in (out.y, out.mean, out.rstd, rm, rv, g.dx, g.dweight, g.dbias))

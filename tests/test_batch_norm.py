@@ -64,7 +64,7 @@ def run_forward(x, weight=None, bias=None, running_mean=None, running_var=None, 
     keep_running = snapshot(running_mean, running_var)
     rm_id, rv_id = id(running_mean), id(running_var)
 
-    out = nk.batch_norm(x, weight, bias, running_mean, running_var, **kw)
+    out = nk.batch_norm(x, weight, bias, running_mean=running_mean, running_var=running_var, **kw)
     if kw.get("out") is None:
         assert not np.shares_memory(out.y, xa), "y must be a new array"
 
@@ -186,7 +186,7 @@ def test_float64_backward_matches_reference_recomputing_stats(channel_axis, trai
     w = randn(rng, 4, np.float64, loc=1.0)
     rm, rv = make_running(rng, 4, np.float64)
     dy = randn(rng, shape, np.float64)
-    out = nk.batch_norm(x, w, None, rm.copy(), rv.copy(), training=training,
+    out = nk.batch_norm(x, w, None, running_mean=rm.copy(), running_var=rv.copy(), training=training,
                         channel_axis=channel_axis)
     g = nk.batch_norm_backward(dy, x, out.mean, out.rstd, w, training=training,
                                channel_axis=channel_axis)
@@ -206,7 +206,7 @@ def test_eval_backward_treats_stats_as_constants(channel_axis, rng):
     dy = randn(rng, shape, np.float64)
     w = randn(rng, 4, np.float64, loc=1.0)
     rm, rv = make_running(rng, 4, np.float64)
-    out = nk.batch_norm(x, w, None, rm, rv, training=False, channel_axis=channel_axis)
+    out = nk.batch_norm(x, w, None, running_mean=rm, running_var=rv, training=False, channel_axis=channel_axis)
     g = nk.batch_norm_backward(dy, x, out.mean, out.rstd, w, training=False,
                                channel_axis=channel_axis)
     want = dy * per_channel(w * out.rstd, x.ndim, channel_axis)
@@ -235,7 +235,7 @@ def test_default_arguments(rng):
     """Defaults: training=True, momentum=0.1, eps=1e-5, channel_axis=1."""
     x = randn(rng, (4, 3, 5), np.float64)
     rm, rv = np.zeros(3), np.ones(3)
-    out = nk.batch_norm(x, None, None, rm, rv)
+    out = nk.batch_norm(x, None, None, running_mean=rm, running_var=rv)
     r = ref.batch_norm(x, None, None, np.zeros(3), np.ones(3), training=True, momentum=0.1,
                        eps=1e-5, channel_axis=1)
     assert_close(out.y, r.y)
@@ -275,7 +275,7 @@ def test_running_stats_repeated_updates(rng):
     rm_r, rv_r = rm.copy(), rv.copy()
     for _ in range(5):
         x = randn(rng, (8, 4, 3), np.float64, loc=1.0, scale=2.0)
-        nk.batch_norm(x, None, None, rm, rv, momentum=0.2)
+        nk.batch_norm(x, None, None, running_mean=rm, running_var=rv, momentum=0.2)
         r = ref.batch_norm(x, None, None, rm_r, rv_r, momentum=0.2)
         rm_r, rv_r = r.running_mean, r.running_var
     assert_close(rm, rm_r)
@@ -312,7 +312,7 @@ def test_eval_uses_running_stats(rng):
     rv = np.array([4.0, 0.25, 1.0])
     w = np.array([1.0, 2.0, -1.0])
     b = np.array([0.0, 1.0, 3.0])
-    out = nk.batch_norm(x, w, b, rm, rv, training=False, eps=0.0)
+    out = nk.batch_norm(x, w, b, running_mean=rm, running_var=rv, training=False, eps=0.0)
     want = (x - rm[:, None]) / np.sqrt(rv)[:, None] * w[:, None] + b[:, None]
     assert_close(out.y, want)
     assert_bitwise_equal(out.mean, rm)
@@ -502,7 +502,7 @@ def test_eval_on_empty_batch(shape, channel_axis, dtype, rng):
     x = np.zeros(shape, dtype)
     rm, rv = make_running(rng, c, sd)
     w, b = make_params(rng, c, "weight+bias", sd)
-    out = nk.batch_norm(x, w, b, rm, rv, training=False, channel_axis=channel_axis)
+    out = nk.batch_norm(x, w, b, running_mean=rm, running_var=rv, training=False, channel_axis=channel_axis)
     assert out.y.shape == shape and out.y.dtype == dtype
     assert_bitwise_equal(out.mean, rm)
     assert out.rstd.shape == (c,) and out.rstd.dtype == sd
@@ -521,7 +521,7 @@ def test_zero_channels(channel_axis, training):
     x = np.zeros(shape, np.float32)
     rm, rv = np.zeros(0, np.float32), np.ones(0, np.float32)
     w, b = np.ones(0, np.float32), np.zeros(0, np.float32)
-    out = nk.batch_norm(x, w, b, rm, rv, training=training, channel_axis=channel_axis)
+    out = nk.batch_norm(x, w, b, running_mean=rm, running_var=rv, training=training, channel_axis=channel_axis)
     assert out.y.shape == shape and out.y.dtype == np.float32
     assert out.mean.shape == (0,) and out.rstd.shape == (0,)
     assert out.mean.dtype == np.float32
@@ -576,9 +576,9 @@ def test_out_fresh(dtype, channel_axis, training, rng):
     w, b = make_params(rng, 3, "weight+bias", sd)
     rm, rv = make_running(rng, 3, sd)
     kw = dict(training=training, channel_axis=channel_axis)
-    want = nk.batch_norm(x, w, b, rm.copy(), rv.copy(), **kw)
+    want = nk.batch_norm(x, w, b, running_mean=rm.copy(), running_var=rv.copy(), **kw)
     out = np.full(shape, np.nan, dtype)
-    got = nk.batch_norm(x, w, b, rm.copy(), rv.copy(), out=out, **kw)
+    got = nk.batch_norm(x, w, b, running_mean=rm.copy(), running_var=rv.copy(), out=out, **kw)
     assert got.y is out
     assert_bitwise_equal(out, want.y, "out")
     assert_bitwise_equal(got.mean, want.mean, "mean")
@@ -677,8 +677,8 @@ def test_out_overlaps_parameters(param, channel_axis, rng):
     want = ref.batch_norm(x, *(args[k].copy() for k in ("weight", "bias", "running_mean",
                                                         "running_var")),
                           training=False, channel_axis=channel_axis)
-    got = nk.batch_norm(x, args["weight"], args["bias"], args["running_mean"],
-                        args["running_var"], training=False, channel_axis=channel_axis, out=out)
+    got = nk.batch_norm(x, args["weight"], args["bias"], running_mean=args["running_mean"],
+                        running_var=args["running_var"], training=False, channel_axis=channel_axis, out=out)
     assert got.y is out
     assert_close(out, want.y, what=f"y with out overlapping {param}")
 
@@ -704,7 +704,7 @@ def test_nonfinite_confined_to_its_channel(dtype, bad, channel_axis, rng):
     rm, rv = make_running(rng, 4, sd)
     r = ref.batch_norm(x, w, b, rm, rv, channel_axis=channel_axis)
     nv = naive.batch_norm(x, w, b, channel_axis=channel_axis) if is_half(dtype) else None
-    out = nk.batch_norm(x, w, b, rm, rv, channel_axis=channel_axis)
+    out = nk.batch_norm(x, w, b, running_mean=rm, running_var=rv, channel_axis=channel_axis)
     others = [0, 1, 3]
 
     def oth(a, axis=ax):
@@ -838,13 +838,13 @@ def test_forward_errors(name, mutate, exc, match, rng):
     a = _valid_call(rng)
     mutate(a)
     assert_raises_nothing_written(exc, match, nk.batch_norm, a["x"], a["weight"], a["bias"],
-                                  a["running_mean"], a["running_var"], **a["kw"])
+                                  running_mean=a["running_mean"], running_var=a["running_var"], **a["kw"])
 
 
 def test_valid_call_of_error_table_works(rng):
     """The unmodified call of the error table is valid, so each error is due to its mutation."""
     a = _valid_call(rng)
-    out = nk.batch_norm(a["x"], a["weight"], a["bias"], a["running_mean"], a["running_var"],
+    out = nk.batch_norm(a["x"], a["weight"], a["bias"], running_mean=a["running_mean"], running_var=a["running_var"],
                         **a["kw"])
     assert out.y is a["kw"]["out"]
 
@@ -907,9 +907,9 @@ def test_bitwise_identical_across_thread_counts(channel_axis, name, restore_num_
 
     def compute():
         rm, rv = np.zeros(32, sd), np.ones(32, sd)
-        out = nk.batch_norm(x, w, b, rm, rv, channel_axis=channel_axis)
+        out = nk.batch_norm(x, w, b, running_mean=rm, running_var=rv, channel_axis=channel_axis)
         g = nk.batch_norm_backward(dy, x, out.mean, out.rstd, w, channel_axis=channel_axis)
-        ev = nk.batch_norm(x, w, b, rm, rv, training=False, channel_axis=channel_axis)
+        ev = nk.batch_norm(x, w, b, running_mean=rm, running_var=rv, training=False, channel_axis=channel_axis)
         ge = nk.batch_norm_backward(dy, x, ev.mean, ev.rstd, w, training=False,
                                     channel_axis=channel_axis)
         return (out.y, out.mean, out.rstd, rm, rv, g.dx, g.dweight, g.dbias, ev.y,
@@ -948,7 +948,7 @@ def test_concurrent_calls_from_python_threads():
     def work(job):
         x, dy, w, ca = job
         rm, rv = np.zeros(6, np.float32), np.ones(6, np.float32)
-        out = nk.batch_norm(x, w, None, rm, rv, channel_axis=ca)
+        out = nk.batch_norm(x, w, None, running_mean=rm, running_var=rv, channel_axis=ca)
         g = nk.batch_norm_backward(dy, x, out.mean, out.rstd, w, channel_axis=ca)
         return out.y, out.mean, out.rstd, rm, rv, g.dx, g.dweight, g.dbias
 

@@ -161,9 +161,9 @@ def test_batch_norm_matches_cpu(dtype, shape, channel_axis):
         dy = data(x.shape, dtype, seed=1)
         rm, rv = np.zeros(C, sd), np.ones(C, sd)
         grm, grv = cp.asarray(rm), cp.asarray(rv)
-        cpu = nk.batch_norm(x, w, b, rm, rv, channel_axis=channel_axis)
+        cpu = nk.batch_norm(x, w, b, running_mean=rm, running_var=rv, channel_axis=channel_axis)
         gx, gdy, gw, gb = to_gpu(x, dy, w, b)
-        gpu = nk.batch_norm(gx, gw, gb, grm, grv, channel_axis=channel_axis)
+        gpu = nk.batch_norm(gx, gw, gb, running_mean=grm, running_var=grv, channel_axis=channel_axis)
         assert_all_close(gpu, cpu, dtype)
         assert_close(grm, rm, dtype)
         assert_close(grv, rv, dtype)
@@ -171,8 +171,8 @@ def test_batch_norm_matches_cpu(dtype, shape, channel_axis):
                          nk.batch_norm_backward(dy, x, cpu.mean, cpu.rstd, w, channel_axis=channel_axis),
                          dtype)
         # evaluation with the running statistics
-        cpu_e = nk.batch_norm(x, w, b, rm, rv, training=False, channel_axis=channel_axis)
-        gpu_e = nk.batch_norm(gx, gw, gb, grm, grv, training=False, channel_axis=channel_axis)
+        cpu_e = nk.batch_norm(x, w, b, running_mean=rm, running_var=rv, training=False, channel_axis=channel_axis)
+        gpu_e = nk.batch_norm(gx, gw, gb, running_mean=grm, running_var=grv, training=False, channel_axis=channel_axis)
         assert_all_close(gpu_e, cpu_e, dtype)
         assert_all_close(
             nk.batch_norm_backward(gdy, gx, gpu_e.mean, gpu_e.rstd, gw, training=False, channel_axis=channel_axis),
@@ -213,16 +213,16 @@ def test_instance_norm_matches_cpu(dtype, shape, channel_axis):
     rm, rv = np.zeros(C, sd), np.ones(C, sd)
     grm, grv = cp.asarray(rm), cp.asarray(rv)
     gx, gdy, gw, gb = to_gpu(x, dy, w, b)
-    cpu = nk.instance_norm(x, w, b, rm, rv, channel_axis=channel_axis)
-    gpu = nk.instance_norm(gx, gw, gb, grm, grv, channel_axis=channel_axis)
+    cpu = nk.instance_norm(x, w, b, running_mean=rm, running_var=rv, channel_axis=channel_axis)
+    gpu = nk.instance_norm(gx, gw, gb, running_mean=grm, running_var=grv, channel_axis=channel_axis)
     assert_all_close(gpu, cpu, dtype)
     assert_close(grm, rm, dtype)
     assert_close(grv, rv, dtype)
     assert_all_close(nk.instance_norm_backward(gdy, gx, gpu.mean, gpu.rstd, gw, channel_axis=channel_axis),
                      nk.instance_norm_backward(dy, x, cpu.mean, cpu.rstd, w, channel_axis=channel_axis),
                      dtype)
-    cpu_e = nk.instance_norm(x, w, b, rm, rv, training=False, channel_axis=channel_axis)
-    gpu_e = nk.instance_norm(gx, gw, gb, grm, grv, training=False, channel_axis=channel_axis)
+    cpu_e = nk.instance_norm(x, w, b, running_mean=rm, running_var=rv, training=False, channel_axis=channel_axis)
+    gpu_e = nk.instance_norm(gx, gw, gb, running_mean=grm, running_var=grv, training=False, channel_axis=channel_axis)
     assert_all_close(gpu_e, cpu_e, dtype)
 
 
@@ -277,10 +277,10 @@ def test_errors_write_nothing():
     rm, rv = cp.zeros(6, cp.float32), cp.ones(6, cp.float32)
     out = cp.full((4, 6), 7.0, cp.float32)
     with pytest.raises(ValueError, match="momentum"):
-        nk.batch_norm(x, None, None, rm, rv, momentum=2.0, out=out)
+        nk.batch_norm(x, None, None, running_mean=rm, running_var=rv, momentum=2.0, out=out)
     assert bool((rm == 0).all()) and bool((rv == 1).all()) and bool((out == 7).all())
     with pytest.raises(ValueError, match="negative"):
-        nk.batch_norm(x, None, None, rm, -rv, training=False, out=out)
+        nk.batch_norm(x, None, None, running_mean=rm, running_var=-rv, training=False, out=out)
     assert bool((out == 7).all())
 
 

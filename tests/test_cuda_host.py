@@ -298,17 +298,27 @@ def rng_arrays():
     return x4, c4
 
 
+def _with_running(f):
+    """``f`` taking the running statistics as its 4th and 5th positional arguments (they are
+    keyword-only in normkit), so that the tables below can wrap every array by position."""
+
+    def call(x, weight, bias, running_mean, running_var, **kw):
+        return f(x, weight, bias, running_mean=running_mean, running_var=running_var, **kw)
+
+    return call
+
+
 def all_calls():
     """(name, call(arrays...)) for every SPEC function with plain valid arguments."""
     x, c = rng_arrays()
     rows = x.reshape(8, 15)
     m2, r2 = np.zeros((2, 4), np.float32), np.ones((2, 4), np.float32)
     return {
-        "batch_norm": (nk.batch_norm, (x, c, c, c.copy(), c.copy()), {}),
+        "batch_norm": (_with_running(nk.batch_norm), (x, c, c, c.copy(), c.copy()), {}),
         "batch_norm_backward": (nk.batch_norm_backward, (x, x, c, c, c), {}),
         "group_norm": (nk.group_norm, (x, 2, c, c), {}),
         "group_norm_backward": (nk.group_norm_backward, (x, x, m2[:, :2], r2[:, :2], c), {}),
-        "instance_norm": (nk.instance_norm, (x, c, c, c.copy(), c.copy()), {}),
+        "instance_norm": (_with_running(nk.instance_norm), (x, c, c, c.copy(), c.copy()), {}),
         "instance_norm_backward": (nk.instance_norm_backward, (x, x, m2, r2, c), {}),
         "layer_norm": (nk.layer_norm, (rows, 15, np.ones(15, np.float32)), {}),
         "layer_norm_backward": (nk.layer_norm_backward, (rows, rows, np.zeros(8, np.float32),
@@ -384,9 +394,9 @@ def bad_inputs():
         (nk.batch_norm, (x.astype(np.int32),), {}),
         (nk.batch_norm, (x[0, 0],), {}),
         (nk.batch_norm, (x, np.ones(3, np.float32)), {}),
-        (nk.batch_norm, (x, None, None, c.astype(np.float64), c.astype(np.float64)), {}),
-        (nk.batch_norm, (x, None, None, c.copy(), None), {}),
-        (nk.batch_norm, (x, None, None, ro_c, c.copy()), {}),
+        (nk.batch_norm, (x,), {"running_mean": c.astype(np.float64), "running_var": c.astype(np.float64)}),
+        (nk.batch_norm, (x,), {"running_mean": c.copy()}),
+        (nk.batch_norm, (x,), {"running_mean": ro_c, "running_var": c.copy()}),
         (nk.batch_norm, (x,), {"momentum": 2.0}),
         (nk.batch_norm, (x,), {"eps": -1.0}),
         (nk.batch_norm, (x,), {"eps": float("nan")}),
@@ -407,7 +417,7 @@ def bad_inputs():
         (nk.group_norm_backward, (x, x, np.zeros(3, np.float32), np.ones(3, np.float32)), {}),
         (nk.instance_norm, (x[:, :, :1],), {}),
         (nk.instance_norm, (x,), {"training": False}),
-        (nk.instance_norm, (x[:0], None, None, c.copy(), c.copy()), {}),
+        (nk.instance_norm, (x[:0],), {"running_mean": c.copy(), "running_var": c.copy()}),
         (nk.instance_norm_backward, (x, x, c, c), {}),
         (nk.instance_norm_backward, (x, x, c, c), {"training": False, "channel_axis": -1}),
         (nk.layer_norm, (rows, 4), {}),
@@ -439,7 +449,7 @@ def test_overlapping_running_stats_rejected_on_device(no_device_work):
     x, _ = rng_arrays()
     buf = np.zeros(5, np.float32)
     with pytest.raises(ValueError, match="running_mean and running_var overlap"):
-        nk.batch_norm(dev(x), None, None, dev(buf[:4]), dev(buf[1:]))
+        nk.batch_norm(dev(x), None, None, running_mean=dev(buf[:4]), running_var=dev(buf[1:]))
 
 
 @pytest.mark.skipif(nk.cuda.is_available(), reason="a GPU is present; tests/test_cuda.py runs there")
@@ -729,8 +739,8 @@ def test_dispatch_negative_running_var_raises_before_writing(emulated):
     x = dev_array(np.ones((4, 3), np.float32), copy=True)
     out = dev_array(np.full((4, 3), 7.0, np.float32), copy=True)
     with pytest.raises(ValueError, match="running_var has negative entries"):
-        nk.batch_norm(x, None, None, dev_array(np.zeros(3, np.float32)),
-                      dev_array(-np.ones(3, np.float32)), training=False, out=out)
+        nk.batch_norm(x, None, None, running_mean=dev_array(np.zeros(3, np.float32)),
+                      running_var=dev_array(-np.ones(3, np.float32)), training=False, out=out)
     assert (out == 7).all() and not emulated.streams
 
 

@@ -57,7 +57,7 @@ def test_batch_fast_path_matches_general_path(dtype, shape, ca, training):
     fast = _core.batch_norm_fast(x, w, b, rm1, rv1, training, 0.1, 1e-5, ca, None)
     assert fast is not None
     # integer momentum / channel_axis as a NumPy integer: general path
-    general = nk.batch_norm(x, w, b, rm2, rv2, training=training, momentum=np.float64(0.1),
+    general = nk.batch_norm(x, w, b, running_mean=rm2, running_var=rv2, training=training, momentum=np.float64(0.1),
                             eps=1e-5, channel_axis=np.int64(ca))
     _same(fast, general)
     assert np.array_equal(rm1, rm2) and np.array_equal(rv1, rv2)

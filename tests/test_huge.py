@@ -103,7 +103,7 @@ def test_batch_norm_float16_more_than_2_31_elements(huge_x):
     rv = np.ones(C, np.float32)
     weight = np.array([1.0, 0.5, 2.0], np.float32)
     bias = np.array([0.0, 1.0, -1.0], np.float32)
-    y, mean, rstd = nk.batch_norm(x, weight, bias, rm, rv, training=True, momentum=0.1, eps=eps)
+    y, mean, rstd = nk.batch_norm(x, weight, bias, running_mean=rm, running_var=rv, training=True, momentum=0.1, eps=eps)
     try:
         assert y.shape == x.shape and y.dtype == np.float16
         assert mean.shape == (C,) and rstd.shape == (C,)

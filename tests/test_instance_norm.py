@@ -61,7 +61,7 @@ def run_forward(x, weight=None, bias=None, running_mean=None, running_var=None, 
     keep = snapshot(xa, weight, bias)
     keep_running = snapshot(running_mean, running_var)
 
-    out = nk.instance_norm(x, weight, bias, running_mean, running_var, **kw)
+    out = nk.instance_norm(x, weight, bias, running_mean=running_mean, running_var=running_var, **kw)
 
     assert isinstance(out, nk.NormOutput)
     assert out.y.shape == xa.shape and out.y.dtype == xa.dtype
@@ -194,7 +194,7 @@ def test_float64_backward_with_reference_stats(channel_axis, training, rng):
     w = randn(rng, 3, np.float64, loc=1.0)
     rm, rv = make_running(rng, 3, np.float64)
     dy = randn(rng, shape, np.float64)
-    out = nk.instance_norm(x, w, None, rm.copy(), rv.copy(), training=training,
+    out = nk.instance_norm(x, w, None, running_mean=rm.copy(), running_var=rv.copy(), training=training,
                            channel_axis=channel_axis)
     g = nk.instance_norm_backward(dy, x, out.mean, out.rstd, w, training=training,
                                   channel_axis=channel_axis)
@@ -214,7 +214,7 @@ def test_eval_backward_treats_stats_as_constants(channel_axis, rng):
     dy = randn(rng, shape, np.float64)
     w = randn(rng, 4, np.float64, loc=1.0)
     rm, rv = make_running(rng, 4, np.float64)
-    out = nk.instance_norm(x, w, None, rm, rv, training=False, channel_axis=channel_axis)
+    out = nk.instance_norm(x, w, None, running_mean=rm, running_var=rv, training=False, channel_axis=channel_axis)
     g = nk.instance_norm_backward(dy, x, out.mean, out.rstd, w, training=False,
                                   channel_axis=channel_axis)
     assert_close(g.dx, dy * per_channel(w * out.rstd, x.ndim, channel_axis), what="dx")
@@ -245,7 +245,7 @@ def test_default_arguments(rng):
     """Defaults: training=True, momentum=0.1, eps=1e-5, channel_axis=1."""
     x = randn(rng, (4, 3, 5), np.float64, loc=1.0, scale=0.01)
     rm, rv = np.zeros(3), np.ones(3)
-    out = nk.instance_norm(x, None, None, rm, rv)
+    out = nk.instance_norm(x, None, None, running_mean=rm, running_var=rv)
     r = ref.instance_norm(x, None, None, np.zeros(3), np.ones(3), training=True, momentum=0.1,
                           eps=1e-5, channel_axis=1)
     assert out.mean.shape == (4, 3)
@@ -286,7 +286,7 @@ def test_running_var_is_not_the_batch_variance(rng):
     x = randn(rng, (4, 2, 10), np.float64, scale=0.1)
     x += np.array([0.0, 10.0, -10.0, 20.0])[:, None, None]
     rm, rv = np.zeros(2), np.zeros(2)
-    nk.instance_norm(x, None, None, rm, rv, momentum=1.0)
+    nk.instance_norm(x, None, None, running_mean=rm, running_var=rv, momentum=1.0)
     assert_close(rm, x.mean(axis=2).mean(axis=0), what="running_mean")
     assert np.all(rv < 0.1)
     assert_close(rv, x.var(axis=2, ddof=1).mean(axis=0), what="running_var")
@@ -298,7 +298,7 @@ def test_running_stats_repeated_updates(rng):
     rm_r, rv_r = rm.copy(), rv.copy()
     for i in range(5):
         x = randn(rng, (3 + i, 4, 6), np.float64, loc=1.0, scale=2.0)
-        nk.instance_norm(x, None, None, rm, rv, momentum=0.2)
+        nk.instance_norm(x, None, None, running_mean=rm, running_var=rv, momentum=0.2)
         r = ref.instance_norm(x, None, None, rm_r, rv_r, momentum=0.2)
         rm_r, rv_r = r.running_mean, r.running_var
     assert_close(rm, rm_r)
@@ -341,7 +341,7 @@ def test_eval_uses_running_stats(rng):
     rv = np.array([4.0, 0.25, 1.0])
     w = np.array([1.0, 2.0, -1.0])
     b = np.array([0.0, 1.0, 3.0])
-    out = nk.instance_norm(x, w, b, rm, rv, training=False, eps=0.0)
+    out = nk.instance_norm(x, w, b, running_mean=rm, running_var=rv, training=False, eps=0.0)
     want = (x - rm[:, None]) / np.sqrt(rv)[:, None] * w[:, None] + b[:, None]
     assert_close(out.y, want)
     assert_bitwise_equal(out.mean, rm)
@@ -500,7 +500,7 @@ def test_empty_batch_eval(shape, channel_axis, dtype, rng):
     sd = stats_dtype(dtype)
     x = np.zeros(shape, dtype)
     rm, rv = make_running(rng, 3, sd)
-    out = nk.instance_norm(x, None, None, rm, rv, training=False, channel_axis=channel_axis)
+    out = nk.instance_norm(x, None, None, running_mean=rm, running_var=rv, training=False, channel_axis=channel_axis)
     assert out.y.shape == shape and out.y.dtype == dtype
     assert_bitwise_equal(out.mean, rm)
     assert out.rstd.shape == (3,) and out.rstd.dtype == sd
@@ -516,7 +516,7 @@ def test_empty_batch_cannot_update_running_stats(rng):
     rm, rv = make_running(rng, 3, np.float32)
     keep = snapshot(rm, rv)
     with pytest.raises(ValueError, match="instance_norm"):
-        nk.instance_norm(x, None, None, rm, rv)
+        nk.instance_norm(x, None, None, running_mean=rm, running_var=rv)
     assert_unchanged(keep, "running statistics")
 
 
@@ -564,10 +564,10 @@ def test_out_fresh(dtype, channel_axis, training, rng):
     rm, rv = make_running(rng, 3, sd)
     kw = dict(training=training, channel_axis=channel_axis)
     rm1, rv1 = rm.copy(), rv.copy()
-    want = nk.instance_norm(x, w, b, rm1, rv1, **kw)
+    want = nk.instance_norm(x, w, b, running_mean=rm1, running_var=rv1, **kw)
     out = np.full(shape, np.nan, dtype)
     rm2, rv2 = rm.copy(), rv.copy()
-    got = nk.instance_norm(x, w, b, rm2, rv2, out=out, **kw)
+    got = nk.instance_norm(x, w, b, running_mean=rm2, running_var=rv2, out=out, **kw)
     assert got.y is out
     assert_bitwise_equal(out, want.y, "out")
     assert_bitwise_equal(got.mean, want.mean, "mean")
@@ -592,8 +592,8 @@ def test_out_is_x(dtype, layout_kind, training, rng):
     rm, rv = make_running(rng, 3, sd)
     kw = dict(training=training, channel_axis=channel_axis)
     rm1, rv1 = rm.copy(), rv.copy()
-    want = nk.instance_norm(x0, w, b, rm1, rv1, **kw)
-    got = nk.instance_norm(x, w, b, rm, rv, out=x, **kw)
+    want = nk.instance_norm(x0, w, b, running_mean=rm1, running_var=rv1, **kw)
+    got = nk.instance_norm(x, w, b, running_mean=rm, running_var=rv, out=x, **kw)
     assert got.y is x
     assert_bitwise_equal(x, want.y, "in-place y vs fresh")
     assert_bitwise_equal(got.mean, want.mean, "mean")
@@ -621,7 +621,7 @@ def test_out_overlaps_x(shift, training, rng):
     w, b = make_params(rng, 3, "weight+bias")
     rm, rv = make_running(rng, 3, np.float32)
     want = ref.instance_norm(x0, w, b, rm, rv, training=training)
-    got = nk.instance_norm(x, w, b, rm, rv, training=training, out=out)
+    got = nk.instance_norm(x, w, b, running_mean=rm, running_var=rv, training=training, out=out)
     assert got.y is out
     assert_close(out, want.y, what="overlapping out")
     assert_close(got.mean, want.mean, what="mean")
@@ -647,8 +647,8 @@ def test_out_overlaps_parameters(param, training, rng):
     x = randn(rng, shape, np.float64, loc=0.5)
     want = ref.instance_norm(x, copies["weight"], copies["bias"], copies["running_mean"],
                              copies["running_var"], training=training, momentum=0.5)
-    got = nk.instance_norm(x, args["weight"], args["bias"], args["running_mean"],
-                           args["running_var"], training=training, momentum=0.5, out=out)
+    got = nk.instance_norm(x, args["weight"], args["bias"], running_mean=args["running_mean"],
+                           running_var=args["running_var"], training=training, momentum=0.5, out=out)
     assert got.y is out
     if param.startswith("running") and training:
         # the running statistic shares memory with y; which write lands last is not
@@ -695,7 +695,7 @@ def test_nonfinite_confined_to_its_instance(dtype, bad, channel_axis, rng):
     w, b = make_params(rng, 3, "weight+bias", sd)
     rm, rv = make_running(rng, 3, sd)
     r = ref.instance_norm(x, w, b, rm, rv, channel_axis=channel_axis)
-    out = nk.instance_norm(x, w, b, rm, rv, channel_axis=channel_axis)
+    out = nk.instance_norm(x, w, b, running_mean=rm, running_var=rv, channel_axis=channel_axis)
     assert not np.any(np.isfinite(out.y[hit].astype(np.float64)))
     nv = naive.instance_norm(x, w, b, channel_axis=channel_axis) if is_half(dtype) else None
     assert_close(out.y[~hit], r.y[~hit], dtype, naive=None if nv is None else nv[~hit],
@@ -814,22 +814,22 @@ def test_forward_errors(name, mutate, exc, match, rng):
     a = _valid_call(rng)
     mutate(a)
     assert_raises_nothing_written(exc, match, nk.instance_norm, a["x"], a["weight"], a["bias"],
-                                  a["running_mean"], a["running_var"], **a["kw"])
+                                  running_mean=a["running_mean"], running_var=a["running_var"], **a["kw"])
 
 
 @pytest.mark.parametrize("training", [True, False])
 def test_valid_call_of_error_table_works(training, rng):
     a = _valid_call(rng)
     a["kw"]["training"] = training
-    out = nk.instance_norm(a["x"], a["weight"], a["bias"], a["running_mean"],
-                           a["running_var"], **a["kw"])
+    out = nk.instance_norm(a["x"], a["weight"], a["bias"], running_mean=a["running_mean"],
+                           running_var=a["running_var"], **a["kw"])
     assert out.y is a["kw"]["out"]
 
 
 def _valid_backward(rng, training=True):
     x = randn(rng, (4, 3, 5))
     rm, rv = np.zeros(3, np.float32), np.ones(3, np.float32)
-    out = nk.instance_norm(x, None, None, rm, rv, training=training)
+    out = nk.instance_norm(x, None, None, running_mean=rm, running_var=rv, training=training)
     return dict(dy=randn(rng, (4, 3, 5)), x=x, mean=out.mean, rstd=out.rstd,
                 weight=randn(rng, 3, loc=1.0), kw=dict(training=training, channel_axis=1))
 
@@ -885,9 +885,9 @@ def test_bitwise_identical_across_thread_counts(name, channel_axis, restore_num_
 
     def compute():
         rm, rv = np.zeros(32, sd), np.ones(32, sd)
-        out = nk.instance_norm(x, w, b, rm, rv, channel_axis=channel_axis)
+        out = nk.instance_norm(x, w, b, running_mean=rm, running_var=rv, channel_axis=channel_axis)
         g = nk.instance_norm_backward(dy, x, out.mean, out.rstd, w, channel_axis=channel_axis)
-        ev = nk.instance_norm(x, w, b, rm, rv, training=False, channel_axis=channel_axis)
+        ev = nk.instance_norm(x, w, b, running_mean=rm, running_var=rv, training=False, channel_axis=channel_axis)
         return out.y, out.mean, out.rstd, rm, rv, g.dx, g.dweight, g.dbias, ev.y
 
     first = assert_same_across_thread_counts(

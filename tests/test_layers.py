@@ -41,11 +41,11 @@ def functional(layer, x, training=True, running=None):
     """The functional call equivalent to ``layer(x)``; ``running`` = (rm, rv) to update."""
     rm, rv = running if running is not None else (None, None)
     if isinstance(layer, nk.BatchNorm):
-        return nk.batch_norm(x, layer.weight, layer.bias, rm, rv, training=training,
+        return nk.batch_norm(x, layer.weight, layer.bias, running_mean=rm, running_var=rv, training=training,
                              momentum=layer.momentum, eps=layer.eps,
                              channel_axis=layer.channel_axis)
     if isinstance(layer, nk.InstanceNorm):
-        return nk.instance_norm(x, layer.weight, layer.bias, rm, rv, training=training,
+        return nk.instance_norm(x, layer.weight, layer.bias, running_mean=rm, running_var=rv, training=training,
                                 momentum=layer.momentum, eps=layer.eps,
                                 channel_axis=layer.channel_axis)
     if isinstance(layer, nk.GroupNorm):
@@ -685,7 +685,7 @@ def test_layer_sequence_matches_functional_sequence(rng):
     for step in range(4):
         x = randn(rng, (5, 3, 4), np.float64, loc=step)
         y = bn(x)
-        want = nk.batch_norm(x, bn.weight, bn.bias, rm, rv, momentum=0.2, channel_axis=-1)
+        want = nk.batch_norm(x, bn.weight, bn.bias, running_mean=rm, running_var=rv, momentum=0.2, channel_axis=-1)
         assert_bitwise_equal(y, want.y, f"y at step {step}")
         dy = randn(rng, x.shape, np.float64)
         dx = bn.backward(dy)

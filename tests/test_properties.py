@@ -109,7 +109,7 @@ def test_batch_norm_property(data, name, training, running, affine, seed, loc):
     count = math.prod(d for i, d in enumerate(shape) if i != (1 if ca == 1 else len(shape) - 1))
     if training and c and count <= 1:
         with pytest.raises(ValueError):
-            nk.batch_norm(x, w, b, rm, rv, training=True, channel_axis=ca)
+            nk.batch_norm(x, w, b, running_mean=rm, running_var=rv, training=True, channel_axis=ca)
         return
     out, _ = bn.run_forward(x, w, b, rm, rv, training=training, channel_axis=ca)
     dy = make_array(_grad_seed(seed), shape, dt, data.draw(layouts(len(shape))))
@@ -181,7 +181,7 @@ def test_instance_norm_property(data, name, training, running, affine, seed):
     spatial = math.prod(shape[2:] if ca == 1 else shape[1:-1])
     if training and ((spatial <= 1 and shape[0] * c > 0) or (rm is not None and shape[0] == 0)):
         with pytest.raises(ValueError):
-            nk.instance_norm(x, w, b, rm, rv, training=True, channel_axis=ca)
+            nk.instance_norm(x, w, b, running_mean=rm, running_var=rv, training=True, channel_axis=ca)
         return
     out, _ = inn.run_forward(x, w, b, rm, rv, training=training, channel_axis=ca)
     dy = make_array(_grad_seed(seed), shape, dt, data.draw(layouts(len(shape))))

@@ -128,7 +128,7 @@ def _concurrency_cases():
 
     def bn():
         rm, rv = np.zeros(24), np.ones(24)
-        y, m, r = nk.batch_norm(xc, wc, bc, rm, rv, training=True)
+        y, m, r = nk.batch_norm(xc, wc, bc, running_mean=rm, running_var=rv, training=True)
         return (y, m, r, rm, rv) + tuple(nk.batch_norm_backward(dyc, xc, m, r, wc))
 
     def bn_last():
@@ -231,7 +231,7 @@ def _small_call_mix():
         nk.layer_norm_backward(x, x, m, r, w)
 
     def ok_batch():
-        nk.batch_norm(xc, None, None, rm, rv)
+        nk.batch_norm(xc, None, None, running_mean=rm, running_var=rv)
 
     def ok_rms():
         nk.rms_norm(x, 64)

@@ -29,13 +29,31 @@ inline std::string shape_str(const py::array& a) {
   return s + ")";
 }
 
+// Whether a dtype's bytes are in this machine's order ('=' native, '|' not applicable, or the
+// explicit character of the host's order). The kernels read and write native values only.
+inline bool is_native(const py::dtype& dt) {
+  const char order = dt.byteorder();
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
+  return order == '=' || order == '|' || order == '>';
+#else
+  return order == '=' || order == '|' || order == '<';
+#endif
+}
+
+// "float32", or the dtype's string with its byte order ("'>f4'") when that is not native.
 inline std::string dtype_name(const py::array& a) {
-  return py::str(a.dtype().attr("name")).cast<std::string>();
+  const py::dtype dt = a.dtype();
+  if (!is_native(dt)) return "'" + py::str(dt.attr("str")).cast<std::string>() + "'";
+  return py::str(dt.attr("name")).cast<std::string>();
 }
 
 // The storage dtype of a data array (x, y, dy, dx).
 inline DType data_dtype(const py::array& a, const char* fn, const char* arg) {
   const py::dtype dt = a.dtype();
+  if (!is_native(dt))
+    throw py::type_error(std::string(fn) + ": " + arg + " has dtype " + dtype_name(a) +
+                         " in non-native byte order (convert it with "
+                         "a.astype(a.dtype.newbyteorder('=')))");
   const auto size = dt.itemsize();
   if (dt.kind() == 'f') {
     if (size == 4) return DType::kFloat32;
@@ -51,6 +69,7 @@ inline DType data_dtype(const py::array& a, const char* fn, const char* arg) {
 // Non-throwing form for fast paths: false when the dtype is not a supported data dtype.
 inline bool try_data_dtype(const py::array& a, DType& d) {
   const py::dtype dt = a.dtype();
+  if (!is_native(dt)) return false;
   const auto size = dt.itemsize();
   if (dt.kind() == 'f') {
     if (size == 4) { d = DType::kFloat32; return true; }
@@ -65,7 +84,7 @@ inline bool try_data_dtype(const py::array& a, DType& d) {
 // Statistics / parameter dtype for a data dtype: float64 for float64, float32 otherwise.
 inline bool is_acc_dtype(const py::array& a, DType d) {
   const py::dtype dt = a.dtype();
-  return dt.kind() == 'f' && dt.itemsize() == (d == DType::kFloat64 ? 8 : 4);
+  return dt.kind() == 'f' && dt.itemsize() == (d == DType::kFloat64 ? 8 : 4) && is_native(dt);
 }
 
 inline bool is_c_contiguous(const py::array& a) {

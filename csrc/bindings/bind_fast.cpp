@@ -75,6 +75,24 @@ template <class F> void run_kernel(int64_t elements, F&& f) {
   f();
 }
 
+// A Python int as int64_t; false (no exception pending) when it is not an exact int or does
+// not fit, so the general path raises the documented ValueError instead.
+bool fast_int(py::handle h, int64_t& v) {
+  if (!PyLong_CheckExact(h.ptr())) return false;
+  int overflow = 0;
+  const long long r = PyLong_AsLongLongAndOverflow(h.ptr(), &overflow);
+  if (overflow != 0 || (r == -1 && PyErr_Occurred())) {
+    PyErr_Clear();
+    return false;
+  }
+  v = static_cast<int64_t>(r);
+  return true;
+}
+
+// Below this eps a float32 group's rstd can exceed float32's range; functional.py then computes
+// in float64 (_TINY_EPS there), so the fast paths decline such calls for non-float64 data.
+constexpr double kTinyEps = 0x1p-250;
+
 bool fast_double(py::handle h, double& v) {
   if (!PyFloat_CheckExact(h.ptr())) return false;
   v = PyFloat_AS_DOUBLE(h.ptr());
@@ -121,17 +139,15 @@ py::object row_fast(py::handle x_h, py::handle ns_h, py::handle w_h, py::handle 
   py::ssize_t k = 1;
   int64_t N = 0;
   if (PyLong_CheckExact(ns_h.ptr())) {
-    N = PyLong_AsLongLong(ns_h.ptr());
-    if (x.shape(x.ndim() - 1) != N) return py::none();
+    if (!fast_int(ns_h, N) || x.shape(x.ndim() - 1) != N) return py::none();
   } else if (PyTuple_CheckExact(ns_h.ptr())) {
     k = PyTuple_GET_SIZE(ns_h.ptr());
     if (k < 1 || k > x.ndim()) return py::none();
     N = 1;
     for (py::ssize_t i = 0; i < k; ++i) {
       PyObject* item = PyTuple_GET_ITEM(ns_h.ptr(), i);
-      if (!PyLong_CheckExact(item)) return py::none();
-      const int64_t extent = PyLong_AsLongLong(item);
-      if (extent != x.shape(x.ndim() - k + i)) return py::none();
+      int64_t extent = 0;
+      if (!fast_int(item, extent) || extent != x.shape(x.ndim() - k + i)) return py::none();
       N *= extent;
     }
   } else {
@@ -143,6 +159,7 @@ py::object row_fast(py::handle x_h, py::handle ns_h, py::handle w_h, py::handle 
     eps = d == DType::kFloat64 ? 2.220446049250313e-16 : 1.1920928955078125e-07;
   else if (!fast_double(eps_h, eps) || eps < 0)
     return py::none();
+  if (d != DType::kFloat64 && eps < kTinyEps) return py::none();
   const int64_t M = static_cast<int64_t>(x.size()) / N;
   return dispatch_dtype(d, [&](auto tag) -> py::object {
     using T = typename decltype(tag)::type;
@@ -184,14 +201,15 @@ py::object batch_fast(py::handle x_h, py::handle w_h, py::handle b_h, py::handle
   bool has_out = false;
   DType d;
   if (!fast_input(x_h, x, d) || x.ndim() < 2 || !fast_out(out_h, x, out, has_out)) return py::none();
-  if (!PyBool_Check(training_h.ptr()) || !PyLong_CheckExact(ca_h.ptr())) return py::none();
+  int64_t ca = 0;
+  if (!PyBool_Check(training_h.ptr()) || !fast_int(ca_h, ca)) return py::none();
   const bool training = training_h.ptr() == Py_True;
-  const long ca = PyLong_AsLong(ca_h.ptr());
   if (ca != 1 && ca != -1) return py::none();
   double eps, momentum;
   if (!fast_double(eps_h, eps) || eps < 0 || !fast_double(momentum_h, momentum) || momentum < 0 ||
       momentum > 1)
     return py::none();
+  if (d != DType::kFloat64 && eps < kTinyEps) return py::none();
   const bool channels_last = ca == -1 && x.ndim() > 2;
   const int64_t B = x.shape(0), C = x.shape(ca == 1 ? 1 : x.ndim() - 1);
   const int64_t S = C && B ? static_cast<int64_t>(x.size()) / (B * C) : 0;
@@ -211,7 +229,9 @@ py::object batch_fast(py::handle x_h, py::handle w_h, py::handle b_h, py::handle
     if (rm) {
       const auto rma = py::reinterpret_borrow<py::array>(rm_h);
       const auto rva = py::reinterpret_borrow<py::array>(rv_h);
-      if (overlaps(rma, rva) || overlaps(rma, x) || overlaps(rva, x)) return py::none();
+      if (overlaps(rma, rva) || overlaps(rma, x) || overlaps(rva, x) || overlaps_ptr(rma, w, C) ||
+          overlaps_ptr(rma, b, C) || overlaps_ptr(rva, w, C) || overlaps_ptr(rva, b, C))
+        return py::none();
       if (!training)
         for (int64_t c = 0; c < C; ++c)
           if (rv[c] < 0) return py::none();

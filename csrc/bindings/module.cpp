@@ -158,10 +158,20 @@ PYBIND11_MODULE(_core, m) {
   nk::bind::bind_channel_norm(m);
   nk::bind::bind_fast(m);
   nk::bind::bind_buffer_cache(m);
-  m.def("set_num_threads", [](int n) {
-    if (n < 1) throw std::invalid_argument("set_num_threads: n must be >= 1, got " + std::to_string(n));
-    nk::cpu::set_num_threads(n);
+  m.def("set_num_threads", [](py::object n_obj) {
+    // Any Python int: out-of-range values are a ValueError here, never a conversion error.
+    if (!PyLong_Check(n_obj.ptr()) || PyBool_Check(n_obj.ptr()))
+      throw py::type_error("set_num_threads: n must be an int");
+    int overflow = 0;
+    const long long n = PyLong_AsLongLongAndOverflow(n_obj.ptr(), &overflow);
+    if (n == -1 && PyErr_Occurred()) throw py::error_already_set();
+    if (overflow != 0 || n < 1 || n > nk::cpu::kMaxThreads)
+      throw std::invalid_argument("set_num_threads: n must be between 1 and " +
+                                  std::to_string(nk::cpu::kMaxThreads) + ", got " +
+                                  py::str(n_obj).cast<std::string>());
+    nk::cpu::set_num_threads(static_cast<int>(n));
   }, py::arg("n"));
+  m.attr("MAX_THREADS") = nk::cpu::kMaxThreads;
   m.def("get_num_threads", &nk::cpu::num_threads);
   m.def("build_info", &build_info);
   m.def("_float_to_half", &float_to_half_array);

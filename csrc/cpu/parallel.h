@@ -20,8 +20,12 @@ namespace nk::cpu {
 // Work below this many elements per thread is not worth waking a thread for.
 constexpr int64_t kMinElementsPerThread = 32768;
 
+// Upper bound for set_num_threads: far above any core count this library targets, low enough
+// that a mistaken huge value cannot make a parallel region try to start that many threads.
+constexpr int kMaxThreads = 1024;
+
 int num_threads();
-void set_num_threads(int n);  // n >= 1
+void set_num_threads(int n);  // 1 <= n <= kMaxThreads
 int default_num_threads();
 const char* threading_backend();
 

@@ -60,7 +60,8 @@ __all__ = [
 
 
 def set_num_threads(n: int) -> None:
-    """Set the number of threads the CPU kernels use (n >= 1). Results do not depend on it."""
+    """Set the number of threads the CPU kernels use, ``1 <= n <= 1024``. Results do not
+    depend on it. Raises TypeError for a non-integer, ValueError for an int out of range."""
     if isinstance(n, bool) or not isinstance(n, int):
         try:
             import operator
@@ -68,8 +69,8 @@ def set_num_threads(n: int) -> None:
             n = operator.index(n)
         except TypeError:
             raise TypeError(f"set_num_threads: n must be an int, got {n!r}") from None
-    if n < 1:
-        raise ValueError(f"set_num_threads: n must be >= 1, got {n}")
+    if not 1 <= n <= _core.MAX_THREADS:
+        raise ValueError(f"set_num_threads: n must be between 1 and {_core.MAX_THREADS}, got {n}")
     _core.set_num_threads(int(n))
 
 

@@ -300,7 +300,7 @@ class Problem:
         wl, x = self.wl, self.x
         if wl.op == "batch_norm":
             return nk.batch_norm(
-                x, self.w, self.b, rm, rv, training=self.training, momentum=MOMENTUM,
+                x, self.w, self.b, running_mean=rm, running_var=rv, training=self.training, momentum=MOMENTUM,
                 eps=self.eps, channel_axis=wl.channel_axis, out=out,
             )
         if wl.op == "layer_norm":

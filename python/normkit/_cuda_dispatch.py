@@ -60,8 +60,11 @@ def _shadow(a):
     iface = a.__cuda_array_interface__
     shape = tuple(int(n) for n in iface["shape"])
     readonly = bool(iface["data"][1])
+    dt = _dtype(a)
+    if not dt.isnative:  # the kernels read native floats; CUDA arrays are not converted here
+        raise TypeError(f"CUDA arrays must be in native byte order, got dtype {dt.str!r}")
     return np.lib.stride_tricks.as_strided(
-        np.zeros(1, _dtype(a)), shape, (0,) * len(shape), writeable=not readonly
+        np.zeros(1, dt), shape, (0,) * len(shape), writeable=not readonly
     )
 
 
@@ -257,6 +260,7 @@ def _stateful_args(fn, x, channel_axis, weight, bias, running_mean, running_var,
 def batch_norm(x, weight=None, bias=None, running_mean=None, running_var=None, *, training=True,
                momentum=0.1, eps=1e-5, channel_axis=1, out=None) -> NormOutput:
     fn = "batch_norm"
+    training = F._training(training, fn)
     sx, ca, C, m, e = _stateful_args(fn, x, channel_axis, weight, bias, running_mean, running_var,
                                      momentum, eps, out)
     count = sx.size // C if C else 0
@@ -278,6 +282,7 @@ def batch_norm(x, weight=None, bias=None, running_mean=None, running_var=None, *
 
 def batch_norm_backward(dy, x, mean, rstd, weight=None, *, training=True, channel_axis=1) -> NormGrads:
     fn = "batch_norm_backward"
+    training = F._training(training, fn)
     _no_host(fn, "x", dy=dy, mean=mean, rstd=rstd, weight=weight)
     sx, ca, C, sd = F._channel_input(_shadow(x), fn, channel_axis)
     _grad_shadow(dy, sx, fn)
@@ -329,6 +334,7 @@ def group_norm_backward(dy, x, mean, rstd, weight=None, *, channel_axis=1) -> No
 def instance_norm(x, weight=None, bias=None, running_mean=None, running_var=None, *,
                   training=True, momentum=0.1, eps=1e-5, channel_axis=1, out=None) -> NormOutput:
     fn = "instance_norm"
+    training = F._training(training, fn)
     sx, ca, C, m, e = _stateful_args(fn, x, channel_axis, weight, bias, running_mean, running_var,
                                      momentum, eps, out)
     S, N = F._spatial_size(sx, ca), sx.shape[0]
@@ -355,6 +361,7 @@ def instance_norm(x, weight=None, bias=None, running_mean=None, running_var=None
 
 def instance_norm_backward(dy, x, mean, rstd, weight=None, *, training=True, channel_axis=1) -> NormGrads:
     fn = "instance_norm_backward"
+    training = F._training(training, fn)
     _no_host(fn, "x", dy=dy, mean=mean, rstd=rstd, weight=weight)
     sx, ca, C, sd = F._channel_input(_shadow(x), fn, channel_axis)
     _grad_shadow(dy, sx, fn)

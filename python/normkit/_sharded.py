@@ -83,7 +83,7 @@ def affine_about(x: np.ndarray, center: np.ndarray, scale: np.ndarray,
             fold = np.where(lo != 0, lo * scale, 0.0)
             shift = (np.zeros(C) if shift is None else shift) - fold
     return F.batch_norm(
-        x, scale.astype(sd), None if shift is None else shift.astype(sd), hi, np.ones(C, sd),
+        x, scale.astype(sd), None if shift is None else shift.astype(sd), running_mean=hi, running_var=np.ones(C, sd),
         training=False, eps=0.0, channel_axis=ca, out=out,
     ).y
 

@@ -51,6 +51,8 @@ def _dask_input(x, fn: str):
         raise TypeError(
             f"{fn}: x has unsupported dtype {x.dtype} (expected float32, float64, float16 or bfloat16)"
         )
+    if not x.dtype.isnative:  # e.g. '>f4' read from a file: native values, lazily, per chunk
+        x = x.astype(F._native_dtype(x.dtype))
     return x
 
 

@@ -97,13 +97,14 @@ def _settings(x: np.ndarray, ca: int, **more):
             "channel_axis": ca, **more}
 
 
+@F._hide_varargs
 def sync_batch_norm(
     x,
     weight=None,
     bias=None,
+    *args,
     running_mean=None,
     running_var=None,
-    *,
     training: bool = True,
     momentum: float = 0.1,
     eps: float = 1e-5,
@@ -120,8 +121,11 @@ def sync_batch_norm(
     Running statistics, when given, are updated identically on every rank (unbiased variance of
     the global batch). ``training=False`` is a local :func:`normkit.batch_norm`.
     """
-    if not training:
-        return F.batch_norm(x, weight, bias, running_mean, running_var, training=False,
+    if args:
+        F._positional_running("sync_batch_norm", args)
+    if not F._training(training, "sync_batch_norm"):
+        return F.batch_norm(x, weight, bias, running_mean=running_mean, running_var=running_var,
+                            training=False,
                             momentum=momentum, eps=eps, channel_axis=channel_axis, out=out)
     fn = "sync_batch_norm"
     comm = _communicator(comm, fn)
@@ -133,6 +137,7 @@ def sync_batch_norm(
         rm, rv = F._running(running_mean, running_var, fn, C, sd)
         m, e = F._momentum(momentum, fn), F._eps(eps, fn)
         o = F._check_out(out, xa, fn)
+        F._no_overlap_with_running(fn, rm, rv, x=xa, weight=w, bias=b)
         settings = _settings(xa, ca, eps=e, momentum=m, weight=w is not None,
                              bias=b is not None, running_stats=rm is not None)
         partials = _sharded.channel_moments(xa, ca).state_dict()
@@ -165,6 +170,7 @@ def sync_batch_norm_backward(
     ``mean``/``rstd`` are :func:`sync_batch_norm`'s (the same on every rank).
     """
     fn = "sync_batch_norm_backward"
+    training = F._training(training, fn)
     comm = _communicator(comm, fn)
 
     def local():

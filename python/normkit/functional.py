@@ -14,6 +14,7 @@ any other strides are copied once to a dense array first.
 from __future__ import annotations
 
 import math
+import numbers
 import operator
 from typing import NamedTuple, Optional, Sequence, Tuple, Union
 
@@ -83,7 +84,15 @@ def _host_array(a, fn: str, name: str) -> np.ndarray:
     return np.asarray(a)
 
 
+def _native_dtype(dt: np.dtype) -> np.dtype:
+    """``dt`` in this machine's byte order (data read from files written elsewhere, e.g. ``'>f4'``
+    on a little-endian machine, has the same values in the other order)."""
+    return dt if dt.isnative else dt.newbyteorder("=")
+
+
 def _data_array(x, fn: str, name: str = "x") -> np.ndarray:
+    """x (or dy) as an ndarray of a supported float dtype in native byte order: non-native data is
+    converted once (the kernels read native floats only), so its values are used correctly."""
     if type(x) is not np.ndarray:
         x = _host_array(x, fn, name)
     if not _is_float_dtype(x.dtype):
@@ -91,6 +100,8 @@ def _data_array(x, fn: str, name: str = "x") -> np.ndarray:
             f"{fn}: {name} has unsupported dtype {x.dtype} "
             "(expected float32, float64, float16 or bfloat16)"
         )
+    if not x.dtype.isnative:
+        x = x.astype(_native_dtype(x.dtype))
     return x
 
 
@@ -123,6 +134,9 @@ def _vector(v, fn: str, name: str, shape: Tuple[int, ...], sd: np.dtype, what: s
 
 
 def _running(rm, rv, fn: str, C: int, sd: np.dtype):
+    """The running statistics, checked: ``(C,)`` arrays of the statistics dtype ``sd`` (either
+    byte order: non-native arrays are updated in their own order, see :func:`_native_running`),
+    writeable, not overlapping each other."""
     if (rm is None) != (rv is None):
         raise ValueError(f"{fn}: running_mean and running_var must be given together")
     if rm is None:
@@ -131,8 +145,11 @@ def _running(rm, rv, fn: str, C: int, sd: np.dtype):
         if not isinstance(r, np.ndarray):
             _host_array(r, fn, name)
             raise TypeError(f"{fn}: {name} must be a NumPy array (it is updated in place), got {type(r).__name__}")
-        if r.dtype != sd:
-            raise TypeError(f"{fn}: {name} has dtype {r.dtype} but must be {sd} for this input")
+        if _native_dtype(r.dtype) != sd:
+            raise TypeError(
+                f"{fn}: {name} has dtype {r.dtype} but must be {sd} for x of dtype "
+                f"{'float64' if sd == np.float64 else 'float32, float16 or bfloat16'}"
+            )
         if r.shape != (C,):
             raise ValueError(f"{fn}: {name} has shape {r.shape} but the input has {C} channels")
         if not r.flags.writeable:
@@ -142,28 +159,54 @@ def _running(rm, rv, fn: str, C: int, sd: np.dtype):
     return rm, rv
 
 
-def _eps(eps, fn: str) -> float:
+def _no_overlap_with_running(fn: str, rm, rv, **arrays) -> None:
+    """ValueError when running statistics that are about to be updated share memory with an
+    input the kernel reads (it would change while it is read). ``out`` may overlap them:
+    NumPy's rule for outputs applies, and which write lands last is unspecified."""
+    if rm is None:
+        return
+    for rname, r in (("running_mean", rm), ("running_var", rv)):
+        for name, a in arrays.items():
+            if a is not None and isinstance(a, np.ndarray) and np.may_share_memory(r, a):
+                raise ValueError(f"{fn}: {rname} overlaps {name} in memory; pass separate arrays")
+
+
+def _training(training, fn: str) -> bool:
+    """``training`` must be a bool (Python's or NumPy's): a string such as ``'False'`` or None
+    would otherwise be read by its truth value."""
+    if training is True or training is False:
+        return training
+    if isinstance(training, np.bool_):
+        return bool(training)
+    raise TypeError(f"{fn}: training must be a bool, got {training!r}")
+
+
+def _real(v, fn: str, name: str) -> float:
+    """A real number (int, float or NumPy scalar; not bool, str or an array) as a float."""
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Real):
+        raise TypeError(f"{fn}: {name} must be a real number, got {v!r}")
     try:
-        e = float(eps)
-    except (TypeError, ValueError):
-        raise TypeError(f"{fn}: eps must be a real number, got {eps!r}") from None
+        return float(v)
+    except OverflowError:  # an int too large for a float
+        raise ValueError(f"{fn}: {name} is out of range, got {v!r}") from None
+
+
+def _eps(eps, fn: str) -> float:
+    e = _real(eps, fn, "eps")
     if math.isnan(e) or e < 0:
         raise ValueError(f"{fn}: eps must be >= 0, got {eps!r}")
     return e
 
 
 def _momentum(momentum, fn: str) -> float:
-    try:
-        m = float(momentum)
-    except (TypeError, ValueError):
-        raise TypeError(f"{fn}: momentum must be a real number in [0, 1], got {momentum!r}") from None
+    m = _real(momentum, fn, "momentum")
     if not (0.0 <= m <= 1.0):
         raise ValueError(f"{fn}: momentum must be in [0, 1], got {momentum!r}")
     return m
 
 
 def _channel_axis(ca, fn: str) -> int:
-    if type(ca) is not int and not isinstance(ca, (int, np.integer)):
+    if isinstance(ca, (bool, np.bool_)) or not isinstance(ca, (int, np.integer)):
         raise ValueError(f"{fn}: channel_axis must be 1 or -1, got {ca!r}")
     if ca not in (1, -1):
         raise ValueError(f"{fn}: channel_axis must be 1 or -1, got {ca!r}")
@@ -176,7 +219,7 @@ def _check_out(out, x: np.ndarray, fn: str) -> Optional[np.ndarray]:
     if not isinstance(out, np.ndarray):
         _host_array(out, fn, "out")
         raise TypeError(f"{fn}: out must be a NumPy array, got {type(out).__name__}")
-    if out.shape != x.shape or out.dtype != x.dtype:
+    if out.shape != x.shape or _native_dtype(out.dtype) != x.dtype:
         raise ValueError(
             f"{fn}: out has shape {out.shape} and dtype {out.dtype} but y has shape "
             f"{x.shape} and dtype {x.dtype}"
@@ -264,7 +307,8 @@ def _output(out: Optional[np.ndarray], x: np.ndarray, xp: np.ndarray, perm, othe
     """(yp, y, copy_back): yp is the dense buffer the kernel writes (xp's shape), y the array
     returned to the caller; copy_back is None or a dense temporary to copy into ``out``.
 
-    ``out`` is written directly when its memory has the kernel's layout, does not overlap any of
+    ``out`` is written directly when it is in native byte order, its memory has the kernel's
+    layout, it does not overlap any of
     ``others`` (the other inputs the kernel reads: weight, bias, running statistics), and either
     does not overlap ``xp`` or is exactly ``xp`` (in place, safe because every group is reduced
     before any of its outputs is written); otherwise the kernel writes a temporary first.
@@ -274,7 +318,7 @@ def _output(out: Optional[np.ndarray], x: np.ndarray, xp: np.ndarray, perm, othe
         yp = _empty(xp.shape, x.dtype)
         return yp, yp.reshape(pshape).transpose(_inverse(perm)), None
     op = out.transpose(perm)
-    if op.flags.c_contiguous and not any(
+    if out.dtype.isnative and op.flags.c_contiguous and not any(
         o is not None and np.may_share_memory(out, o) for o in others
     ):
         yp = op.reshape(xp.shape)
@@ -302,20 +346,71 @@ def _spatial_size(x: np.ndarray, ca: int) -> int:
     return _prod(x.shape[2:]) if ca == 1 else _prod(x.shape[1:-1])
 
 
+def _native_running(r: Optional[np.ndarray]) -> Optional[np.ndarray]:
+    """The array the kernel updates: ``r`` itself, or a native-order copy of a non-native ``r``
+    (copied back into ``r``, in its own byte order, after the kernel)."""
+    return r if r is None or r.dtype.isnative else r.astype(_native_dtype(r.dtype))
+
+
 def _channel_forward(fn, x, ca, w, b, rm, rv, training, momentum, eps, out, groups, stat_shape):
     out = _check_out(out, x, fn)
+    if training and rm is not None:  # running statistics are written while these are read
+        _no_overlap_with_running(fn, rm, rv, x=x, weight=w, bias=b)
+    if x.dtype != np.float64 and eps < _TINY_EPS:
+        return _channel_forward_wide(fn, x, ca, w, b, rm, rv, training, momentum, eps, out,
+                                     groups, stat_shape)
     xp, channels_last, perm = _channel_view(x, ca)
     yp, y, copy_back = _output(out, x, xp, perm, (w, b, rm, rv))
     sd = _stat_dtype(x.dtype)
     mean = np.empty(stat_shape, sd)
     rstd = np.empty(stat_shape, sd)
     if mean.size or x.size:  # else nothing to compute (e.g. InstanceNorm with zero channels)
+        rm_k, rv_k = _native_running(rm), _native_running(rv)
         _core.channel_norm_forward(
-            xp, channels_last, w, b, rm, rv, training, momentum, eps, yp,
+            xp, channels_last, w, b, rm_k, rv_k, training, momentum, eps, yp,
             mean.reshape(-1), rstd.reshape(-1), groups,
         )
+        for r, r_k in ((rm, rm_k), (rv, rv_k)):
+            if r is not r_k:
+                np.copyto(r, r_k)
     if copy_back is not None:
         np.copyto(out, copy_back)
+    return NormOutput(y, mean, rstd)
+
+
+# Below this eps, rstd = 1/sqrt(var + eps) of a float32/half group can exceed float32's range
+# (var + eps < 2**-256), and the float32 kernels would compute (x - mean) * rstd as inf. Such
+# calls (in practice eps=0 on data whose spread is below about 1e-38) run the float64 kernels on
+# a float64 copy of x: y comes from the float64 statistics and is right; the saved mean and rstd
+# are their float32 roundings, so rstd may hold inf (the backward then gives inf/NaN for that
+# group: pass float64 data to differentiate through such statistics).
+_TINY_EPS = 2.0 ** -250
+
+
+def _channel_forward_wide(fn, x, ca, w, b, rm, rv, training, momentum, eps, out, groups,
+                          stat_shape):
+    f64 = np.dtype(np.float64)
+    wide = lambda v: None if v is None else v.astype(f64)  # noqa: E731
+    rm64, rv64 = wide(rm), wide(rv)
+    r = _channel_forward(fn, x.astype(f64), ca, wide(w), wide(b), rm64, rv64, training, momentum,
+                         eps, None, groups, stat_shape)
+    for dst, src in ((rm, rm64), (rv, rv64)):
+        if dst is not None:
+            np.copyto(dst, src, casting="unsafe")
+    return _narrow(r, x.dtype, out)
+
+
+def _narrow(r: NormOutput, dtype: np.dtype, out: Optional[np.ndarray]) -> NormOutput:
+    """A float64 result given back in ``dtype`` (y, into ``out`` when given) and its statistics
+    dtype; a statistic beyond float32's range becomes inf, on purpose (see _TINY_EPS)."""
+    sd = _stat_dtype(dtype)
+    with np.errstate(over="ignore"):
+        y = r.y.astype(dtype)
+        mean = None if r.mean is None else r.mean.astype(sd)
+        rstd = r.rstd.astype(sd)
+    if out is not None:
+        np.copyto(out, y, casting="unsafe")
+        y = out
     return NormOutput(y, mean, rstd)
 
 
@@ -342,13 +437,38 @@ def _saved_stats(mean, rstd, fn, shape, sd, what):
     return _vector(mean, fn, "mean", shape, sd, what), _vector(rstd, fn, "rstd", shape, sd, what)
 
 
+def _positional_running(fn: str, args: tuple) -> None:
+    """TypeError for a 4th positional argument: running_mean/running_var are keyword-only, since
+    a call in PyTorch's functional order (input, running_mean, running_var, weight, bias) would
+    otherwise read the running statistics as weight and bias and update the caller's weight and
+    bias in place."""
+    raise TypeError(
+        f"{fn}: running_mean and running_var are keyword-only; pass running_mean=..., "
+        f"running_var=... (got {3 + len(args)} positional arguments; the order is x, weight, "
+        "bias; PyTorch's functional order differs). Nothing was written."
+    )
+
+
+def _hide_varargs(f):
+    """Show ``f``'s signature without the ``*args`` that only exists to catch a positional
+    running_mean (help() and inspect then list running_mean/running_var as keyword-only)."""
+    import inspect
+
+    sig = inspect.signature(f)
+    f.__signature__ = sig.replace(
+        parameters=[q for q in sig.parameters.values() if q.kind is not q.VAR_POSITIONAL]
+    )
+    return f
+
+
+@_hide_varargs
 def batch_norm(
     x,
     weight=None,
     bias=None,
+    *args,
     running_mean=None,
     running_var=None,
-    *,
     training: bool = True,
     momentum: float = 0.1,
     eps: float = 1e-5,
@@ -365,9 +485,12 @@ def batch_norm(
     Returns ``NormOutput(y, mean, rstd)``: y has x's shape and dtype (it is ``out`` when given),
     mean and rstd ``(C,)`` in float64 for float64 x, else float32.
     """
+    if args:
+        _positional_running("batch_norm", args)
     if type(x) is not np.ndarray and hasattr(x, _CAI):  # CUDA array: run on the GPU
         return _cuda_dispatch.batch_norm(
-            x, weight, bias, running_mean, running_var, training=training, momentum=momentum,
+            x, weight, bias, running_mean=running_mean, running_var=running_var,
+            training=training, momentum=momentum,
             eps=eps, channel_axis=channel_axis, out=out
         )
     r = _batch_fast(x, weight, bias, running_mean, running_var, training, momentum, eps,
@@ -375,6 +498,7 @@ def batch_norm(
     if r is not None:
         return r
     fn = "batch_norm"
+    training = _training(training, fn)
     x, ca, C, sd = _channel_input(x, fn, channel_axis)
     w = _vector(weight, fn, "weight", (C,), sd, "the number of channels")
     b = _vector(bias, fn, "bias", (C,), sd, "the number of channels")
@@ -411,6 +535,7 @@ def batch_norm_backward(
             dy, x, mean, rstd, weight, training=training, channel_axis=channel_axis
         )
     fn = "batch_norm_backward"
+    training = _training(training, fn)
     x, ca, C, sd = _channel_input(x, fn, channel_axis)
     dy = _grad_array(dy, x, fn)
     mean, rstd = _saved_stats(mean, rstd, fn, (C,), sd, "the number of channels")
@@ -427,6 +552,8 @@ def _num_groups(num_groups, C: int, fn: str) -> int:
         raise TypeError(f"{fn}: num_groups must be an int, got {num_groups!r}") from None
     if G < 1:
         raise ValueError(f"{fn}: num_groups must be >= 1, got {G}")
+    if G > max(C, 1):
+        raise ValueError(f"{fn}: num_groups {G} is larger than the number of channels {C}")
     if C % G:
         raise ValueError(f"{fn}: num_groups {G} does not divide the number of channels {C}")
     return G
@@ -484,13 +611,14 @@ def group_norm_backward(dy, x, mean, rstd, weight=None, *, channel_axis: int = 1
     return _channel_backward(fn, dy, x, ca, mean, rstd, w, True, G)
 
 
+@_hide_varargs
 def instance_norm(
     x,
     weight=None,
     bias=None,
+    *args,
     running_mean=None,
     running_var=None,
-    *,
     training: bool = True,
     momentum: float = 0.1,
     eps: float = 1e-5,
@@ -504,12 +632,16 @@ def instance_norm(
     given, are updated with the batch averages of the per-instance means and unbiased variances.
     training=False: the running statistics are used (and required); mean/rstd are ``(C,)``.
     """
+    if args:
+        _positional_running("instance_norm", args)
     if type(x) is not np.ndarray and hasattr(x, _CAI):  # CUDA array: run on the GPU
         return _cuda_dispatch.instance_norm(
-            x, weight, bias, running_mean, running_var, training=training, momentum=momentum,
+            x, weight, bias, running_mean=running_mean, running_var=running_var,
+            training=training, momentum=momentum,
             eps=eps, channel_axis=channel_axis, out=out
         )
     fn = "instance_norm"
+    training = _training(training, fn)
     x, ca, C, sd = _channel_input(x, fn, channel_axis)
     w = _vector(weight, fn, "weight", (C,), sd, "the number of channels")
     b = _vector(bias, fn, "bias", (C,), sd, "the number of channels")
@@ -545,6 +677,7 @@ def instance_norm_backward(
             dy, x, mean, rstd, weight, training=training, channel_axis=channel_axis
         )
     fn = "instance_norm_backward"
+    training = _training(training, fn)
     x, ca, C, sd = _channel_input(x, fn, channel_axis)
     dy = _grad_array(dy, x, fn)
     w = _vector(weight, fn, "weight", (C,), sd, "the number of channels")
@@ -593,6 +726,11 @@ def _row_forward(fn, x, normalized_shape, weight, bias, eps, out, center: bool) 
         eps = np.finfo(np.float64 if x.dtype == np.float64 else np.float32).eps
     e = _eps(eps, fn)
     out = _check_out(out, x, fn)
+    if x.dtype != np.float64 and e < _TINY_EPS:  # rstd may exceed float32: see _TINY_EPS
+        f64 = np.dtype(np.float64)
+        r = _row_forward(fn, x.astype(f64), ns, None if w is None else w.astype(f64),
+                         None if b is None else b.astype(f64), e, None, center)
+        return _narrow(r, x.dtype, out)
     xp = _rows(x, M, N)
     yp, y, copy_back = _output(out, x, xp, tuple(range(x.ndim)), (w, b))
     mean = np.empty(lead, sd) if center else None

@@ -33,7 +33,12 @@ def _positive_int(v, what: str) -> int:
         raise TypeError(f"{what} must be an int, got {v!r}") from None
     if n < 1:
         raise ValueError(f"{what} must be >= 1, got {n}")
+    if n > _MAX_SIZE:
+        raise ValueError(f"{what} must be at most 2**62, got {n}")
     return n
+
+
+_MAX_SIZE = 2**62  # beyond any array NumPy can allocate; larger ints are a ValueError up front
 
 
 class _Norm:
@@ -49,8 +54,9 @@ class _Norm:
 
     # -- mode -----------------------------------------------------------------------------
     def train(self, mode: bool = True):
-        """Training mode (batch statistics; running statistics updated). Returns self."""
-        self.training = bool(mode)
+        """Training mode (batch statistics; running statistics updated). Returns self.
+        ``mode`` must be a bool (TypeError otherwise: ``train('False')`` would mean True)."""
+        self.training = F._training(mode, f"{type(self).__name__}.train")
         return self
 
     def eval(self):
@@ -101,22 +107,29 @@ class _Norm:
         staged = {}
         for name, current in own.items():
             value = np.asarray(state[name])
+            fn = f"{type(self).__name__}.load_state_dict"
             if name == "num_batches_tracked":
                 if value.shape != () or value.dtype.kind not in "iu":
                     raise TypeError(
-                        f"{type(self).__name__}.load_state_dict: num_batches_tracked must be an integer scalar, "
+                        f"{fn}: num_batches_tracked must be an integer scalar, "
                         f"got shape {value.shape} and dtype {value.dtype}"
                     )
+                if int(value) < 0:
+                    raise ValueError(f"{fn}: num_batches_tracked must be >= 0, got {int(value)}")
                 staged[name] = int(value)
                 continue
             if value.shape != current.shape:
                 raise ValueError(
-                    f"{type(self).__name__}.load_state_dict: {name} has shape {value.shape} but {current.shape} is required"
+                    f"{fn}: {name} has shape {value.shape} but {current.shape} is required"
                 )
-            if value.dtype != current.dtype:
+            if F._native_dtype(value.dtype) != current.dtype:  # either byte order is read right
                 raise TypeError(
-                    f"{type(self).__name__}.load_state_dict: {name} has dtype {value.dtype} but {current.dtype} is required"
+                    f"{fn}: {name} has dtype {value.dtype} but {current.dtype} is required"
                 )
+            if name in ("running_mean", "running_var") and not np.isfinite(value).all():
+                raise ValueError(f"{fn}: {name} has non-finite entries (NaN or inf)")
+            if name == "running_var" and (value < 0).any():
+                raise ValueError(f"{fn}: running_var has negative entries")
             staged[name] = value
         for name, value in staged.items():
             if name == "num_batches_tracked":
@@ -140,7 +153,7 @@ class _RunningStatsNorm(_Norm):
 
     def __init__(self, num_features, eps, momentum, affine, track_running_stats, channel_axis, dtype):
         super().__init__()
-        self.num_features = _positive_int(num_features, "num_features")
+        self.num_features = _positive_int(num_features, f"{type(self).__name__}: num_features")
         self.eps = F._eps(eps, type(self).__name__)
         if momentum is not None:
             momentum = F._momentum(momentum, type(self).__name__)
@@ -171,8 +184,8 @@ class _RunningStatsNorm(_Norm):
             x,
             self.weight,
             self.bias,
-            self.running_mean if (update or not use_batch) else None,
-            self.running_var if (update or not use_batch) else None,
+            running_mean=self.running_mean if (update or not use_batch) else None,
+            running_var=self.running_var if (update or not use_batch) else None,
             training=use_batch,
             momentum=0.0 if momentum is None else momentum,
             eps=self.eps,
@@ -272,8 +285,8 @@ class GroupNorm(_Norm):
     def __init__(self, num_groups, num_channels, *, eps=1e-5, affine=True, channel_axis=1,
                  dtype=np.float32):
         super().__init__()
-        self.num_groups = _positive_int(num_groups, "num_groups")
-        self.num_channels = _positive_int(num_channels, "num_channels")
+        self.num_groups = _positive_int(num_groups, "GroupNorm: num_groups")
+        self.num_channels = _positive_int(num_channels, "GroupNorm: num_channels")
         if self.num_channels % self.num_groups:
             raise ValueError(
                 f"GroupNorm: num_groups {self.num_groups} does not divide num_channels {self.num_channels}"
@@ -307,7 +320,9 @@ class _RowNorm(_Norm):
         super().__init__()
         self.normalized_shape = F._normalized_shape(normalized_shape, name)
         for n in self.normalized_shape:
-            _positive_int(n, "normalized_shape entries")
+            _positive_int(n, f"{name}: normalized_shape entries")
+        if F._prod(self.normalized_shape) > _MAX_SIZE:
+            raise ValueError(f"{name}: normalized_shape {self.normalized_shape} has too many elements")
         self.eps = None if eps is None else F._eps(eps, name)
         self.elementwise_affine = bool(elementwise_affine)
         dt = _param_dtype(dtype)
