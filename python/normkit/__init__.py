@@ -62,7 +62,9 @@ __all__ = [
 def set_num_threads(n: int) -> None:
     """Set the number of threads the CPU kernels use, ``1 <= n <= 1024``. Results do not
     depend on it. Raises TypeError for a non-integer, ValueError for an int out of range."""
-    if isinstance(n, bool) or not isinstance(n, int):
+    if type(n).__name__ in ("bool", "bool_"):  # Python's or NumPy's bool
+        raise TypeError(f"set_num_threads: n must be an int, got {n!r}")
+    if not isinstance(n, int):
         try:
             import operator
 

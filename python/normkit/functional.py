@@ -230,6 +230,10 @@ def _check_out(out, x: np.ndarray, fn: str) -> Optional[np.ndarray]:
 
 
 def _normalized_shape(ns, fn: str) -> Tuple[int, ...]:
+    if isinstance(ns, (bool, np.bool_)) or (
+        isinstance(ns, (tuple, list)) and any(isinstance(n, (bool, np.bool_)) for n in ns)
+    ):
+        raise TypeError(f"{fn}: normalized_shape must be an int or a sequence of ints, got {ns!r}")
     try:
         ns = (operator.index(ns),)
     except TypeError:
@@ -546,6 +550,8 @@ def batch_norm_backward(
 
 
 def _num_groups(num_groups, C: int, fn: str) -> int:
+    if isinstance(num_groups, (bool, np.bool_)):
+        raise TypeError(f"{fn}: num_groups must be an int, got {num_groups!r}")
     try:
         G = operator.index(num_groups)
     except TypeError:
