@@ -13,6 +13,7 @@ from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 
+from . import _plan as P
 from . import functional as F
 from . import stats as _stats
 
@@ -56,7 +57,7 @@ class _Norm:
     def train(self, mode: bool = True):
         """Training mode (batch statistics; running statistics updated). Returns self.
         ``mode`` must be a bool (TypeError otherwise: ``train('False')`` would mean True)."""
-        self.training = F._training(mode, f"{type(self).__name__}.train")
+        self.training = P.training_flag(mode, f"{type(self).__name__}.train")
         return self
 
     def eval(self):
@@ -122,7 +123,7 @@ class _Norm:
                 raise ValueError(
                     f"{fn}: {name} has shape {value.shape} but {current.shape} is required"
                 )
-            if F._native_dtype(value.dtype) != current.dtype:  # either byte order is read right
+            if P.native_dtype(value.dtype) != current.dtype:  # either byte order is read right
                 raise TypeError(
                     f"{fn}: {name} has dtype {value.dtype} but {current.dtype} is required"
                 )
@@ -154,13 +155,13 @@ class _RunningStatsNorm(_Norm):
     def __init__(self, num_features, eps, momentum, affine, track_running_stats, channel_axis, dtype):
         super().__init__()
         self.num_features = _positive_int(num_features, f"{type(self).__name__}: num_features")
-        self.eps = F._eps(eps, type(self).__name__)
+        self.eps = P.eps_value(eps, type(self).__name__)
         if momentum is not None:
-            momentum = F._momentum(momentum, type(self).__name__)
+            momentum = P.momentum_value(momentum, type(self).__name__)
         self.momentum = momentum
         self.affine = bool(affine)
         self.track_running_stats = bool(track_running_stats)
-        self.channel_axis = F._channel_axis(channel_axis, type(self).__name__)
+        self.channel_axis = P.channel_axis(channel_axis, type(self).__name__)
         dt = _param_dtype(dtype)
         C = self.num_features
         self.weight = np.ones(C, dt) if self.affine else None
@@ -291,9 +292,9 @@ class GroupNorm(_Norm):
             raise ValueError(
                 f"GroupNorm: num_groups {self.num_groups} does not divide num_channels {self.num_channels}"
             )
-        self.eps = F._eps(eps, "GroupNorm")
+        self.eps = P.eps_value(eps, "GroupNorm")
         self.affine = bool(affine)
-        self.channel_axis = F._channel_axis(channel_axis, "GroupNorm")
+        self.channel_axis = P.channel_axis(channel_axis, "GroupNorm")
         dt = _param_dtype(dtype)
         self.weight = np.ones(self.num_channels, dt) if self.affine else None
         self.bias = np.zeros(self.num_channels, dt) if self.affine else None
@@ -318,12 +319,12 @@ class GroupNorm(_Norm):
 class _RowNorm(_Norm):
     def __init__(self, normalized_shape, eps, elementwise_affine, with_bias, dtype, name):
         super().__init__()
-        self.normalized_shape = F._normalized_shape(normalized_shape, name)
+        self.normalized_shape = P.normalized_shape(normalized_shape, name)
         for n in self.normalized_shape:
             _positive_int(n, f"{name}: normalized_shape entries")
-        if F._prod(self.normalized_shape) > _MAX_SIZE:
+        if P.prod(self.normalized_shape) > _MAX_SIZE:
             raise ValueError(f"{name}: normalized_shape {self.normalized_shape} has too many elements")
-        self.eps = None if eps is None else F._eps(eps, name)
+        self.eps = None if eps is None else P.eps_value(eps, name)
         self.elementwise_affine = bool(elementwise_affine)
         dt = _param_dtype(dtype)
         self.weight = np.ones(self.normalized_shape, dt) if self.elementwise_affine else None
