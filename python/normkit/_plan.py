@@ -380,8 +380,9 @@ def batch_norm(fn, x, weight, bias, rm, rv, training, momentum, eps, ca, out,
     has_running = running(rm, rv, fn, C, sd)
     m = momentum_value(momentum, fn)
     e = eps_value(eps, fn)
-    if training and local_count:
-        per_channel_count(fn, N * S if C else 0, C, xa.shape)
+    if training:
+        if local_count:
+            per_channel_count(fn, N * S if C else 0, C, xa.shape)
     elif not has_running:
         raise ValueError(f"{fn}: training=False requires running_mean and running_var")
     out_array(arg(out), xa, fn)
