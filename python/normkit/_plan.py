@@ -77,17 +77,25 @@ def device_dtype(a) -> np.dtype:
     return np.dtype(a.__cuda_array_interface__["typestr"])
 
 
-def arg(a) -> Optional[Arg]:
-    """``Arg`` of an ndarray or CUDA array (None stays None)."""
-    if a is None or isinstance(a, Arg):
+def arg(a):
+    """What the plan reads of an array argument: an ndarray as it is (its shape, dtype, ndim and
+    size are read directly, which costs nothing), an ``Arg`` for a CUDA or lazy array (None
+    stays None)."""
+    if a is None or type(a) is np.ndarray or isinstance(a, (Arg, np.ndarray)):
         return a
-    if isinstance(a, np.ndarray):
-        return Arg(a.shape, a.dtype, bool(a.flags.writeable), False)
     iface = getattr(a, _CAI, None)
     if iface is None:  # a lazy array (dask): its shape and dtype; results are new arrays
         return Arg(tuple(int(n) for n in a.shape), np.dtype(a.dtype), True, False)
     return Arg(tuple(int(n) for n in iface["shape"]), device_dtype(a), not bool(iface["data"][1]),
                True)
+
+
+def writeable(a) -> bool:
+    return bool(a.flags.writeable) if isinstance(a, np.ndarray) else a.writeable
+
+
+def on_device(a) -> bool:
+    return isinstance(a, Arg) and a.device
 
 
 def prod(shape) -> int:
@@ -119,7 +127,9 @@ def same_kind(fn: str, x, /, **arrays) -> None:
 
 
 def is_float_dtype(dt: np.dtype) -> bool:
-    return (dt.kind == "f" and dt.itemsize in (2, 4, 8)) or dt.name == "bfloat16"
+    if dt.kind == "f":
+        return dt.itemsize in (2, 4, 8)
+    return dt.kind == "V" and dt.name == "bfloat16"  # ml_dtypes' bfloat16
 
 
 def native_dtype(dt: np.dtype) -> np.dtype:
@@ -133,13 +143,13 @@ def stat_dtype(dt: np.dtype) -> np.dtype:
     return np.dtype(np.float64) if dt == np.float64 else np.dtype(np.float32)
 
 
-def data_dtype(a: Arg, fn: str, name: str = "x") -> None:
+def data_dtype(a, fn: str, name: str = "x") -> None:
     if not is_float_dtype(a.dtype):
         raise TypeError(
             f"{fn}: {name} has unsupported dtype {a.dtype} "
             "(expected float32, float64, float16 or bfloat16)"
         )
-    if a.device and not a.dtype.isnative:  # the kernels read native floats; no device conversion
+    if on_device(a) and not a.dtype.isnative:  # the kernels read native floats; no device conversion
         raise TypeError(f"{fn}: CUDA arrays must be in native byte order, got dtype {a.dtype.str!r}")
 
 
@@ -171,6 +181,8 @@ def training_flag(training, fn: str) -> bool:
 
 def real(v, fn: str, name: str) -> float:
     """A real number (int, float or NumPy scalar; not bool, str or an array) as a float."""
+    if type(v) is float:  # the common case, without the ABC check below
+        return v
     if isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Real):
         raise TypeError(f"{fn}: {name} must be a real number, got {v!r}")
     try:
@@ -202,6 +214,8 @@ def momentum_value(momentum, fn: str) -> float:
 
 
 def channel_axis(ca, fn: str) -> int:
+    if type(ca) is int and (ca == 1 or ca == -1):
+        return ca
     if isinstance(ca, (bool, np.bool_)) or not isinstance(ca, (int, np.integer)):
         raise ValueError(f"{fn}: channel_axis must be 1 or -1, got {ca!r}")
     if ca not in (1, -1):
@@ -227,6 +241,8 @@ def normalized_shape(ns, fn: str) -> Tuple[int, ...]:
 
 
 def num_groups(g, C: int, fn: str) -> int:
+    if type(g) is int and 1 <= g <= C and C % g == 0:
+        return g
     if isinstance(g, (bool, np.bool_)):
         raise TypeError(f"{fn}: num_groups must be an int, got {g!r}")
     try:
@@ -246,14 +262,14 @@ def num_groups(g, C: int, fn: str) -> int:
 # array arguments
 
 
-def vector(v: Optional[Arg], fn: str, name: str, shape: Tuple[int, ...], what: str) -> None:
+def vector(v, fn: str, name: str, shape: Tuple[int, ...], what: str) -> None:
     """An optional per-feature array (weight, bias, saved statistics): any float dtype (it is
     converted to the statistics dtype), the given shape."""
     if v is None:
         return
     if not is_float_dtype(v.dtype):
         raise TypeError(f"{fn}: {name} has unsupported dtype {v.dtype} (expected a float dtype)")
-    if v.dtype.kind == "f" and v.device and not v.dtype.isnative:
+    if on_device(v) and not v.dtype.isnative:
         raise TypeError(f"{fn}: CUDA arrays must be in native byte order, got dtype {v.dtype.str!r}")
     if v.shape != shape:
         raise ValueError(f"{fn}: {name} has shape {v.shape} but {what} is {shape}")
@@ -271,14 +287,14 @@ def running(rm, rv, fn: str, C: int, sd: np.dtype) -> bool:
         if not isinstance(r, np.ndarray) and not is_device(r):
             raise TypeError(f"{fn}: {name} must be a NumPy array (it is updated in place), got {type(r).__name__}")
         a = arg(r)
-        if native_dtype(a.dtype) != sd or (a.device and not a.dtype.isnative):
+        if native_dtype(a.dtype) != sd or (on_device(a) and not a.dtype.isnative):
             raise TypeError(
                 f"{fn}: {name} has dtype {a.dtype} but must be {sd} for x of dtype "
                 f"{'float64' if sd == np.float64 else 'float32, float16 or bfloat16'}"
             )
         if a.shape != (C,):
             raise ValueError(f"{fn}: {name} has shape {a.shape} but the input has {C} channels")
-        if not a.writeable:
+        if not writeable(a):
             raise ValueError(f"{fn}: {name} is read-only but is updated in place")
     return True
 
@@ -295,28 +311,28 @@ def negative_running_var(fn: str) -> None:
     raise ValueError(f"{fn}: running_var has negative entries")
 
 
-def out_array(out: Optional[Arg], x: Arg, fn: str) -> None:
+def out_array(out, x, fn: str) -> None:
     """``out`` (forward only): y's shape and dtype (either byte order on the host), writeable."""
     if out is None:
         return
     if out.shape != x.shape or native_dtype(out.dtype) != native_dtype(x.dtype) or (
-        out.device and not out.dtype.isnative
+        on_device(out) and not out.dtype.isnative
     ):
         raise ValueError(
             f"{fn}: out has shape {out.shape} and dtype {out.dtype} but y has shape "
             f"{x.shape} and dtype {native_dtype(x.dtype)}"
         )
-    if not out.writeable:
+    if not writeable(out):
         raise ValueError(f"{fn}: out is read-only")
 
 
-def grad_array(dy: Arg, x: Arg, fn: str) -> None:
+def grad_array(dy, x, fn: str) -> None:
     data_dtype(dy, fn, "dy")
     if dy.shape != x.shape:
         raise ValueError(f"{fn}: dy has shape {dy.shape} but x has shape {x.shape}")
 
 
-def saved_stats(mean: Optional[Arg], rstd: Optional[Arg], fn: str, shape, what: str) -> None:
+def saved_stats(mean, rstd, fn: str, shape, what: str) -> None:
     if mean is None or rstd is None:
         raise ValueError(f"{fn}: mean and rstd from the forward are required")
     vector(mean, fn, "mean", shape, what)
@@ -346,7 +362,7 @@ class ChannelPlan(NamedTuple):
     uses_running: bool  # running statistics are read as the statistics (eval mode)
 
 
-def _channel_input(x: Arg, fn: str, ca) -> Tuple[int, int, int, int, np.dtype]:
+def _channel_input(x, fn: str, ca) -> Tuple[int, int, int, int, np.dtype]:
     data_dtype(x, fn)
     if x.ndim < 2:
         raise ValueError(f"{fn}: x must have at least 2 dimensions (N, C, ...), got shape {x.shape}")
@@ -476,7 +492,7 @@ class RowPlan(NamedTuple):
     center: bool
 
 
-def _rows(x: Arg, ns: Tuple[int, ...], fn: str):
+def _rows(x, ns: Tuple[int, ...], fn: str):
     k = len(ns)
     if x.ndim < k:
         raise ValueError(f"{fn}: x has shape {x.shape}, fewer axes than normalized_shape {ns}")

@@ -44,9 +44,11 @@ __all__ = [
 ShapeLike = Union[int, Sequence[int]]
 
 # The C++ fast paths build NormOutput themselves (they return None for anything unusual).
-_core._set_result_types(NormOutput)
+_core._set_result_types(NormOutput, NormGrads)
 _row_fast = _core.row_norm_fast
 _batch_fast = _core.batch_norm_fast
+_row_backward_fast = _core.row_norm_backward_fast
+_batch_backward_fast = _core.batch_norm_backward_fast
 
 # --------------------------------------------------------------------------------------------
 # host arrays
@@ -93,7 +95,10 @@ def hide_varargs(f):
 def _host_args(fn, **arrays):
     """The array arguments as ndarrays (lists etc. converted), None kept; TypeError for a CUDA
     array among them."""
-    return {k: (None if v is None else host_array(v, fn, k)) for k, v in arrays.items()}
+    for k, v in arrays.items():
+        if v is not None and type(v) is not np.ndarray:
+            arrays[k] = host_array(v, fn, k)
+    return arrays
 
 
 # --------------------------------------------------------------------------------------------
@@ -391,6 +396,9 @@ def batch_norm_backward(
     if P.is_device(x):
         return _cuda.channel_backward("batch_norm_backward", "batch", dy, x, mean, rstd, weight,
                                       training, channel_axis)
+    r = _batch_backward_fast(dy, x, mean, rstd, weight, training, channel_axis)
+    if r is not None:
+        return r
     return _channel_backward_host("batch_norm_backward", "batch", dy, x, mean, rstd, weight,
                                   training, channel_axis)
 
@@ -664,6 +672,9 @@ def layer_norm_backward(dy, x, mean, rstd, weight=None) -> NormGrads:
     """
     if P.is_device(x):
         return _cuda.row_backward("layer_norm_backward", dy, x, mean, rstd, weight, True)
+    r = _row_backward_fast(dy, x, mean, rstd, weight, True)
+    if r is not None:
+        return r
     return _row_backward("layer_norm_backward", dy, x, mean, rstd, weight, True)
 
 
@@ -718,4 +729,7 @@ def rms_norm_backward(dy, x, rstd, weight=None) -> NormGrads:
     """
     if P.is_device(x):
         return _cuda.row_backward("rms_norm_backward", dy, x, None, rstd, weight, False)
+    r = _row_backward_fast(dy, x, None, rstd, weight, False)
+    if r is not None:
+        return r
     return _row_backward("rms_norm_backward", dy, x, None, rstd, weight, False)
