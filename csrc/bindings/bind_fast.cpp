@@ -90,10 +90,6 @@ bool fast_int(py::handle h, int64_t& v) {
   return true;
 }
 
-// Below this eps a float32 group's rstd can exceed float32's range; functional.py then computes
-// in float64 (_TINY_EPS there), so the fast paths decline such calls for non-float64 data.
-constexpr double kTinyEps = 0x1p-250;
-
 bool fast_double(py::handle h, double& v) {
   if (!PyFloat_CheckExact(h.ptr())) return false;
   v = PyFloat_AS_DOUBLE(h.ptr());
@@ -161,10 +157,10 @@ py::object row_fast(py::handle x_h, py::handle ns_h, py::handle w_h, py::handle 
   if (N <= 0) return py::none();
   double eps;
   if (eps_h.is_none() && !center)
-    eps = d == DType::kFloat64 ? 2.220446049250313e-16 : 1.1920928955078125e-07;
-  else if (!fast_double(eps_h, eps) || eps < 0)
+    eps = rules::rms_default_eps(d);
+  else if (!fast_double(eps_h, eps) || rules::eps(eps))
     return py::none();
-  if (d != DType::kFloat64 && eps < kTinyEps) return py::none();
+  if (rules::needs_wide_statistics(d, eps)) return py::none();
   const int64_t M = static_cast<int64_t>(x.size()) / N;
   return dispatch_dtype(d, [&](auto tag) -> py::object {
     using T = typename decltype(tag)::type;
@@ -211,15 +207,16 @@ py::object batch_fast(py::handle x_h, py::handle w_h, py::handle b_h, py::handle
   const bool training = training_h.ptr() == Py_True;
   if (ca != 1 && ca != -1) return py::none();
   double eps, momentum;
-  if (!fast_double(eps_h, eps) || eps < 0 || !fast_double(momentum_h, momentum) || momentum < 0 ||
-      momentum > 1)
+  if (!fast_double(eps_h, eps) || rules::eps(eps) || !fast_double(momentum_h, momentum) ||
+      rules::momentum(momentum) || rules::needs_wide_statistics(d, eps))
     return py::none();
-  if (d != DType::kFloat64 && eps < kTinyEps) return py::none();
   const bool channels_last = ca == -1 && x.ndim() > 2;
   const int64_t B = x.shape(0), C = x.shape(ca == 1 ? 1 : x.ndim() - 1);
   const int64_t S = C && B ? static_cast<int64_t>(x.size()) / (B * C) : 0;
-  if (C == 0 || (training && B * S <= 1) || (rm_h.is_none() != rv_h.is_none())) return py::none();
-  if (!training && rm_h.is_none()) return py::none();
+  if (C == 0 || rules::batch_count(training, C, B * S) ||
+      rules::running_pair(!rm_h.is_none(), !rv_h.is_none()) ||
+      rules::eval_needs_running(training, !rm_h.is_none()))
+    return py::none();
   return dispatch_dtype(d, [&](auto tag) -> py::object {
     using T = typename decltype(tag)::type;
     using A = acc_t<T>;

@@ -16,8 +16,7 @@ void row_forward(const py::array& x, const py::object& weight, const py::object&
   check(x.ndim() == 2, std::string(fn) + ": x must be 2-D (M, N), got shape " + shape_str(x));
   const int64_t M = x.shape(0), N = x.shape(1);
   check(N > 0, std::string(fn) + ": empty reduction (N = 0)");
-  check(std::isfinite(eps) || std::isinf(eps), std::string(fn) + ": eps is NaN");
-  check(eps >= 0, std::string(fn) + ": eps must be >= 0");
+  check_rule(rules::eps(eps), fn);
   check(!rstd.is_none(), std::string(fn) + ": rstd is required");
   dispatch_dtype(d, [&](auto tag) {
     using T = typename decltype(tag)::type;
