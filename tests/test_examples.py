@@ -35,6 +35,7 @@ def run_without(example: str, *hidden: str) -> subprocess.CompletedProcess:
     [
         ("dask_norm.py", ("dask",), 'pip install "normkit[dask]"'),
         ("sync_bn.py", ("mpi4py",), 'pip install "normkit[mpi]"'),
+        ("standardize.py", ("sklearn",), 'pip install "normkit[sklearn]"'),
     ],
 )
 def test_example_names_what_to_install(example, hidden, install):
@@ -46,3 +47,14 @@ def test_example_names_what_to_install(example, hidden, install):
         assert "Open MPI" in r.stderr and "mpirun -n 2" in r.stderr
     # the module docstring says it too, for someone reading the file first
     assert install in (EXAMPLES / example).read_text()
+
+
+def test_standardize_example_runs_small():
+    pytest.importorskip("sklearn")
+    r = subprocess.run(
+        [sys.executable, str(EXAMPLES / "standardize.py"), "--rows", "3000", "--features", "4",
+         "--repeat", "1"],
+        capture_output=True, text=True, timeout=120, env=dict(os.environ),
+    )
+    assert r.returncode == 0, r.stderr
+    assert "Standardizer" in r.stdout and "StandardScaler" in r.stdout
