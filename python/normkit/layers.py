@@ -1,15 +1,18 @@
-"""Stateful normalization layers for NumPy networks (SPEC section 4).
+"""Stateful normalization layers for NumPy networks, shaped like PyTorch's ``torch.nn`` layers.
 
 Each layer holds its parameters (``weight``, ``bias``), running statistics where the operation
 has them, and what its last forward needs for ``backward``: a reference to the input (not a copy:
 do not modify an input in place between ``forward`` and ``backward``) and the saved statistics.
-``backward(dy)`` returns ``dx`` and overwrites ``grad_weight``/``grad_bias``.
+``layer(x)`` (or ``layer.forward(x)``) returns ``y``; ``layer.backward(dy)`` returns ``dx`` and
+overwrites ``grad_weight``/``grad_bias``. ``parameters()``, ``named_parameters()`` and
+``zero_grad()`` serve a hand-written optimizer loop; ``state_dict()``/``load_state_dict()``
+save and restore a layer as a plain dict of NumPy arrays.
 """
 
 from __future__ import annotations
 
 import operator
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -42,10 +45,20 @@ def _positive_int(v, what: str) -> int:
 _MAX_SIZE = 2**62  # beyond any array NumPy can allocate; larger ints are a ValueError up front
 
 
+def _bool(v, fn: str, name: str) -> bool:
+    """A Python or NumPy bool (an array or a string passed by mistake is a TypeError)."""
+    if v is True or v is False:
+        return v
+    if isinstance(v, np.bool_):
+        return bool(v)
+    raise TypeError(f"{fn}: {name} must be a bool, got {v!r}")
+
+
 class _Norm:
     """Shared machinery: train/eval, parameters, state_dict, saved context for backward."""
 
     _state_names: Tuple[str, ...] = ()
+    _param_names: Tuple[str, ...] = ("weight", "bias")
 
     def __init__(self) -> None:
         self.training = True
@@ -55,16 +68,43 @@ class _Norm:
 
     # -- mode -----------------------------------------------------------------------------
     def train(self, mode: bool = True):
-        """Training mode (batch statistics; running statistics updated). Returns self.
-        ``mode`` must be a bool (TypeError otherwise: ``train('False')`` would mean True)."""
+        """Set training mode (``mode=True``) or evaluation mode (``mode=False``).
+
+        In training mode a layer normalizes with the statistics of its input batch and updates
+        its running statistics, where it tracks them; in evaluation mode a layer with running
+        statistics uses them instead. Layers without running statistics behave the same in
+        both modes.
+
+        Parameters
+        ----------
+        mode : bool, default True
+            Python or NumPy bool.
+
+        Returns
+        -------
+        layer
+            This layer (so that ``layer = Layer(...).train()`` works).
+
+        Raises
+        ------
+        TypeError
+            ``mode`` is not a bool (a string such as ``'False'`` would otherwise mean True).
+        """
         self.training = P.training_flag(mode, f"{type(self).__name__}.train")
         return self
 
     def eval(self):
-        """Evaluation mode (running statistics used where tracked). Returns self."""
+        """Set evaluation mode; the same as ``train(False)``.
+
+        Returns
+        -------
+        layer
+            This layer.
+        """
         return self.train(False)
 
     def __call__(self, x):
+        """Apply the layer: the same as :meth:`forward`, ``layer(x) == layer.forward(x)``."""
         return self.forward(x)
 
     def forward(self, x):  # pragma: no cover - overridden
@@ -80,6 +120,65 @@ class _Norm:
         self.grad_bias = grads.dbias if getattr(self, "bias", None) is not None else None
         return grads.dx
 
+    # -- parameters -----------------------------------------------------------------------
+    def named_parameters(self) -> List[Tuple[str, np.ndarray]]:
+        """The learnable parameters with their names, as PyTorch's ``named_parameters()``.
+
+        Returns
+        -------
+        list of (str, numpy.ndarray)
+            ``("weight", weight)`` then ``("bias", bias)``, leaving out those the layer does
+            not have (``affine=False``, ``elementwise_affine=False``, ``bias=False``, RMSNorm's
+            bias). The arrays are the layer's own (not copies): update them in place, e.g.
+            ``p -= lr * getattr(layer, "grad_" + name)``.
+        """
+        out = []
+        for name in self._param_names:
+            value = getattr(self, name, None)
+            if value is not None:
+                out.append((name, value))
+        return out
+
+    def parameters(self) -> List[np.ndarray]:
+        """The learnable parameter arrays, as PyTorch's ``parameters()``.
+
+        Returns
+        -------
+        list of numpy.ndarray
+            ``weight`` then ``bias``, leaving out those that are None; the layer's own arrays
+            (not copies), so an optimizer can update them in place. The gradients after
+            :meth:`backward` are, in the same order, ``grad_weight`` and ``grad_bias``.
+        """
+        return [value for _, value in self.named_parameters()]
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clear the parameter gradients ``grad_weight`` and ``grad_bias``.
+
+        As in PyTorch (whose default is also ``set_to_none=True``), the gradients are set to
+        None. Note that :meth:`backward` *overwrites* the gradients rather than adding to them,
+        so calling ``zero_grad()`` between steps is not needed; it serves loops written for
+        PyTorch and makes a stale gradient impossible to use by mistake.
+
+        Parameters
+        ----------
+        set_to_none : bool, default True
+            True: set both gradients to None. False: fill the existing gradient arrays with
+            zeros in place (gradients that are None stay None).
+
+        Raises
+        ------
+        TypeError
+            ``set_to_none`` is not a bool.
+        """
+        set_to_none = _bool(set_to_none, f"{type(self).__name__}.zero_grad", "set_to_none")
+        if set_to_none:
+            self.grad_weight = None
+            self.grad_bias = None
+            return
+        for g in (self.grad_weight, self.grad_bias):
+            if g is not None:
+                g[...] = 0
+
     # -- state ----------------------------------------------------------------------------
     def _state_items(self):
         for name in self._state_names:
@@ -88,16 +187,44 @@ class _Norm:
                 yield name, value
 
     def state_dict(self) -> Dict[str, np.ndarray]:
-        """A plain dict of NumPy arrays (copies): parameters, running statistics and
-        ``num_batches_tracked`` where the layer has them."""
+        """The layer's state as a plain dict of NumPy arrays, for saving (e.g. ``np.savez``).
+
+        Returns
+        -------
+        dict of str to numpy.ndarray
+            Copies of ``weight``, ``bias``, ``running_mean``, ``running_var`` and
+            ``num_batches_tracked`` (an int64 scalar array), each only where the layer has it:
+            a layer without bias has no ``"bias"`` key, one without running statistics no
+            running entries.
+        """
         out = {}
         for name, value in self._state_items():
             out[name] = np.array(value, copy=True) if isinstance(value, np.ndarray) else np.array(value, dtype=np.int64)
         return out
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
-        """Copy arrays from ``state`` into this layer. Keys must match ``state_dict()`` exactly;
-        shapes and dtypes must match. On any error nothing is changed."""
+        """Copy the arrays of ``state`` (as made by :meth:`state_dict`) into this layer.
+
+        The values are copied into the layer's existing arrays (which keep their identity, so
+        references from an optimizer stay valid). Everything is checked before anything is
+        copied: on any error the layer is unchanged.
+
+        Parameters
+        ----------
+        state : mapping of str to array_like
+            Exactly the keys of ``state_dict()``, with the same shapes and dtypes (either byte
+            order); ``num_batches_tracked`` an integer scalar ``>= 0``.
+
+        Raises
+        ------
+        KeyError
+            Keys are missing or unexpected (both lists are named).
+        ValueError
+            An array has the wrong shape; running statistics hold NaN or inf, or
+            ``running_var`` negative entries; ``num_batches_tracked`` is negative.
+        TypeError
+            An array has the wrong dtype; ``num_batches_tracked`` is not an integer scalar.
+        """
         own = dict(self._state_items())
         missing = sorted(set(own) - set(state))
         unexpected = sorted(set(state) - set(own))
@@ -139,10 +266,25 @@ class _Norm:
                 np.copyto(getattr(self, name), value)
 
     def extra_repr(self) -> str:  # pragma: no cover - overridden
+        """The constructor arguments shown by ``repr(layer)``, as PyTorch's ``extra_repr``.
+
+        Returns
+        -------
+        str
+        """
         return ""
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.extra_repr()})"
+
+
+_MOMENTUM_DOC = """momentum : float in [0, 1] or None, default 0.1
+        How fast the running statistics follow the batches, with PyTorch's convention (the
+        opposite of Keras'): each training step does
+        ``running = (1 - momentum) * running + momentum * batch_stat``, with the unbiased
+        (``n/(n-1)``) batch variance for ``running_var``. None: a cumulative moving average,
+        ``momentum = 1 / num_batches_tracked`` after the step is counted, so the running
+        statistics are the plain average of every batch's statistics so far."""
 
 
 class _RunningStatsNorm(_Norm):
@@ -174,10 +316,62 @@ class _RunningStatsNorm(_Norm):
             self.running_mean = self.running_var = None
             self.num_batches_tracked = None
 
+    def _check_running_dtype(self, x):
+        """The running statistics are updated in place, so they cannot be converted to the
+        input's statistics dtype (float64 for float64 input, else float32): name the fix."""
+        dt = getattr(x, "dtype", None)
+        if not isinstance(dt, np.dtype) or not P.is_float_dtype(dt):
+            return  # not a float array: the functional raises its own TypeError
+        needed = P.stat_dtype(P.native_dtype(dt))
+        have = self.running_mean.dtype
+        if needed == have:
+            return
+        name = type(self).__name__
+        data = "float32 (or float16, bfloat16)" if have == np.float32 else "float64"
+        raise TypeError(
+            f"{name}({self.num_features}, dtype={have.name}) got {P.native_dtype(dt).name} "
+            f"input; create the layer with dtype=np.{needed.name} or pass {data} data "
+            f"(its running statistics are updated in place, so they are not converted)"
+        )
+
     def forward(self, x):
-        """Normalize x; in training mode (with tracked statistics) update the running ones."""
+        """Normalize ``x`` per channel; in training mode, update the running statistics.
+
+        Training mode uses the statistics of ``x``: per channel over every other axis for
+        BatchNorm, per sample and channel for InstanceNorm; with tracked running statistics it
+        also updates them (see ``momentum``) and increments ``num_batches_tracked``.
+        Evaluation mode uses the running statistics where the layer tracks them, else the
+        statistics of ``x``. What :meth:`backward` needs is kept. On any error nothing is
+        changed (running statistics, ``num_batches_tracked``, the saved context).
+
+        Parameters
+        ----------
+        x : array_like
+            ``(N, C, *spatial)`` (``channel_axis=1``) or ``(N, *spatial, C)``
+            (``channel_axis=-1``) with ``C == num_features``; float32, float64, float16 or
+            bfloat16.
+
+        Returns
+        -------
+        numpy.ndarray
+            ``y``, the shape and dtype of ``x``.
+
+        Raises
+        ------
+        TypeError
+            ``x`` has a non-float dtype; or the layer tracks running statistics and ``x``'s
+            statistics dtype (float64 for float64 ``x``, else float32) is not the layer's
+            ``dtype`` (the message says which ``dtype=`` to create the layer with).
+        ValueError
+            ``x`` has fewer than 2 dimensions or the wrong number of channels; BatchNorm in
+            training mode with one value per channel; an empty reduction.
+        """
         use_batch = self.training or not self.track_running_stats
         update = self.training and self.track_running_stats
+        if self.track_running_stats:
+            if not hasattr(x, "dtype"):  # a list: convert once, here
+                x = np.asarray(x)
+            self._check_running_dtype(x)
         momentum = self.momentum
         if update and momentum is None:  # cumulative moving average
             momentum = 1.0 / (self.num_batches_tracked + 1)
@@ -198,7 +392,32 @@ class _RunningStatsNorm(_Norm):
         return result.y
 
     def backward(self, dy):
-        """Gradient with respect to the last forward's input; sets grad_weight/grad_bias."""
+        """Gradient of the last :meth:`forward`; sets ``grad_weight`` and ``grad_bias``.
+
+        In training mode (batch statistics) the gradient flows through the statistics; in
+        evaluation mode with running statistics they are constants (``dx = dy * weight *
+        rstd``). ``grad_weight``/``grad_bias`` are overwritten (not accumulated), and are None
+        for a layer without affine parameters.
+
+        Parameters
+        ----------
+        dy : array_like
+            Gradient of the loss with respect to the last forward's ``y``: its shape.
+
+        Returns
+        -------
+        numpy.ndarray
+            ``dx``, the shape and dtype of the last forward's input.
+
+        Raises
+        ------
+        RuntimeError
+            No forward has been run yet.
+        TypeError
+            ``dy`` has a non-float dtype.
+        ValueError
+            ``dy`` does not have the shape of the last input.
+        """
         x, mean, rstd, use_batch = self._saved_context()
         grads = self._functional_backward(
             dy, x, mean, rstd, self.weight, training=use_batch, channel_axis=self.channel_axis
@@ -213,13 +432,81 @@ class _RunningStatsNorm(_Norm):
 
 
 class BatchNorm(_RunningStatsNorm):
-    """Batch normalization layer (SPEC section 4); see :func:`normkit.batch_norm`."""
+    __doc__ = """Batch normalization layer, like PyTorch's ``BatchNorm1d/2d/3d`` in one class.
+
+    ``y = (x - mean) / sqrt(var + eps) * weight + bias`` per channel, where ``mean`` and ``var``
+    (biased) are the batch statistics over every axis but the channel axis in training mode,
+    and the running statistics in evaluation mode. The functional form is
+    :func:`normkit.batch_norm`.
+
+    Parameters
+    ----------
+    num_features : int
+        ``C``, the number of channels.
+    eps : float, default 1e-5
+        Added to the variance, ``>= 0``.
+    """ + _MOMENTUM_DOC + """
+    affine : bool, default True
+        Whether the layer has ``weight`` (ones) and ``bias`` (zeros) of shape ``(C,)``.
+    track_running_stats : bool, default True
+        Whether the layer keeps ``running_mean`` (zeros), ``running_var`` (ones) and
+        ``num_batches_tracked`` (0). Without them evaluation mode also uses batch statistics.
+    channel_axis : {1, -1}, default 1
+        1: input ``(N, C, *spatial)`` (``(N, C)`` for dense features); -1: channels last,
+        ``(N, *spatial, C)``.
+    dtype : {numpy.float32, numpy.float64}, default numpy.float32
+        Dtype of the parameters and running statistics.
+
+    Attributes
+    ----------
+    weight, bias : numpy.ndarray or None
+        Affine parameters, ``(C,)``.
+    running_mean, running_var : numpy.ndarray or None
+        Running statistics, ``(C,)``, updated in place.
+    num_batches_tracked : int or None
+        Training steps that updated the running statistics.
+    grad_weight, grad_bias : numpy.ndarray or None
+        Parameter gradients of the last :meth:`backward`.
+    training : bool
+        The mode (see :meth:`train`, :meth:`eval`).
+
+    Raises
+    ------
+    TypeError
+        ``num_features`` is not an int; ``eps``/``momentum`` are not real numbers; ``dtype`` is
+        not float32 or float64.
+    ValueError
+        ``num_features < 1``; ``eps < 0``; ``momentum`` outside ``[0, 1]``; ``channel_axis``
+        not 1 or -1.
+
+    Notes
+    -----
+    Dtypes: the running statistics are updated in place, so input must have the layer's
+    statistics dtype: a float32 layer takes float32, float16 or bfloat16 input, a float64
+    layer float64 input; anything else raises a TypeError that names the ``dtype=`` to use.
+    (Without tracked running statistics the parameters are converted to the input's statistics
+    dtype, as for the layers without running statistics.)
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import normkit as nk
+    >>> x = np.random.default_rng(0).standard_normal((32, 3)).astype(np.float32)
+    >>> bn = nk.BatchNorm(3)                  # float32 parameters and statistics
+    >>> y = bn(x)                             # training mode: batch statistics
+    >>> dx = bn.backward(np.ones_like(y))     # sets bn.grad_weight, bn.grad_bias
+    >>> for name, p in bn.named_parameters():
+    ...     p -= 0.1 * getattr(bn, "grad_" + name)
+    >>> bn = bn.eval()                        # running statistics from now on
+    >>> bn.num_batches_tracked
+    1
+    """
 
     def __init__(self, num_features, *, eps=1e-5, momentum=0.1, affine=True,
                  track_running_stats=True, channel_axis=1, dtype=np.float32):
         super().__init__(num_features, eps, momentum, affine, track_running_stats, channel_axis, dtype)
 
-    # -- SPEC section 6: population statistics and the inference map ----------------------
+    # -- population statistics and the inference map --------------------------------------
     def _require_running_stats(self, fn: str) -> None:
         if not self.track_running_stats:
             raise ValueError(
@@ -228,16 +515,33 @@ class BatchNorm(_RunningStatsNorm):
             )
 
     def recompute_statistics(self, batches, *, method: str = "population") -> None:
-        """Replace ``running_mean``/``running_var`` by statistics of ``batches``, an iterable
-        of arrays laid out like this layer's input (the inputs it would see, e.g. every
-        training batch passed through the network's earlier layers in eval mode).
+        """Replace ``running_mean``/``running_var`` by statistics of ``batches``.
 
-        ``method="population"``: the exact mean and unbiased variance of every value seen
-        (``Moments`` merges). ``method="paper"``: the BatchNorm paper's Algorithm 2, the mean of
-        the batch means and ``m/(m-1)`` times the mean of the batch variances (batches of
-        different sizes each get their own ``m/(m-1)``). Statistics accumulate in float64.
-        The mode, parameters and ``num_batches_tracked`` are unchanged; on any error the
-        running statistics are untouched.
+        Useful after training, when the running averages lag behind the final weights: pass
+        the inputs this layer would see (e.g. every training batch through the network's
+        earlier layers, in evaluation mode). Statistics accumulate in float64 and are stored
+        in the layer's dtype. The mode, parameters and ``num_batches_tracked`` are unchanged;
+        on any error the running statistics are unchanged too.
+
+        Parameters
+        ----------
+        batches : iterable of array_like
+            Arrays laid out like this layer's input (a generator is streamed). Batches with no
+            values are skipped.
+        method : {"population", "paper"}, default "population"
+            ``"population"``: the exact mean and unbiased variance of every value seen (Chan
+            merges of :class:`normkit.Moments`). ``"paper"``: Algorithm 2 of the BatchNorm
+            paper, the mean of the batch means and ``m/(m-1)`` times the mean of the batch
+            variances (batches of different sizes each get their own ``m/(m-1)``).
+
+        Raises
+        ------
+        TypeError
+            ``batches`` is one array or not iterable; a batch has a non-float dtype.
+        ValueError
+            The layer has ``track_running_stats=False``; ``method`` is unknown; a batch has
+            the wrong rank or number of channels; no values at all; too few values for an
+            unbiased variance.
         """
         fn = "BatchNorm.recompute_statistics"
         self._require_running_stats(fn)
@@ -246,10 +550,23 @@ class BatchNorm(_RunningStatsNorm):
         np.copyto(self.running_var, var, casting="unsafe")
 
     def as_affine(self) -> Tuple[np.ndarray, np.ndarray]:
-        """``(scale, shift)`` per channel such that eval mode computes ``y = scale * x + shift``:
-        ``scale = weight / sqrt(running_var + eps)``, ``shift = bias - running_mean * scale``
-        (computed in float64, returned in the layer's dtype). Needs tracked running
-        statistics; the current mode does not matter."""
+        """The evaluation-mode map as one scale and shift per channel.
+
+        Evaluation mode computes ``y = scale * x + shift`` with
+        ``scale = weight / sqrt(running_var + eps)`` and ``shift = bias - running_mean * scale``
+        (computed in float64). The current mode does not matter.
+
+        Returns
+        -------
+        scale, shift : numpy.ndarray
+            ``(C,)`` each, in the layer's dtype.
+
+        Raises
+        ------
+        ValueError
+            The layer has ``track_running_stats=False``, or ``running_var`` has negative
+            entries.
+        """
         dt = self.running_mean.dtype if self.running_mean is not None else None
         scale, shift = self._affine64("BatchNorm.as_affine")
         return scale.astype(dt), shift.astype(dt)
@@ -268,7 +585,46 @@ class BatchNorm(_RunningStatsNorm):
 
 
 class InstanceNorm(_RunningStatsNorm):
-    """Instance normalization layer; see :func:`normkit.instance_norm`."""
+    __doc__ = """Instance normalization layer, like PyTorch's ``InstanceNorm1d/2d/3d``.
+
+    ``y = (x - mean) / sqrt(var + eps) * weight + bias`` where ``mean`` and ``var`` (biased) are
+    taken per sample and channel over the spatial axes. With tracked running statistics,
+    training mode also updates ``running_mean``/``running_var`` (shape ``(C,)``) with the batch
+    averages of the per-instance means and unbiased variances, and evaluation mode uses them.
+    The functional form is :func:`normkit.instance_norm`.
+
+    Parameters
+    ----------
+    num_features : int
+        ``C``, the number of channels.
+    eps : float, default 1e-5
+        Added to the variance, ``>= 0``.
+    """ + _MOMENTUM_DOC + """
+    affine : bool, default False
+        Whether the layer has ``weight`` (ones) and ``bias`` (zeros) of shape ``(C,)``.
+    track_running_stats : bool, default False
+        Whether the layer keeps ``running_mean``, ``running_var`` and ``num_batches_tracked``.
+    channel_axis : {1, -1}, default 1
+        1: input ``(N, C, *spatial)``; -1: channels last, ``(N, *spatial, C)``.
+    dtype : {numpy.float32, numpy.float64}, default numpy.float32
+        Dtype of the parameters and running statistics.
+
+    Raises
+    ------
+    TypeError
+        ``num_features`` is not an int; ``eps``/``momentum`` are not real numbers; ``dtype`` is
+        not float32 or float64.
+    ValueError
+        ``num_features < 1``; ``eps < 0``; ``momentum`` outside ``[0, 1]``; ``channel_axis``
+        not 1 or -1.
+
+    Notes
+    -----
+    Attributes and dtype rules are those of :class:`BatchNorm`: with tracked running
+    statistics the input must have the layer's statistics dtype (TypeError naming the fix
+    otherwise); without them (the default) any float input works and the parameters are
+    converted to its statistics dtype.
+    """
 
     _functional = staticmethod(F.instance_norm)
     _functional_backward = staticmethod(F.instance_norm_backward)
@@ -278,8 +634,50 @@ class InstanceNorm(_RunningStatsNorm):
         super().__init__(num_features, eps, momentum, affine, track_running_stats, channel_axis, dtype)
 
 
+_CONVERTED_DOC = """The parameters are converted to the input's statistics dtype for the
+    computation (float64 for float64 input, else float32), so a float32 layer also takes float64
+    data: the float32 parameters are widened exactly, and ``y``, ``grad_weight`` and
+    ``grad_bias`` are float64 while ``weight``/``bias`` stay float32 (an optimizer update
+    ``p -= lr * g`` rounds back to float32). A float64 layer on float32 data uses its
+    parameters rounded to float32. Create the layer with the dtype of your data to avoid
+    either conversion."""
+
 class GroupNorm(_Norm):
-    """Group normalization layer; see :func:`normkit.group_norm`."""
+    __doc__ = """Group normalization layer, like PyTorch's ``GroupNorm``.
+
+    The ``C`` channels are split into ``num_groups`` groups of ``C / num_groups`` consecutive
+    channels; ``y = (x - mean) / sqrt(var + eps) * weight + bias`` with ``mean`` and ``var``
+    (biased) per sample and group, over the group's channels and all spatial axes. The same in
+    training and evaluation mode. The functional form is :func:`normkit.group_norm`.
+
+    Parameters
+    ----------
+    num_groups : int
+        ``G``, which must divide ``num_channels``.
+    num_channels : int
+        ``C``.
+    eps : float, default 1e-5
+        Added to the variance, ``>= 0``.
+    affine : bool, default True
+        Whether the layer has ``weight`` (ones) and ``bias`` (zeros) of shape ``(C,)``.
+    channel_axis : {1, -1}, default 1
+        1: input ``(N, C, *spatial)``; -1: channels last, ``(N, *spatial, C)``.
+    dtype : {numpy.float32, numpy.float64}, default numpy.float32
+        Dtype of the parameters.
+
+    Raises
+    ------
+    TypeError
+        ``num_groups``/``num_channels`` are not ints; ``eps`` is not a real number; ``dtype``
+        is not float32 or float64.
+    ValueError
+        ``num_groups`` or ``num_channels`` below 1; ``num_groups`` does not divide
+        ``num_channels``; ``eps < 0``; ``channel_axis`` not 1 or -1.
+
+    Notes
+    -----
+    """ + _CONVERTED_DOC + """
+    """
 
     _state_names = ("weight", "bias")
 
@@ -300,12 +698,56 @@ class GroupNorm(_Norm):
         self.bias = np.zeros(self.num_channels, dt) if self.affine else None
 
     def forward(self, x):
+        """Normalize ``x`` per sample and group of channels.
+
+        Parameters
+        ----------
+        x : array_like
+            ``(N, C, *spatial)`` (``channel_axis=1``) or ``(N, *spatial, C)``
+            (``channel_axis=-1``) with ``C == num_channels``; float32, float64, float16 or
+            bfloat16.
+
+        Returns
+        -------
+        numpy.ndarray
+            ``y``, the shape and dtype of ``x``.
+
+        Raises
+        ------
+        TypeError
+            ``x`` has a non-float dtype.
+        ValueError
+            ``x`` has fewer than 2 dimensions or the wrong number of channels; an empty
+            reduction.
+        """
         r = F.group_norm(x, self.num_groups, self.weight, self.bias, eps=self.eps,
                          channel_axis=self.channel_axis)
         self._saved = (np.asarray(x), r.mean, r.rstd)
         return r.y
 
     def backward(self, dy):
+        """Gradient of the last :meth:`forward`; sets ``grad_weight`` and ``grad_bias``
+        (overwritten, not accumulated; None without affine parameters).
+
+        Parameters
+        ----------
+        dy : array_like
+            Gradient of the loss with respect to the last forward's ``y``: its shape.
+
+        Returns
+        -------
+        numpy.ndarray
+            ``dx``, the shape and dtype of the last forward's input.
+
+        Raises
+        ------
+        RuntimeError
+            No forward has been run yet.
+        TypeError
+            ``dy`` has a non-float dtype.
+        ValueError
+            ``dy`` does not have the shape of the last input.
+        """
         x, mean, rstd = self._saved_context()
         return self._set_grads(
             F.group_norm_backward(dy, x, mean, rstd, self.weight, channel_axis=self.channel_axis)
@@ -337,25 +779,138 @@ class _RowNorm(_Norm):
 
 
 class LayerNorm(_RowNorm):
-    """Layer normalization layer; see :func:`normkit.layer_norm`."""
+    __doc__ = """Layer normalization layer, like PyTorch's ``LayerNorm`` (including ``bias=``).
+
+    ``y = (x - mean) / sqrt(var + eps) * weight + bias`` where ``mean`` and ``var`` (biased) are
+    taken over the trailing ``normalized_shape`` axes of each sample. The same in training and
+    evaluation mode. The functional form is :func:`normkit.layer_norm`.
+
+    Parameters
+    ----------
+    normalized_shape : int or tuple of int
+        Shape of the trailing axes to normalize over (e.g. ``768`` or ``(H, W)``).
+    eps : float, default 1e-5
+        Added to the variance, ``>= 0``.
+    elementwise_affine : bool, default True
+        Whether the layer has ``weight`` (ones, shape ``normalized_shape``) and, with
+        ``bias=True``, ``bias`` (zeros).
+    bias : bool, default True
+        False: no ``bias`` (``bias`` is None, ``state_dict()`` has no ``"bias"`` key and
+        ``parameters()`` only the weight), as in PyTorch 2.1 and later. Ignored when
+        ``elementwise_affine=False``.
+    dtype : {numpy.float32, numpy.float64}, default numpy.float32
+        Dtype of the parameters.
+
+    Raises
+    ------
+    TypeError
+        ``normalized_shape`` is not an int or a sequence of ints; ``eps`` is not a real
+        number; ``bias`` is not a bool; ``dtype`` is not float32 or float64.
+    ValueError
+        ``normalized_shape`` is empty or has entries below 1; ``eps < 0``.
+
+    Notes
+    -----
+    """ + _CONVERTED_DOC + """
+    """
 
     _state_names = ("weight", "bias")
 
-    def __init__(self, normalized_shape, *, eps=1e-5, elementwise_affine=True, dtype=np.float32):
-        super().__init__(normalized_shape, eps, elementwise_affine, True, dtype, "LayerNorm")
+    def __init__(self, normalized_shape, *, eps=1e-5, elementwise_affine=True, bias=True,
+                 dtype=np.float32):
+        with_bias = _bool(bias, "LayerNorm", "bias")
+        super().__init__(normalized_shape, eps, elementwise_affine, with_bias, dtype, "LayerNorm")
 
     def forward(self, x):
+        """Normalize each sample of ``x`` over its trailing ``normalized_shape`` axes.
+
+        Parameters
+        ----------
+        x : array_like
+            ``(..., *normalized_shape)``: the trailing axes must equal ``normalized_shape``;
+            float32, float64, float16 or bfloat16.
+
+        Returns
+        -------
+        numpy.ndarray
+            ``y``, the shape and dtype of ``x``.
+
+        Raises
+        ------
+        TypeError
+            ``x`` has a non-float dtype.
+        ValueError
+            The trailing axes of ``x`` do not match ``normalized_shape``.
+        """
         r = F.layer_norm(x, self.normalized_shape, self.weight, self.bias, eps=self.eps)
         self._saved = (np.asarray(x), r.mean, r.rstd)
         return r.y
 
     def backward(self, dy):
+        """Gradient of the last :meth:`forward`; sets ``grad_weight`` and ``grad_bias``
+        (overwritten, not accumulated; None for parameters the layer does not have).
+
+        Parameters
+        ----------
+        dy : array_like
+            Gradient of the loss with respect to the last forward's ``y``: its shape.
+
+        Returns
+        -------
+        numpy.ndarray
+            ``dx``, the shape and dtype of the last forward's input.
+
+        Raises
+        ------
+        RuntimeError
+            No forward has been run yet.
+        TypeError
+            ``dy`` has a non-float dtype.
+        ValueError
+            ``dy`` does not have the shape of the last input.
+        """
         x, mean, rstd = self._saved_context()
         return self._set_grads(F.layer_norm_backward(dy, x, mean, rstd, self.weight))
 
+    def extra_repr(self) -> str:
+        out = super().extra_repr()
+        if self.elementwise_affine and self.bias is None:
+            out += ", bias=False"
+        return out
+
 
 class RMSNorm(_RowNorm):
-    """RMS normalization layer; see :func:`normkit.rms_norm`."""
+    __doc__ = """RMS normalization layer, like PyTorch's ``RMSNorm``.
+
+    ``y = x / sqrt(mean(x**2) + eps) * weight`` over the trailing ``normalized_shape`` axes of
+    each sample (no centring, no bias). The same in training and evaluation mode. The
+    functional form is :func:`normkit.rms_norm`.
+
+    Parameters
+    ----------
+    normalized_shape : int or tuple of int
+        Shape of the trailing axes to normalize over.
+    eps : float or None, default None
+        Added to the mean square, ``>= 0``. None: the machine epsilon of the input's
+        statistics dtype (float32's for float32 and half inputs, float64's for float64), as
+        PyTorch does.
+    elementwise_affine : bool, default True
+        Whether the layer has ``weight`` (ones, shape ``normalized_shape``).
+    dtype : {numpy.float32, numpy.float64}, default numpy.float32
+        Dtype of the weight.
+
+    Raises
+    ------
+    TypeError
+        ``normalized_shape`` is not an int or a sequence of ints; ``eps`` is not a real number
+        or None; ``dtype`` is not float32 or float64.
+    ValueError
+        ``normalized_shape`` is empty or has entries below 1; ``eps < 0``.
+
+    Notes
+    -----
+    """ + _CONVERTED_DOC + """ ``grad_bias`` is always None.
+    """
 
     _state_names = ("weight",)
 
@@ -363,10 +918,52 @@ class RMSNorm(_RowNorm):
         super().__init__(normalized_shape, eps, elementwise_affine, False, dtype, "RMSNorm")
 
     def forward(self, x):
+        """Divide each sample of ``x`` by its root mean square over the trailing axes.
+
+        Parameters
+        ----------
+        x : array_like
+            ``(..., *normalized_shape)``: the trailing axes must equal ``normalized_shape``;
+            float32, float64, float16 or bfloat16.
+
+        Returns
+        -------
+        numpy.ndarray
+            ``y``, the shape and dtype of ``x``.
+
+        Raises
+        ------
+        TypeError
+            ``x`` has a non-float dtype.
+        ValueError
+            The trailing axes of ``x`` do not match ``normalized_shape``.
+        """
         r = F.rms_norm(x, self.normalized_shape, self.weight, eps=self.eps)
         self._saved = (np.asarray(x), r.rstd)
         return r.y
 
     def backward(self, dy):
+        """Gradient of the last :meth:`forward`; sets ``grad_weight`` (overwritten, not
+        accumulated; None without a weight). ``grad_bias`` is always None.
+
+        Parameters
+        ----------
+        dy : array_like
+            Gradient of the loss with respect to the last forward's ``y``: its shape.
+
+        Returns
+        -------
+        numpy.ndarray
+            ``dx``, the shape and dtype of the last forward's input.
+
+        Raises
+        ------
+        RuntimeError
+            No forward has been run yet.
+        TypeError
+            ``dy`` has a non-float dtype.
+        ValueError
+            ``dy`` does not have the shape of the last input.
+        """
         x, rstd = self._saved_context()
         return self._set_grads(F.rms_norm_backward(dy, x, rstd, self.weight))
