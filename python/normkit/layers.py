@@ -11,6 +11,7 @@ save and restore a layer as a plain dict of NumPy arrays.
 
 from __future__ import annotations
 
+import math
 import operator
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -278,6 +279,24 @@ class _Norm:
         return f"{type(self).__name__}({self.extra_repr()})"
 
 
+def _renorm_clipping(c, fn: str):
+    """``{"rmax", "rmin", "dmax"}`` with defaults: no clipping (Keras' rule), rmin = 1/rmax."""
+    if c is None:
+        return {"rmax": math.inf, "rmin": 0.0, "dmax": math.inf}
+    if not isinstance(c, dict):
+        raise TypeError(f"{fn}: renorm_clipping must be a dict with keys rmax, rmin, dmax, got {c!r}")
+    unknown = sorted(set(c) - {"rmax", "rmin", "dmax"})
+    if unknown:
+        raise ValueError(f"{fn}: renorm_clipping has unknown keys {unknown} (rmax, rmin, dmax)")
+    rmax = P.real(c.get("rmax", math.inf), fn, "renorm_clipping['rmax']")
+    rmin = P.real(c.get("rmin", 1.0 / rmax), fn, "renorm_clipping['rmin']")
+    dmax = P.real(c.get("dmax", math.inf), fn, "renorm_clipping['dmax']")
+    if not (rmax >= 1.0) or not (0.0 <= rmin <= 1.0) or not (dmax >= 0.0):
+        raise ValueError(f"{fn}: renorm_clipping needs rmax >= 1, 0 <= rmin <= 1 and dmax >= 0, "
+                         f"got {c!r}")
+    return {"rmax": rmax, "rmin": rmin, "dmax": dmax}
+
+
 _MOMENTUM_DOC = """momentum : float in [0, 1] or None, default 0.1
         How fast the running statistics follow the batches, with PyTorch's convention (the
         opposite of Keras'): each training step does
@@ -456,6 +475,21 @@ class BatchNorm(_RunningStatsNorm):
         ``(N, *spatial, C)``.
     dtype : {numpy.float32, numpy.float64}, default numpy.float32
         Dtype of the parameters and running statistics.
+    renorm : bool, default False
+        Batch renormalization (Ioffe, 2017), training mode: ``y = (xhat * r + d) * weight +
+        bias`` with ``r = clip(sigma_B / sigma, rmin, rmax)`` and ``d = clip((mu_B - mu) /
+        sigma, -dmax, dmax)``, where ``mu``, ``sigma = sqrt(running_var + eps)`` are the running
+        statistics before the step; r and d are constants in the backward, as in the paper.
+        Needs ``track_running_stats``. Evaluation mode is unchanged.
+    renorm_clipping : dict, optional
+        ``{"rmax": ..., "rmin": ..., "dmax": ...}``; missing keys: no clipping
+        (``rmin = 1/rmax``). ``rmax=1, dmax=0`` gives plain BatchNorm, bit for bit.
+    virtual_batch_size : int, optional
+        Ghost batch normalization (Hoffer et al., 2017): in training mode the batch (axis 0) is
+        split into pieces of this many samples (the last may be smaller), each normalized with
+        its own statistics; with tracked running statistics each piece updates them in turn,
+        one momentum step per ghost batch in order. A size of at least the batch is plain
+        BatchNorm, bit for bit. Cannot be combined with ``renorm``.
 
     Attributes
     ----------
@@ -503,8 +537,138 @@ class BatchNorm(_RunningStatsNorm):
     """
 
     def __init__(self, num_features, *, eps=1e-5, momentum=0.1, affine=True,
-                 track_running_stats=True, channel_axis=1, dtype=np.float32):
+                 track_running_stats=True, channel_axis=1, dtype=np.float32, renorm=False,
+                 renorm_clipping=None, virtual_batch_size=None):
         super().__init__(num_features, eps, momentum, affine, track_running_stats, channel_axis, dtype)
+        fn = "BatchNorm"
+        self.renorm = P.training_flag(renorm, f"{fn}: renorm")
+        self.renorm_clipping = _renorm_clipping(renorm_clipping, fn)
+        if renorm_clipping is not None and not self.renorm:
+            raise ValueError(f"{fn}: renorm_clipping needs renorm=True")
+        if self.renorm and not self.track_running_stats:
+            raise ValueError(f"{fn}: renorm=True needs track_running_stats=True (r and d "
+                             "compare the batch statistics with the running ones)")
+        self.virtual_batch_size = (None if virtual_batch_size is None else
+                                   _positive_int(virtual_batch_size, f"{fn}: virtual_batch_size"))
+        if self.renorm and self.virtual_batch_size is not None:
+            raise ValueError(f"{fn}: renorm and virtual_batch_size cannot be combined")
+
+    # -- batch renormalization (Ioffe, 2017) and ghost batches (Hoffer et al., 2017) --------
+    def forward(self, x):
+        use_batch = self.training or not self.track_running_stats
+        if use_batch and self.renorm and self.training:
+            return self._forward_renorm(x)
+        if use_batch and self.virtual_batch_size is not None:
+            return self._forward_ghost(x)
+        return super().forward(x)
+
+    forward.__doc__ = _RunningStatsNorm.forward.__doc__
+
+    def backward(self, dy):
+        saved = self._saved_context()
+        if len(saved) == 4:
+            return super().backward(dy)
+        kind = saved[0]
+        if kind == "renorm":
+            _, x, mean, rstd, r, d = saved
+            w = r if self.weight is None else self.weight * r
+            g = F.batch_norm_backward(dy, x, mean, rstd, w.astype(mean.dtype), training=True,
+                                      channel_axis=self.channel_axis)
+            dw = r * g.dweight.astype(np.float64) + d * g.dbias.astype(np.float64)
+            return self._set_grads(F.NormGrads(g.dx, dw.astype(mean.dtype), g.dbias))
+        _, x, pieces = saved  # ghost batches
+        dy = F.data_array(dy, "BatchNorm.backward", "dy")
+        if dy.shape != x.shape:
+            raise ValueError(f"BatchNorm.backward: dy has shape {dy.shape} but x has shape {x.shape}")
+        dx = np.empty(x.shape, x.dtype)
+        dw = np.zeros(self.num_features)
+        db = np.zeros(self.num_features)
+        for sl, mean, rstd in pieces:
+            g = F.batch_norm_backward(dy[sl], x[sl], mean, rstd, self.weight, training=True,
+                                      channel_axis=self.channel_axis)
+            dx[sl] = g.dx
+            dw += g.dweight
+            db += g.dbias
+        sd = pieces[0][1].dtype
+        return self._set_grads(F.NormGrads(dx, dw.astype(sd), db.astype(sd)))
+
+    backward.__doc__ = _RunningStatsNorm.backward.__doc__
+
+    def _channel_shape(self, ndim: int):
+        """Shape that broadcasts a (C,) vector along the channel axis of an ndim-D input."""
+        shape = [1] * ndim
+        shape[self.channel_axis if self.channel_axis == 1 else ndim - 1] = self.num_features
+        return tuple(shape)
+
+    def _forward_renorm(self, x):
+        """Batch renormalization: ``y = (xhat * r + d) * weight + bias`` with
+        ``r = clip(sigma_B / sigma, 1/rmax.., rmax)`` and ``d = clip((mu_B - mu) / sigma, -dmax,
+        dmax)`` from the running statistics before this step (sigma = sqrt(running_var + eps));
+        r and d are constants for the backward. One kernel pass gives xhat * weight + bias and
+        updates the running statistics; where r != 1 or d != 0 y is corrected in place."""
+        if not hasattr(x, "dtype"):
+            x = np.asarray(x)
+        self._check_running_dtype(x)
+        mu = self.running_mean.astype(np.float64)
+        sigma = np.sqrt(self.running_var.astype(np.float64) + self.eps)
+        momentum = self.momentum
+        if momentum is None:
+            momentum = 1.0 / (self.num_batches_tracked + 1)
+        res = F.batch_norm(x, self.weight, self.bias, running_mean=self.running_mean,
+                           running_var=self.running_var, training=True, momentum=momentum,
+                           eps=self.eps, channel_axis=self.channel_axis)
+        self.num_batches_tracked += 1
+        c = self.renorm_clipping
+        with np.errstate(divide="ignore", invalid="ignore"):
+            r = np.clip(1.0 / (res.rstd.astype(np.float64) * sigma), c["rmin"], c["rmax"])
+            d = np.clip((res.mean.astype(np.float64) - mu) / sigma, -c["dmax"], c["dmax"])
+        y = res.y
+        if np.any(r != 1.0) or np.any(d != 0.0):
+            w = np.ones(self.num_features) if self.weight is None else self.weight.astype(np.float64)
+            b = np.zeros(self.num_features) if self.bias is None else self.bias.astype(np.float64)
+            shape = self._channel_shape(y.ndim)
+            # y = r * (xhat * w + b) + (1 - r) * b + d * w
+            np.multiply(y, r.reshape(shape), out=y, casting="unsafe")
+            np.add(y, ((1.0 - r) * b + d * w).reshape(shape), out=y, casting="unsafe")
+        self._saved = ("renorm", np.asarray(x), res.mean, res.rstd, r, d)
+        return y
+
+    def _forward_ghost(self, x):
+        """Ghost batch normalization: the batch (axis 0) in pieces of ``virtual_batch_size``
+        samples, each normalized with its own statistics. With tracked running statistics each
+        piece updates them in turn (one momentum step per ghost batch, in order, as when the
+        ghost batches were separate batches); ``num_batches_tracked`` counts the call once."""
+        x = np.asarray(x)
+        if self.track_running_stats:
+            self._check_running_dtype(x)
+        if x.ndim < 2:
+            raise ValueError(f"BatchNorm: x must have at least 2 dimensions (N, C, ...), got shape {x.shape}")
+        k, N, C = self.virtual_batch_size, x.shape[0], x.shape[self._ca(x)]
+        S = P.prod(x.shape[1:]) // C if C else 0
+        bounds = [(i, min(i + k, N)) for i in range(0, N, k)] or [(0, 0)]
+        for lo, hi in bounds:  # every piece checked before anything is written
+            P.per_channel_count("BatchNorm", (hi - lo) * S, C, (hi - lo, *x.shape[1:]))
+        update = self.training and self.track_running_stats
+        momentum = self.momentum
+        if update and momentum is None:
+            momentum = 1.0 / (self.num_batches_tracked + 1)
+        y = np.empty(x.shape, P.native_dtype(x.dtype))
+        pieces = []
+        for lo, hi in bounds:
+            sl = slice(lo, hi)
+            r = F.batch_norm(x[sl], self.weight, self.bias,
+                             running_mean=self.running_mean if update else None,
+                             running_var=self.running_var if update else None, training=True,
+                             momentum=0.0 if momentum is None else momentum, eps=self.eps,
+                             channel_axis=self.channel_axis, out=y[sl])
+            pieces.append((sl, r.mean, r.rstd))
+        if update:
+            self.num_batches_tracked += 1
+        self._saved = ("ghost", x, pieces)
+        return y
+
+    def _ca(self, x) -> int:
+        return 1 if self.channel_axis == 1 else x.ndim - 1
 
     # -- population statistics and the inference map --------------------------------------
     def _require_running_stats(self, fn: str) -> None:
