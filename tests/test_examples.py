@@ -58,3 +58,15 @@ def test_standardize_example_runs_small():
     )
     assert r.returncode == 0, r.stderr
     assert "Standardizer" in r.stdout and "StandardScaler" in r.stdout
+
+
+def test_prenorm_block_example_checks_fused_against_unfused():
+    """examples/prenorm_block.py: two pre-norm transformer blocks, fused add_layer_norm against
+    the unfused composition and central differences."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, str(EXAMPLES / "prenorm_block.py")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "max difference 0" in proc.stdout and proc.stdout.rstrip().endswith("ok")

@@ -6,6 +6,7 @@ import numpy as np
 def row_norm_forward(
     x: np.ndarray, weight: Optional[np.ndarray], bias: Optional[np.ndarray], eps: float,
     y: np.ndarray, mean: Optional[np.ndarray], rstd: np.ndarray,
+    residual: Optional[np.ndarray] = None, h: Optional[np.ndarray] = None,
 ) -> None: ...
 def row_norm_backward(
     dy: np.ndarray, x: np.ndarray, mean: Optional[np.ndarray], rstd: np.ndarray,

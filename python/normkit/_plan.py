@@ -33,6 +33,16 @@ class NormOutput(NamedTuple):
     rstd: np.ndarray
 
 
+class AddNormOutput(NamedTuple):
+    """Result of a fused residual add + norm: ``y``, the sum ``h = x + residual`` (the next
+    block's input), and the statistics of h."""
+
+    y: np.ndarray
+    h: np.ndarray
+    mean: Optional[np.ndarray]
+    rstd: np.ndarray
+
+
 class NormGrads(NamedTuple):
     """Result of a backward: ``dx`` (x's shape and dtype), ``dweight`` and ``dbias``."""
 
@@ -311,7 +321,7 @@ def negative_running_var(fn: str) -> None:
     raise ValueError(f"{fn}: running_var has negative entries")
 
 
-def out_array(out, x, fn: str) -> None:
+def out_array(out, x, fn: str, name: str = "out", what: str = "y") -> None:
     """``out`` (forward only): y's shape and dtype (either byte order on the host), writeable."""
     if out is None:
         return
@@ -319,11 +329,11 @@ def out_array(out, x, fn: str) -> None:
         on_device(out) and not out.dtype.isnative
     ):
         raise ValueError(
-            f"{fn}: out has shape {out.shape} and dtype {out.dtype} but y has shape "
+            f"{fn}: {name} has shape {out.shape} and dtype {out.dtype} but {what} has shape "
             f"{x.shape} and dtype {native_dtype(x.dtype)}"
         )
     if not writeable(out):
-        raise ValueError(f"{fn}: out is read-only")
+        raise ValueError(f"{fn}: {name} is read-only")
 
 
 def grad_array(dy, x, fn: str) -> None:
@@ -518,6 +528,18 @@ def row_forward(fn, x, ns, weight, bias, eps, out, center: bool) -> RowPlan:
     e = eps_value(eps, fn) if center else rms_eps(eps, native_dtype(xa.dtype), fn)
     out_array(arg(out), xa, fn)
     return RowPlan(fn, ns, lead, M, N, sd, e, center)
+
+
+def add_row_forward(fn, x, residual, ns, weight, bias, eps, out, h_out, center: bool) -> RowPlan:
+    """add_layer_norm / add_rms_norm: the row plan of ``h = x + residual``; residual has x's
+    shape (any float dtype, converted to x's); ``h_out`` follows ``out``'s rules."""
+    plan = row_forward(fn, x, ns, weight, bias, eps, out, center)
+    xa, ra = arg(x), arg(residual)
+    data_dtype(ra, fn, "residual")
+    if ra.shape != xa.shape:
+        raise ValueError(f"{fn}: residual has shape {ra.shape} but x has shape {xa.shape}")
+    out_array(arg(h_out), xa, fn, "h_out", "h")
+    return plan
 
 
 def row_backward(fn, dy, x, mean, rstd, weight, center: bool) -> RowPlan:

@@ -24,7 +24,7 @@ import numpy as np
 from . import _core
 from . import _cuda_dispatch as _cuda
 from . import _plan as P
-from ._plan import NormGrads, NormOutput
+from ._plan import AddNormOutput, NormGrads, NormOutput
 
 __all__ = [
     "NormOutput",
@@ -39,6 +39,11 @@ __all__ = [
     "instance_norm_backward",
     "rms_norm",
     "rms_norm_backward",
+    "AddNormOutput",
+    "add_layer_norm",
+    "add_layer_norm_backward",
+    "add_rms_norm",
+    "add_rms_norm_backward",
 ]
 
 ShapeLike = Union[int, Sequence[int]]
@@ -733,3 +738,171 @@ def rms_norm_backward(dy, x, rstd, weight=None) -> NormGrads:
     if r is not None:
         return r
     return _row_backward("rms_norm_backward", dy, x, None, rstd, weight, False)
+
+
+# --------------------------------------------------------------------------------------------
+# fused residual add + row norm (pre-norm transformer blocks)
+
+
+def _add_row_forward(fn, x, residual, normalized_shape, weight, bias, eps, out, h_out,
+                     center: bool) -> AddNormOutput:
+    if P.is_device(x):
+        raise TypeError(f"{fn}: CUDA arrays are not supported by the fused add kernels yet")
+    a = _host_args(fn, x=x, residual=residual, weight=weight, bias=bias, out=out, h_out=h_out)
+    plan = P.add_row_forward(fn, a["x"], a["residual"], normalized_shape, a["weight"], a["bias"],
+                             eps, a["out"], a["h_out"], center)
+    x = data_array(a["x"], fn)
+    res = data_array(a["residual"], fn, "residual")
+    if res.dtype != x.dtype:
+        res = res.astype(x.dtype)
+    out, h_out = a["out"], a["h_out"]
+    sd, M, N = plan.sd, plan.M, plan.N
+    w, b = param(a["weight"], sd), param(a["bias"], sd)
+    if x.dtype != np.float64 and plan.eps < _TINY_EPS:  # see _TINY_EPS: the sum, then float64
+        h = np.add(x, res, dtype=x.dtype)
+        r = _row_forward_planned(plan, h, w, b, out)
+        if h_out is not None:
+            np.copyto(h_out, h)
+            h = h_out
+        return AddNormOutput(r.y, h, r.mean, r.rstd)
+    xp, rp = _dense(x).reshape(M, N), _dense(res).reshape(M, N)
+    inputs = (xp, rp)
+    # h and y: written directly when dense, native and either exactly an input or disjoint from
+    # every array the kernel reads; otherwise into temporaries copied back (as if fresh)
+    hp, h, h_back = _fused_output(h_out, x, inputs, (w, b))
+    yp, y, y_back = _fused_output(out, x, inputs + ((hp,) if h_back is None else ()), (w, b),
+                                  exact_ok=(hp,))
+    mean = np.empty(plan.lead, sd) if center else None
+    rstd = np.empty(plan.lead, sd)
+    _core.row_norm_forward(xp, _flat(w, N), _flat(b, N), plan.eps, yp, _flat(mean, M),
+                           rstd.reshape(M), rp, hp)
+    if h_back is not None:
+        np.copyto(h_out, h_back)
+    if y_back is not None:
+        np.copyto(out, y_back)
+    return AddNormOutput(y, h, mean, rstd)
+
+
+def _fused_output(dst, x, inputs, others, exact_ok=()):
+    """(buffer the kernel writes (M, N), array returned, temporary to copy into dst or None)."""
+    M, N = inputs[0].shape
+    if dst is None:
+        buf = _empty((M, N), x.dtype)
+        return buf, buf.reshape(x.shape), None
+    d2 = dst.reshape(M, N) if dst.flags.c_contiguous and dst.dtype.isnative else None
+    if d2 is not None and not any(o is not None and np.may_share_memory(d2, o) for o in others):
+        ptr = d2.__array_interface__["data"][0]
+        same = [a for a in inputs + tuple(exact_ok)
+                if a.__array_interface__["data"][0] == ptr and a.strides == d2.strides]
+        clash = [a for a in inputs if np.may_share_memory(d2, a) and not any(a is s for s in same)]
+        if not clash:
+            return d2, dst, None
+    tmp = _empty((M, N), x.dtype)
+    return tmp, dst, tmp.reshape(x.shape)
+
+
+def add_layer_norm(
+    x,
+    residual,
+    normalized_shape: ShapeLike,
+    weight=None,
+    bias=None,
+    *,
+    eps: float = 1e-5,
+    out: Optional[np.ndarray] = None,
+    h_out: Optional[np.ndarray] = None,
+) -> AddNormOutput:
+    """Fused residual add and layer normalization: ``h = x + residual``, ``y = layer_norm(h)``,
+    in one pass over memory (each row is summed, kept in cache, normalized).
+
+    Parameters
+    ----------
+    x, residual : array_like
+        The same shape; residual of any float dtype is converted to x's dtype. The sum is
+        rounded to x's dtype, as ``x + residual`` in NumPy.
+    normalized_shape, weight, bias, eps
+        As :func:`layer_norm`.
+    out, h_out : ndarray, optional
+        Receive y and h (x's shape and dtype); either may be ``x`` or ``residual`` itself.
+
+    Returns
+    -------
+    AddNormOutput
+        ``(y, h, mean, rstd)``: h is the next block's input; mean and rstd as
+        :func:`layer_norm`'s, of h.
+
+    Raises
+    ------
+    TypeError, ValueError
+        As :func:`layer_norm`, for residual and h_out as for x and out.
+    """
+    return _add_row_forward("add_layer_norm", x, residual, normalized_shape, weight, bias, eps,
+                            out, h_out, True)
+
+
+def add_rms_norm(
+    x,
+    residual,
+    normalized_shape: ShapeLike,
+    weight=None,
+    *,
+    eps: Optional[float] = None,
+    out: Optional[np.ndarray] = None,
+    h_out: Optional[np.ndarray] = None,
+) -> AddNormOutput:
+    """Fused residual add and RMS normalization: ``h = x + residual``, ``y = rms_norm(h)``.
+
+    Parameters and errors as :func:`add_layer_norm` (eps as :func:`rms_norm`).
+
+    Returns
+    -------
+    AddNormOutput
+        ``(y, h, None, rstd)``.
+    """
+    return _add_row_forward("add_rms_norm", x, residual, normalized_shape, weight, None, eps,
+                            out, h_out, False)
+
+
+def _add_row_backward(fn, dy, dh, h, mean, rstd, weight, center) -> NormGrads:
+    g = (layer_norm_backward if center else rms_norm_backward)(
+        *((dy, h, mean, rstd, weight) if center else (dy, h, rstd, weight)))
+    if dh is not None:
+        dh = data_array(host_array(dh, fn, "dh"), fn, "dh")
+        if dh.shape != g.dx.shape:
+            raise ValueError(f"{fn}: dh has shape {dh.shape} but h has shape {g.dx.shape}")
+        np.add(g.dx, dh, out=g.dx, casting="unsafe")
+    return g
+
+
+def add_layer_norm_backward(dy, dh, h, mean, rstd, weight=None) -> NormGrads:
+    """Gradients of :func:`add_layer_norm`.
+
+    Parameters
+    ----------
+    dy : array_like
+        Gradient of the loss with respect to y.
+    dh : array_like or None
+        Gradient with respect to h from where else h is used (the residual branch of the next
+        block); None means zero.
+    h, mean, rstd : array_like
+        The forward's h and statistics.
+    weight : array_like, optional
+
+    Returns
+    -------
+    NormGrads
+        ``(dx, dweight, dbias)``: dx is the gradient with respect to x and to residual alike
+        (``h = x + residual``), ``layer_norm_backward(dy, h, ...).dx + dh``.
+
+    Raises
+    ------
+    TypeError, ValueError
+        As :func:`layer_norm_backward`; dh of another shape than h.
+    """
+    return _add_row_backward("add_layer_norm_backward", dy, dh, h, mean, rstd, weight, True)
+
+
+def add_rms_norm_backward(dy, dh, h, rstd, weight=None) -> NormGrads:
+    """Gradients of :func:`add_rms_norm`: ``(dx, dweight, None)``, dx as in
+    :func:`add_layer_norm_backward`."""
+    return _add_row_backward("add_rms_norm_backward", dy, dh, h, None, rstd, weight, False)
