@@ -10,7 +10,6 @@ import inspect
 
 import numpy as np
 import pytest
-
 from conftest import assert_bitwise_equal, randn
 
 nk = pytest.importorskip("normkit")
@@ -50,7 +49,8 @@ def test_parameters_are_the_layers_own_arrays(index):
 @pytest.mark.parametrize(
     "layer",
     [nk.BatchNorm(3, affine=False), nk.InstanceNorm(3), nk.GroupNorm(1, 3, affine=False),
-     nk.LayerNorm(3, elementwise_affine=False), nk.LayerNorm(3, elementwise_affine=False, bias=False),
+     nk.LayerNorm(3, elementwise_affine=False),
+     nk.LayerNorm(3, elementwise_affine=False, bias=False),
      nk.RMSNorm(3, elementwise_affine=False)],
     ids=["BatchNorm", "InstanceNorm", "GroupNorm", "LayerNorm", "LayerNorm-nobias", "RMSNorm"],
 )

@@ -12,12 +12,11 @@ import pytest
 
 pytest.importorskip("sklearn")
 pd = pytest.importorskip("pandas")
-from sklearn.pipeline import make_pipeline  # noqa: E402
-from sklearn.preprocessing import StandardScaler  # noqa: E402
-from sklearn.utils.estimator_checks import check_estimator, parametrize_with_checks  # noqa: E402
-
-import normkit.sklearn as nks  # noqa: E402
-from normkit.sklearn import Standardizer  # noqa: E402
+import normkit.sklearn as nks
+from normkit.sklearn import Standardizer
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+from sklearn.utils.estimator_checks import check_estimator, parametrize_with_checks
 
 FLAGS = [dict(), dict(with_mean=False), dict(with_std=False), dict(with_mean=False, with_std=False)]
 FLAG_IDS = ["default", "no_mean", "no_std", "neither"]
@@ -289,7 +288,7 @@ def test_sparse_input_is_refused_with_a_hint():
         Standardizer().fit(sparse.csr_array(np.eye(3)))
 
 
-# -- pandas, pipelines ------------------------------------------------------------------------------
+# -- pandas, pipelines -----------------------------------------------------------------------
 
 def test_pandas_output_and_feature_names(rng):
     df = pd.DataFrame(_data(rng, n=20, F=3), columns=["a", "b", "c"])

@@ -66,8 +66,8 @@ def _combine(na, mean_a, m2_a, nb, mean_b, m2_b):
 
 
 def _moments_dense(X: np.ndarray):
-    """(count, mean, m2) of the columns of a 2-D array without NaN: :class:`normkit.Moments`
-    (two passes in float64)."""
+    """(mean, m2) of the columns of a 2-D array, by :class:`normkit.Moments` (two passes in
+    float64). A column with NaN or infinity gets a non-finite mean."""
     with np.errstate(invalid="ignore", over="ignore"):  # inf - inf: NaN, looked at later
         state = Moments((X.shape[1],)).update(X, axis=0).state_dict()
     return state["mean"], state["m2"]
@@ -213,8 +213,9 @@ class Standardizer(OneToOneFeatureMixin, TransformerMixin, BaseEstimator):
       with a large offset (e.g. mean 1e4, spread 1) is standardized to float32 round-off
       (about 1e-7) where subtracting a float32-rounded mean loses up to half an ulp of the mean
       (about 5e-4 in standardized units);
-    - float32 and float64 are preserved, float16 too; other input (ints, lists, DataFrames) is
-      converted to float64.
+    - float32 and float64 are preserved, float16 too (a DataFrame whose columns all have one
+      of these dtypes as well); anything else (ints, Python lists, mixed columns) becomes
+      float64.
 
     Parameters
     ----------
@@ -386,7 +387,8 @@ class Standardizer(OneToOneFeatureMixin, TransformerMixin, BaseEstimator):
                 w = np.asarray(sample_weight, dtype=_F64)
             except (TypeError, ValueError):
                 raise TypeError(
-                    f"Standardizer: sample_weight must be numeric, got {type(sample_weight).__name__}"
+                    "Standardizer: sample_weight must be numeric, got "
+                    f"{type(sample_weight).__name__}"
                 ) from None
         if w.ndim == 0:
             w = np.full(n, float(w))
