@@ -253,7 +253,7 @@ def test_method_docstrings(cls):
         assert doc, f"{cls.__name__}.{name} has no docstring"
         assert "SPEC" not in doc, f"{cls.__name__}.{name}"
         params = [p for p in inspect.signature(method).parameters if p != "self"]
-        if params and name != "__call__":
+        if params:
             assert "Parameters\n----------" in doc, f"{cls.__name__}.{name}"
         if name in ("forward", "backward", "load_state_dict", "recompute_statistics",
                     "as_affine", "train", "zero_grad"):

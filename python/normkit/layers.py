@@ -103,7 +103,18 @@ class _Norm:
         return self.train(False)
 
     def __call__(self, x):
-        """Apply the layer: the same as :meth:`forward`, ``layer(x) == layer.forward(x)``."""
+        """Apply the layer: ``layer(x)`` is ``layer.forward(x)``.
+
+        Parameters
+        ----------
+        x : array_like
+            The input, as :meth:`forward` takes it.
+
+        Returns
+        -------
+        numpy.ndarray
+            ``y``, as :meth:`forward` returns it (errors as :meth:`forward` raises them).
+        """
         return self.forward(x)
 
     def forward(self, x):  # pragma: no cover - overridden

@@ -491,8 +491,8 @@ class Standardizer(OneToOneFeatureMixin, TransformerMixin, BaseEstimator):
         Returns
         -------
         numpy.ndarray of shape (n_samples, n_features)
-            float32 for float32 input, float16 for float16, else float64 (a DataFrame with
-            ``set_output(transform="pandas")``).
+            The standardized data: float32 for float32 input, float16 for float16, else
+            float64 (a DataFrame with ``set_output(transform="pandas")``).
 
         Raises
         ------
