@@ -197,6 +197,21 @@ def test_float64_layer_on_float32_data_names_the_fix(rng):
         nk.BatchNorm(3, dtype=np.float64)(x.astype(np.float16))
 
 
+def test_collective_functionals_check_dtypes_themselves(rng):
+    """SyncBatchNorm replaces the functional by a collective one, which must see the error on
+    every rank (a rank that raised early would leave the others waiting): the layer leaves the
+    check to it."""
+    import functools
+
+    class Collective(nk.BatchNorm):
+        def __init__(self, *args, **kw):
+            super().__init__(*args, **kw)
+            self._functional = functools.partial(nk.batch_norm)
+
+    with pytest.raises(TypeError, match=r"^batch_norm: running_mean has dtype float32"):
+        Collective(3)(randn(rng, (4, 3), np.float64))
+
+
 def test_half_data_on_float32_batch_norm_works(rng):
     bn = nk.BatchNorm(3)
     y = bn(randn(rng, (6, 3), np.float32).astype(np.float16))
