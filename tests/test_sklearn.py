@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 
 pytest.importorskip("sklearn")
-pd = pytest.importorskip("pandas")
 import normkit.sklearn as nks
 from normkit.sklearn import Standardizer
 from sklearn.pipeline import make_pipeline
@@ -291,6 +290,7 @@ def test_sparse_input_is_refused_with_a_hint():
 # -- pandas, pipelines -----------------------------------------------------------------------
 
 def test_pandas_output_and_feature_names(rng):
+    pd = pytest.importorskip("pandas")
     df = pd.DataFrame(_data(rng, n=20, F=3), columns=["a", "b", "c"])
     st = Standardizer().set_output(transform="pandas")
     out = st.fit_transform(df)
