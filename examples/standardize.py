@@ -20,7 +20,8 @@ try:
 except ImportError as e:
     sys.exit(
         f"examples/standardize.py needs scikit-learn, which is not installed ({e}).\n"
-        'Install it with:  pip install "normkit[sklearn]"   (from a checkout: pip install ".[sklearn]")'
+        'Install it with:  pip install "normkit[sklearn]"\n'
+        '(from a checkout: pip install ".[sklearn]")'
     )
 
 import numpy as np
@@ -65,7 +66,8 @@ def main(argv=None):
     ours = Standardizer().fit(X).transform(X[:1000])
     theirs = StandardScaler().fit(X).transform(X[:1000])
     print(f"data: {X.shape} float32, mean 1e4, spread 1")
-    print(f"max error in standardized units vs float64: Standardizer {np.abs(ours - ref).max():.1e}, "
+    print("max error in standardized units vs float64: "
+          f"Standardizer {np.abs(ours - ref).max():.1e}, "
           f"StandardScaler {np.abs(theirs - ref).max():.1e}")
 
     t_ours = best_time(lambda: Standardizer().fit(X).transform(X), args.repeat)

@@ -10,7 +10,6 @@ import inspect
 
 import numpy as np
 import pytest
-
 from conftest import assert_bitwise_equal, randn
 
 nk = pytest.importorskip("normkit")
@@ -50,7 +49,8 @@ def test_parameters_are_the_layers_own_arrays(index):
 @pytest.mark.parametrize(
     "layer",
     [nk.BatchNorm(3, affine=False), nk.InstanceNorm(3), nk.GroupNorm(1, 3, affine=False),
-     nk.LayerNorm(3, elementwise_affine=False), nk.LayerNorm(3, elementwise_affine=False, bias=False),
+     nk.LayerNorm(3, elementwise_affine=False),
+     nk.LayerNorm(3, elementwise_affine=False, bias=False),
      nk.RMSNorm(3, elementwise_affine=False)],
     ids=["BatchNorm", "InstanceNorm", "GroupNorm", "LayerNorm", "LayerNorm-nobias", "RMSNorm"],
 )
@@ -197,6 +197,21 @@ def test_float64_layer_on_float32_data_names_the_fix(rng):
         nk.BatchNorm(3, dtype=np.float64)(x.astype(np.float16))
 
 
+def test_collective_functionals_check_dtypes_themselves(rng):
+    """SyncBatchNorm replaces the functional by a collective one, which must see the error on
+    every rank (a rank that raised early would leave the others waiting): the layer leaves the
+    check to it."""
+    import functools
+
+    class Collective(nk.BatchNorm):
+        def __init__(self, *args, **kw):
+            super().__init__(*args, **kw)
+            self._functional = functools.partial(nk.batch_norm)
+
+    with pytest.raises(TypeError, match=r"^batch_norm: running_mean has dtype float32"):
+        Collective(3)(randn(rng, (4, 3), np.float64))
+
+
 def test_half_data_on_float32_batch_norm_works(rng):
     bn = nk.BatchNorm(3)
     y = bn(randn(rng, (6, 3), np.float32).astype(np.float16))
@@ -253,7 +268,7 @@ def test_method_docstrings(cls):
         assert doc, f"{cls.__name__}.{name} has no docstring"
         assert "SPEC" not in doc, f"{cls.__name__}.{name}"
         params = [p for p in inspect.signature(method).parameters if p != "self"]
-        if params and name != "__call__":
+        if params:
             assert "Parameters\n----------" in doc, f"{cls.__name__}.{name}"
         if name in ("forward", "backward", "load_state_dict", "recompute_statistics",
                     "as_affine", "train", "zero_grad"):

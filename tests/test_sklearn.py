@@ -11,13 +11,11 @@ import numpy as np
 import pytest
 
 pytest.importorskip("sklearn")
-pd = pytest.importorskip("pandas")
-from sklearn.pipeline import make_pipeline  # noqa: E402
-from sklearn.preprocessing import StandardScaler  # noqa: E402
-from sklearn.utils.estimator_checks import check_estimator, parametrize_with_checks  # noqa: E402
-
-import normkit.sklearn as nks  # noqa: E402
-from normkit.sklearn import Standardizer  # noqa: E402
+import normkit.sklearn as nks
+from normkit.sklearn import Standardizer
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+from sklearn.utils.estimator_checks import check_estimator, parametrize_with_checks
 
 FLAGS = [dict(), dict(with_mean=False), dict(with_std=False), dict(with_mean=False, with_std=False)]
 FLAG_IDS = ["default", "no_mean", "no_std", "neither"]
@@ -218,12 +216,25 @@ def test_copy_true_leaves_input_and_copy_false_works_in_place(rng):
 
 # -- errors ---------------------------------------------------------------------------------------
 
-def test_infinite_values_raise(rng):
-    X = _data(rng, n=10, F=3)
-    X[2, 1] = np.inf
-    with pytest.raises(ValueError, match="infinity"):
-        Standardizer().fit(X)
-    st = Standardizer().fit(_data(rng, n=10, F=3))
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_infinite_values_raise_and_change_nothing(weighted, dtype, rng):
+    X = _data(rng, n=10, F=3).astype(dtype)
+    X[2, 1] = -np.inf
+    X[4, 0] = np.nan  # NaN elsewhere is fine
+    w = np.ones(10) if weighted else None
+    with pytest.raises(ValueError, match="Input X contains infinity"):
+        Standardizer().fit(X, sample_weight=w)
+    with pytest.raises(ValueError, match="Input X contains infinity"):
+        Standardizer().fit_transform(X, sample_weight=w)
+    good = _data(rng, n=10, F=3).astype(dtype)
+    st = Standardizer().fit(good)
+    before = (st.mean_.copy(), st.var_.copy(), st.n_samples_seen_)
+    with pytest.raises(ValueError, match="Input X contains infinity"):
+        st.partial_fit(X, sample_weight=w)
+    np.testing.assert_array_equal(st.mean_, before[0])
+    np.testing.assert_array_equal(st.var_, before[1])
+    assert st.n_samples_seen_ == before[2]
     with pytest.raises(ValueError, match="infinity"):
         st.transform(X)
 
@@ -276,9 +287,10 @@ def test_sparse_input_is_refused_with_a_hint():
         Standardizer().fit(sparse.csr_array(np.eye(3)))
 
 
-# -- pandas, pipelines ------------------------------------------------------------------------------
+# -- pandas, pipelines -----------------------------------------------------------------------
 
 def test_pandas_output_and_feature_names(rng):
+    pd = pytest.importorskip("pandas")
     df = pd.DataFrame(_data(rng, n=20, F=3), columns=["a", "b", "c"])
     st = Standardizer().set_output(transform="pandas")
     out = st.fit_transform(df)

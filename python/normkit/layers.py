@@ -105,7 +105,18 @@ class _Norm:
         return self.train(False)
 
     def __call__(self, x):
-        """Apply the layer: the same as :meth:`forward`, ``layer(x) == layer.forward(x)``."""
+        """Apply the layer: ``layer(x)`` is ``layer.forward(x)``.
+
+        Parameters
+        ----------
+        x : array_like
+            The input, as :meth:`forward` takes it.
+
+        Returns
+        -------
+        numpy.ndarray
+            ``y``, as :meth:`forward` returns it (errors as :meth:`forward` raises them).
+        """
         return self.forward(x)
 
     def forward(self, x):  # pragma: no cover - overridden
@@ -387,7 +398,9 @@ class _RunningStatsNorm(_Norm):
         """
         use_batch = self.training or not self.track_running_stats
         update = self.training and self.track_running_stats
-        if self.track_running_stats:
+        # Only for the local functionals: a collective one (SyncBatchNorm's) must see every
+        # error on every rank, or the ranks without it would wait for this one forever.
+        if self.track_running_stats and self._functional in (F.batch_norm, F.instance_norm):
             if not hasattr(x, "dtype"):  # a list: convert once, here
                 x = np.asarray(x)
             self._check_running_dtype(x)

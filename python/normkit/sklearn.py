@@ -66,15 +66,21 @@ def _combine(na, mean_a, m2_a, nb, mean_b, m2_b):
 
 
 def _moments_dense(X: np.ndarray):
-    """(count, mean, m2) of the columns of a 2-D array without NaN: :class:`normkit.Moments`
-    (two passes in float64)."""
-    state = Moments((X.shape[1],)).update(X, axis=0).state_dict()
+    """(mean, m2) of the columns of a 2-D array, by :class:`normkit.Moments` (two passes in
+    float64). A column with NaN or infinity gets a non-finite mean."""
+    with np.errstate(invalid="ignore", over="ignore"):  # inf - inf: NaN, looked at later
+        state = Moments((X.shape[1],)).update(X, axis=0).state_dict()
     return state["mean"], state["m2"]
 
 
 def _moments_general(X: np.ndarray, w):
     """(sum of weights, mean, m2) per column, ignoring NaN entries, with optional sample
     weights ``w`` (float64, ``(n,)``): two passes over blocks of rows in float64."""
+    with np.errstate(invalid="ignore", over="ignore"):  # infinity: NaN, looked at later
+        return _moments_general_blocks(X, w)
+
+
+def _moments_general_blocks(X, w):
     n, F = X.shape
     rows = _block_rows(F)
     count = np.zeros(F)
@@ -100,6 +106,16 @@ def _moments_general(X: np.ndarray, w):
         b[np.isnan(b)] = 0.0
         m2 += (b * b).sum(axis=0) if w is None else w[start:start + rows] @ (b * b)
     return count, mean, m2
+
+
+def _reject_infinity(X, features):
+    """ValueError when one of the ``features`` (a boolean mask of columns) holds infinity, as
+    scikit-learn's validation would raise it (NaN is allowed: a missing value)."""
+    if np.isinf(X[:, features]).any():
+        raise ValueError(
+            f"Input X contains infinity or a value too large for {X.dtype!r}. NaN entries are "
+            "allowed (missing values); infinite ones are not."
+        )
 
 
 def _is_constant(var, mean, n):
@@ -197,8 +213,9 @@ class Standardizer(OneToOneFeatureMixin, TransformerMixin, BaseEstimator):
       with a large offset (e.g. mean 1e4, spread 1) is standardized to float32 round-off
       (about 1e-7) where subtracting a float32-rounded mean loses up to half an ulp of the mean
       (about 5e-4 in standardized units);
-    - float32 and float64 are preserved, float16 too; other input (ints, lists, DataFrames) is
-      converted to float64.
+    - float32 and float64 are preserved, float16 too (a DataFrame whose columns all have one
+      of these dtypes as well); anything else (ints, Python lists, mixed columns) becomes
+      float64.
 
     Parameters
     ----------
@@ -321,15 +338,14 @@ class Standardizer(OneToOneFeatureMixin, TransformerMixin, BaseEstimator):
         for name in ("copy", "with_mean", "with_std"):
             _check_bool(getattr(self, name), name)
         first_call = not hasattr(self, "n_samples_seen_")
-        X = validate_data(
-            self,
-            X,
-            accept_sparse=False,
-            dtype=_DTYPES,
-            ensure_all_finite="allow-nan",
-            reset=first_call,
-        )
+        X = self._validate_fit_input(X, reset=first_call)
         return self._accumulate(X, sample_weight, first_call)
+
+    def _validate_fit_input(self, X, reset):
+        # Infinity is looked for by _accumulate, where the statistics show which features can
+        # hold any (a non-finite mean): this saves validate_data's pass over all of X.
+        return validate_data(self, X, accept_sparse=False, dtype=_DTYPES,
+                             ensure_all_finite=False, reset=reset)
 
     def _accumulate(self, X, sample_weight, first_call):
         n, F = X.shape
@@ -341,16 +357,19 @@ class Standardizer(OneToOneFeatureMixin, TransformerMixin, BaseEstimator):
         elif w is not None and self._count.dtype != _F64:
             self._count = self._count.astype(_F64)  # weights from now on: sums of weights
 
-        count_b = mean_b = m2_b = None
         if w is None:
             mean_b, m2_b = _moments_dense(X)
-            if np.isnan(mean_b).any():  # NaN entries: count them out, feature by feature
-                count_b, mean_b, m2_b = _moments_general(X, None)
+            count_b = np.full(F, n, dtype=np.int64)
+            bad = ~np.isfinite(mean_b)
+            if bad.any():  # NaN (or infinity) entries
+                _reject_infinity(X, bad)
+                count_b, mean_b, m2_b = _moments_general(X, None)  # NaN counted out per feature
                 count_b = count_b.astype(np.int64)
-            else:
-                count_b = np.full(F, n, dtype=np.int64)
         else:
             count_b, mean_b, m2_b = _moments_general(X, w)
+            bad = ~np.isfinite(mean_b)
+            if bad.any():
+                _reject_infinity(X, bad)
         self._count, self._mean, self._m2 = _combine(
             self._count, self._mean, self._m2, count_b, mean_b, m2_b
         )
@@ -368,7 +387,8 @@ class Standardizer(OneToOneFeatureMixin, TransformerMixin, BaseEstimator):
                 w = np.asarray(sample_weight, dtype=_F64)
             except (TypeError, ValueError):
                 raise TypeError(
-                    f"Standardizer: sample_weight must be numeric, got {type(sample_weight).__name__}"
+                    "Standardizer: sample_weight must be numeric, got "
+                    f"{type(sample_weight).__name__}"
                 ) from None
         if w.ndim == 0:
             w = np.full(n, float(w))
@@ -451,8 +471,7 @@ class Standardizer(OneToOneFeatureMixin, TransformerMixin, BaseEstimator):
         for name in ("copy", "with_mean", "with_std"):
             _check_bool(getattr(self, name), name)
         original = X
-        X = validate_data(self, X, accept_sparse=False, dtype=_DTYPES,
-                          ensure_all_finite="allow-nan", reset=True)
+        X = self._validate_fit_input(X, reset=True)
         self._accumulate(X, sample_weight, True)
         mean = self.mean_ if self.with_mean else None
         scale = self.scale_ if self.with_std else None
@@ -472,8 +491,8 @@ class Standardizer(OneToOneFeatureMixin, TransformerMixin, BaseEstimator):
         Returns
         -------
         numpy.ndarray of shape (n_samples, n_features)
-            float32 for float32 input, float16 for float16, else float64 (a DataFrame with
-            ``set_output(transform="pandas")``).
+            The standardized data: float32 for float32 input, float16 for float16, else
+            float64 (a DataFrame with ``set_output(transform="pandas")``).
 
         Raises
         ------
