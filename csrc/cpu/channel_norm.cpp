@@ -558,10 +558,15 @@ void backward_planes(const ChannelBackwardParams<T>& p, const View& v) {
           const C w = kHasWeight ? static_cast<C>(p.weight[c]) : C(1);
           const T* xp = p.x + v.offset(s, o, c);
           const T* dyp = p.dy + v.offset(s, o, c);
-          elementwise(v.I, p.dx + v.offset(s, o, c), stream, [&](int64_t i, auto width) {
-            return input_grad(loadw(dyp + i, width) * w, xhat_of(loadw(xp + i, width), st), st.rstd,
-                              c1, c2);
-          });
+          if (!p.training)
+            elementwise(v.I, p.dx + v.offset(s, o, c), stream, [&](int64_t i, auto width) {
+              return input_grad_const(loadw(dyp + i, width) * w, st.rstd);
+            });
+          else
+            elementwise(v.I, p.dx + v.offset(s, o, c), stream, [&](int64_t i, auto width) {
+              return input_grad(loadw(dyp + i, width) * w, xhat_of(loadw(xp + i, width), st),
+                                st.rstd, c1, c2);
+            });
         }
     }
     if (stream) stream_fence();
@@ -639,12 +644,17 @@ void backward_rows(const ChannelBackwardParams<T>& p, const View& v) {
       const C* k2 = c2col.data() + base;
       const T* xr = p.x + r * cols;
       const T* dyr = p.dy + r * cols;
-      elementwise(cols, p.dx + r * cols, stream, [&](int64_t j, auto w) {
-        const auto rstd = loadw(rs + j, w);
-        return input_grad(loadw(dyr + j, w) * loadw(wcol.data() + j, w),
-                          xhat_of(loadw(xr + j, w), loadw(hi + j, w), loadw(lo + j, w), rstd), rstd,
-                          loadw(k1 + j, w), loadw(k2 + j, w));
-      });
+      if (!p.training)
+        elementwise(cols, p.dx + r * cols, stream, [&](int64_t j, auto w) {
+          return input_grad_const(loadw(dyr + j, w) * loadw(wcol.data() + j, w), loadw(rs + j, w));
+        });
+      else
+        elementwise(cols, p.dx + r * cols, stream, [&](int64_t j, auto w) {
+          const auto rstd = loadw(rs + j, w);
+          return input_grad(loadw(dyr + j, w) * loadw(wcol.data() + j, w),
+                            xhat_of(loadw(xr + j, w), loadw(hi + j, w), loadw(lo + j, w), rstd),
+                            rstd, loadw(k1 + j, w), loadw(k2 + j, w));
+        });
     }
     if (stream) stream_fence();
   });
@@ -692,10 +702,15 @@ void backward_sample_planes(const ChannelBackwardParams<T>& p, const View& v) {
         const T* dyp = p.dy + v.offset(0, o, c);
         const GroupStats<C>& sc = st[at(c)];
         const C k1 = c1[at(c)], k2 = c2[at(c)];
-        elementwise(v.I, p.dx + v.offset(0, o, c), stream, [&](int64_t i, auto width) {
-          return input_grad(loadw(dyp + i, width) * w, xhat_of(loadw(xp + i, width), sc), sc.rstd,
-                            k1, k2);
-        });
+        if (!p.training)
+          elementwise(v.I, p.dx + v.offset(0, o, c), stream, [&](int64_t i, auto width) {
+            return input_grad_const(loadw(dyp + i, width) * w, sc.rstd);
+          });
+        else
+          elementwise(v.I, p.dx + v.offset(0, o, c), stream, [&](int64_t i, auto width) {
+            return input_grad(loadw(dyp + i, width) * w, xhat_of(loadw(xp + i, width), sc),
+                              sc.rstd, k1, k2);
+          });
       }
     if (stream) stream_fence();
   });
