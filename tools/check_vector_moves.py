@@ -41,6 +41,15 @@ _MEM = re.compile(r"(-?0x[0-9a-f]+|-?\d+)?\((%rsp|%rbp)(?:,(%\w+)(?:,(\d))?)?\)"
 _VREG = re.compile(r"^%([xyz]mm)\d+$")
 _INSN = re.compile(r"^\s*([0-9a-f]+):\s+(\S+)\s*(.*)$")
 _HEADER = re.compile(r"^([0-9a-f]+) <(.+)>:$")
+_TARGET = re.compile(r"^([0-9a-f]+)\b")
+_NO_FALLTHROUGH = ("jmp", "ret", "ud2", "hlt")
+# Paths are followed back at most this many instructions from the load. The defect assembles a
+# vector in a slot right before reloading it (the 16-byte halves of a copy: 3-6 instructions);
+# a bound keeps long infeasible paths through loops, along which GCC reuses a slot for another
+# variable, from being reported.
+_WINDOW = 64
+# Instructions that write their last (memory) operand and nothing else of interest.
+_STORE = re.compile(r"^(v?mov\w*|v?extract\w+|v?pextr\w|vcvtps2ph|set\w+)$")
 
 # Loads that read as many bytes as their destination register holds.
 _FULL_LOAD = re.compile(
@@ -104,8 +113,10 @@ def _store_width(mnemonic: str, ops: List[str]) -> int:
 class Function:
     def __init__(self, name: str):
         self.name = name
-        self.stores: Dict[str, List[Tuple[int, int, str]]] = defaultdict(list)  # base -> (lo, hi, text)
-        self.loads: List[Tuple[str, int, int, str]] = []  # (base, lo, width, text)
+        # every instruction, in address order: (addr, mnemonic, jump target or None, store or None)
+        # with store = (base, lo, hi, text)
+        self.insns: List[Tuple[int, str, Optional[int], Optional[Tuple[str, int, int, str]]]] = []
+        self.loads: List[Tuple[int, str, int, int, str]] = []  # (index, base, lo, width, text)
 
 
 def _objdump(path: str, *args: str) -> str:
@@ -151,22 +162,31 @@ def _functions(path: str, widths: Tuple[int, ...]) -> Iterator[Function]:
         if fn is None:
             fn = Function("?")
         mnemonic, ops = m.group(2), _split_operands(m.group(3))
-        if len(ops) < 2:
-            continue
+        target = None
+        if mnemonic.startswith("j"):
+            t = _TARGET.match(m.group(3))
+            if t:
+                target = int(t.group(1), 16)
+        store = None
         where = f"{addr:x}: {mnemonic} {m.group(3).split('#', 1)[0].strip()}"
-        dst = _mem(ops[-1])
+        dst = _mem(ops[-1]) if len(ops) >= 2 and _STORE.match(mnemonic) else None
         if dst is not None:
             base, disp, indexed = dst
-            width = 64 if indexed else _store_width(mnemonic, ops)
-            fn.stores[base].append((disp, disp + width, where) if not indexed
-                                   else (disp, disp + 64, where + " [indexed]"))
-            continue
-        vd = _VREG.match(ops[-1])
-        if vd and _REG_WIDTH[vd.group(1)] in widths and _FULL_LOAD.match(mnemonic):
-            for op in ops[:-1]:
-                src = _mem(op)
-                if src is not None and not src[2]:
-                    fn.loads.append((src[0], src[1], _REG_WIDTH[vd.group(1)], where))
+            from_vector = any(_VREG.match(op) for op in ops[:-1])
+            width = _store_width(mnemonic, ops)
+            if indexed:  # somewhere in [disp, disp + 64): covers nothing for sure
+                store = (base, disp, disp + 64, where + " [indexed]", from_vector, width)
+            else:
+                store = (base, disp, disp + width, where, from_vector, width)
+        fn.insns.append((addr, mnemonic, target, store))
+        if dst is None and len(ops) >= 2:
+            vd = _VREG.match(ops[-1])
+            if vd and _REG_WIDTH[vd.group(1)] in widths and _FULL_LOAD.match(mnemonic):
+                for op in ops[:-1]:
+                    src = _mem(op)
+                    if src is not None and not src[2]:
+                        fn.loads.append((len(fn.insns) - 1, src[0], src[1],
+                                         _REG_WIDTH[vd.group(1)], where))
     if fn:
         yield fn
 
@@ -177,16 +197,70 @@ def _is_relocatable(path: str) -> bool:
     return len(head) == 18 and head[:4] == b"\x7fELF" and int.from_bytes(head[16:18], "little") == 1
 
 
+def _narrow_reaching_store(fn: Function, load) -> Optional[str]:
+    """A narrower vector store that, with the other stores found on some path backwards from the
+    load, writes every byte of the loaded range (the value is assembled in the slot from pieces),
+    or one that writes a lane at a variable index; None if there is none. Paths on which some
+    byte is never written (slot reuse by another variable, or an infeasible path) are not
+    flagged."""
+    index, base, lo, width, _ = load
+    insns = fn.insns
+    addr_index = {a: i for i, (a, _, _, _) in enumerate(insns)}
+    starts = {0}
+    preds: Dict[int, List[int]] = defaultdict(list)  # block start index -> predecessor end indices
+    for i, (_, mn, target, _) in enumerate(insns):
+        if target is not None and target in addr_index:
+            starts.add(addr_index[target])
+            preds[addr_index[target]].append(i)
+        if mn.startswith("j") or mn.startswith("ret"):
+            starts.add(i + 1)
+    for i in range(1, len(insns)):
+        if i in starts and not insns[i - 1][1].startswith(_NO_FALLTHROUGH):
+            preds[i].append(i - 1)
+    full = (1 << width) - 1
+    seen = set()
+    # (instruction index to scan back from, bytes already covered, a narrower vector store seen)
+    work = [(index - 1, 0, None, 0)]
+    steps = 0
+    while work and steps < 200000:
+        i, covered, narrow, depth = work.pop()
+        while i >= 0 and depth < _WINDOW:
+            steps += 1
+            depth += 1
+            st = insns[i][3]
+            if st is not None and st[0] == base and st[1] < lo + width and lo < st[2]:
+                if st[3].endswith("[indexed]"):
+                    if st[4] and st[5] < width:
+                        return st[3]  # a lane written by a variable index, then the whole vector
+                else:
+                    a, b = max(st[1], lo) - lo, min(st[2], lo + width) - lo
+                    mask = ((1 << (b - a)) - 1) << a
+                    if mask & ~covered:
+                        if st[5] < width and st[4] and narrow is None:
+                            narrow = st[3]
+                        covered |= mask
+                    if covered == full:
+                        if narrow is not None:
+                            return narrow
+                        break
+            if i in starts:
+                for p in preds.get(i, ()):
+                    if (p, covered, narrow) not in seen:
+                        seen.add((p, covered, narrow))
+                        work.append((p, covered, narrow, depth))
+                break
+            i -= 1
+    return None
+
+
 def scan(path: str, widths: Tuple[int, ...]) -> List[Tuple[str, str, str]]:
     """(function, load, one narrower store) for every flagged load in the file."""
     flagged = []
     for fn in _functions(path, widths):
-        for base, lo, width, where in fn.loads:
-            hi = lo + width
-            for s_lo, s_hi, s_where in fn.stores.get(base, ()):
-                if s_hi - s_lo < width and s_lo < hi and lo < s_hi:
-                    flagged.append((fn.name, where, s_where))
-                    break
+        for load in fn.loads:
+            store = _narrow_reaching_store(fn, load)
+            if store is not None:
+                flagged.append((fn.name, load[4], store))
     return flagged
 
 
