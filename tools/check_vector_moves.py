@@ -20,6 +20,7 @@ That is a superset of the stalls (it ignores control flow), and deterministic: i
 disassembly only. A same-width spill and reload is not flagged (it forwards).
 
 Usage: check_vector_moves.py [--xmm] [--max N] [--verbose] FILE...   (objdump from binutils)
+       check_vector_moves.py --self-test   (known-answer functions, assembled with `as`)
 FILE: object files or the built module, e.g.
   python tools/check_vector_moves.py "$(python -c 'import normkit._core as c; print(c.__file__)')"
 Exit status: 0 when at most N (default 0) loads are flagged, 1 otherwise, 2 on a usage error.
@@ -220,7 +221,7 @@ def _narrow_reaching_store(fn: Function, load) -> Optional[str]:
     full = (1 << width) - 1
     seen = set()
     # (instruction index to scan back from, bytes already covered, a narrower vector store seen)
-    work = [(index - 1, 0, None, 0)]
+    work = [(index, 0, None, 0)]  # the load itself writes nothing; its block may start there
     steps = 0
     while work and steps < 200000:
         i, covered, narrow, depth = work.pop()
@@ -264,9 +265,91 @@ def scan(path: str, widths: Tuple[int, ...]) -> List[Tuple[str, str, str]]:
     return flagged
 
 
+# Self-test: hand-written functions with a known answer, assembled with binutils' `as`, so that a
+# change in objdump's output format cannot silently turn the check into one that passes anything.
+_SELF_TEST = {
+    # the GCC 12 memcpy split: two 16-byte stores, one 32-byte reload
+    "split_copy": (1, """
+        vmovdqu (%rdi), %xmm0
+        vmovdqu 16(%rdi), %xmm1
+        vmovdqa %xmm0, 32(%rsp)
+        vmovdqa %xmm1, 48(%rsp)
+        vmovapd 32(%rsp), %ymm2
+        vaddpd 64(%rsp), %ymm2, %ymm2
+        ret"""),
+    # the same, folded into an addition, on a loop back edge
+    "split_in_loop": (1, """
+    1:  vaddpd 96(%rsp), %ymm3, %ymm3
+        vmovdqa %xmm0, 96(%rsp)
+        vmovdqa %xmm1, 112(%rsp)
+        dec %rcx
+        jnz 1b
+        ret"""),
+    # a lane written by a variable index, then the whole vector
+    "indexed_lane": (1, """
+        vmovapd %ymm0, 64(%rsp)
+        vmovsd %xmm1, 64(%rsp,%rax,8)
+        vmovapd 64(%rsp), %ymm2
+        ret"""),
+    # 64-byte reload of a slot written by two 32-byte stores (AVX-512)
+    "zmm_from_ymm": (1, """
+        vmovupd %ymm0, (%rsp)
+        vmovupd %ymm1, 32(%rsp)
+        vmovupd (%rsp), %zmm2
+        ret"""),
+    # a same-width spill and reload forwards: fine
+    "spill": (0, """
+        vmovapd %ymm0, 32(%rsp)
+        call *%rax
+        vmovapd 32(%rsp), %ymm0
+        ret"""),
+    # the slot held a scalar on another path only, or the load is wider than what a path wrote
+    "slot_reuse": (0, """
+        test %rdi, %rdi
+        je 1f
+        vmovss %xmm0, 32(%rsp)
+        vmovss 32(%rsp), %xmm1
+        ret
+    1:  vmovapd %ymm0, 32(%rsp)
+        vaddpd 32(%rsp), %ymm1, %ymm1
+        ret"""),
+}
+
+
+def self_test() -> int:
+    import os
+    import tempfile
+
+    if shutil.which("as") is None:
+        print("check_vector_moves: the self-test needs `as` (binutils)", file=sys.stderr)
+        return 2
+    src = ["\t.text"]
+    for name, (_, body) in _SELF_TEST.items():
+        src += [f"\t.globl {name}", f"\t.type {name}, @function", f"{name}:", body,
+                f"\t.size {name}, .-{name}"]
+    failures = 0
+    with tempfile.TemporaryDirectory() as tmp:
+        s_path, o_path = os.path.join(tmp, "t.s"), os.path.join(tmp, "t.o")
+        with open(s_path, "w") as f:
+            f.write("\n".join(src) + "\n")
+        subprocess.run(["as", "--64", "-o", o_path, s_path], check=True)
+        got: Dict[str, int] = defaultdict(int)
+        for fn, _, _ in scan(o_path, (32, 64)):
+            got[fn] += 1
+    for name, (want, _) in _SELF_TEST.items():
+        ok = got.get(name, 0) == want
+        failures += not ok
+        print(f"check_vector_moves self-test: {name}: {got.get(name, 0)} flagged, expected {want}"
+              f"{'' if ok else '  <-- WRONG'}")
+    print(f"check_vector_moves self-test: {'OK' if not failures else 'FAILED'}")
+    return 0 if not failures else 1
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("files", nargs="+", help="object files or shared objects")
+    ap.add_argument("files", nargs="*", help="object files or shared objects")
+    ap.add_argument("--self-test", action="store_true",
+                    help="scan hand-written functions with known answers (needs `as`), then exit")
     ap.add_argument("--xmm", action="store_true",
                     help="also flag 16-byte (xmm) reloads: the SSE2 build's full width")
     ap.add_argument("--max", type=int, default=0, help="flagged loads allowed (default 0)")
@@ -275,6 +358,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     if shutil.which("objdump") is None:
         print("check_vector_moves: objdump (binutils) not found", file=sys.stderr)
         return 2
+    if args.self_test:
+        return self_test()
+    if not args.files:
+        ap.error("no files given")
     widths = (16, 32, 64) if args.xmm else (32, 64)
     total = 0
     for path in args.files:
