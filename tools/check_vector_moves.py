@@ -11,7 +11,8 @@ right) and easy to bring back, so this script scans the machine code instead of 
 
 What is flagged, per function (symbols of an object file; in a stripped shared object, the
 function ranges of its .eh_frame unwind table):
-  a load of W bytes from a stack slot -- ``disp(%rsp)`` or ``disp(%rbp)``, W the width of the
+  a load of W bytes from a stack slot -- ``disp(%rsp)``, or ``disp(%rbp)`` in a function that
+  sets up %rbp as its frame pointer, W the width of the
   destination register, 32 (ymm) or 64 (zmm); with ``--xmm`` also 16 (xmm, the SSE2 build's full
   width) -- by a plain vector move or a packed arithmetic instruction, where the same function
   also stores fewer than W bytes into any byte of [disp, disp + W) with the same base register
@@ -118,6 +119,7 @@ class Function:
         # with store = (base, lo, hi, text)
         self.insns: List[Tuple[int, str, Optional[int], Optional[Tuple[str, int, int, str]]]] = []
         self.loads: List[Tuple[int, str, int, int, str]] = []  # (index, base, lo, width, text)
+        self.rbp_frame = False  # %rbp holds the frame (mov %rsp,%rbp seen), not just any pointer
 
 
 def _objdump(path: str, *args: str) -> str:
@@ -163,6 +165,8 @@ def _functions(path: str, widths: Tuple[int, ...]) -> Iterator[Function]:
         if fn is None:
             fn = Function("?")
         mnemonic, ops = m.group(2), _split_operands(m.group(3))
+        if mnemonic.startswith("mov") and ops == ["%rsp", "%rbp"]:
+            fn.rbp_frame = True
         target = None
         if mnemonic.startswith("j"):
             t = _TARGET.match(m.group(3))
@@ -259,6 +263,8 @@ def scan(path: str, widths: Tuple[int, ...]) -> List[Tuple[str, str, str]]:
     flagged = []
     for fn in _functions(path, widths):
         for load in fn.loads:
+            if load[1] == "%rbp" and not fn.rbp_frame:
+                continue  # %rbp used as an ordinary register (no frame pointer): not the stack
             store = _narrow_reaching_store(fn, load)
             if store is not None:
                 flagged.append((fn.name, load[4], store))
