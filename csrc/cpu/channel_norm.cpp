@@ -318,7 +318,7 @@ void forward_rows(const ChannelForwardParams<T>& p, const View& v) {
           const int64_t n = r1 - r0;
           column_sums(r0, r1, cols, mean, m2, [&](int64_t r, int64_t j, auto w) {
             const auto d = widen(loadw(p.x + v.offset(s, r, 0) + j, w)) - widen(loadw(x0 + j, w));
-            return std::make_pair(d, d * d);
+            return two(d, d * d);
           });
           const double inv_n = 1.0 / static_cast<double>(n);
           for (int64_t j = 0; j < cols; ++j) {
@@ -541,7 +541,7 @@ void backward_planes(const ChannelBackwardParams<T>& p, const View& v) {
           double a, b;
           lane_sum2(v.I, a, b, [&](int64_t i, auto w) {
             const auto d = widen(loadw(dyp + i, w));
-            return std::make_pair(d * widen(xhat_of(loadw(xp + i, w), st)), d);
+            return two(d * widen(xhat_of(loadw(xp + i, w), st)), d);
           });
           sum_dy_xhat += a;
           sum_dy += b;
@@ -602,7 +602,7 @@ void backward_rows(const ChannelBackwardParams<T>& p, const View& v) {
         const int64_t off = v.offset(s, r, 0) + j;
         const auto d = widen(loadw(p.dy + off, w));
         const auto xh = xhat_of(loadw(p.x + off, w), loadw(hi + j, w), loadw(lo + j, w), loadw(rs + j, w));
-        return std::make_pair(d * widen(xh), d);
+        return two(d * widen(xh), d);
       });
     }
   });
@@ -678,7 +678,7 @@ void backward_sample_planes(const ChannelBackwardParams<T>& p, const View& v) {
         double* out = piece.data() + 2 * (o * v.C + c);
         lane_sum2(v.I, out[0], out[1], [&](int64_t i, auto w) {
           const auto d = widen(loadw(dyp + i, w));
-          return std::make_pair(d * widen(xhat_of(loadw(xp + i, w), sc)), d);
+          return two(d * widen(xhat_of(loadw(xp + i, w), sc)), d);
         });
       }
   });
