@@ -1,0 +1,60 @@
+"""Sphinx configuration: the API reference of normkit, generated from its docstrings.
+
+Build (normkit must be installed, the compiled extension included; CI does this after the
+install step):
+
+    pip install ".[docs]"
+    sphinx-build -W --keep-going -b html docs docs/_build/html
+
+Docstrings are in the NumPy style and rendered by numpydoc. README.md remains the guide and
+front page of the project; the site's index includes it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import normkit
+
+project = "normkit"
+author = "normkit developers"
+copyright = "normkit developers"
+release = normkit.__version__
+version = release
+
+extensions = [
+    "sphinx.ext.autodoc",
+    "numpydoc",
+    "myst_parser",
+]
+source_suffix = {".rst": "restructuredtext", ".md": "markdown"}
+root_doc = "index"
+exclude_patterns = ["_build"]
+
+# normkit.sklearn (the scikit-learn transformer) gets its page once the module exists.
+if importlib.util.find_spec("normkit.sklearn") is None:
+    exclude_patterns.append("api/sklearn.rst")
+
+# The optional integrations import their engines at import time; where an engine is not
+# installed, autodoc documents the module against a stand-in (the docstrings are normkit's).
+autodoc_mock_imports = [
+    name for name in ("mpi4py", "dask", "distributed", "sklearn", "pandas")
+    if importlib.util.find_spec(name) is None
+]
+
+autodoc_member_order = "bysource"
+autodoc_default_options = {"members": True, "undoc-members": False}
+# Signatures show the parameters; their types are in each docstring's Parameters section.
+autodoc_typehints = "none"
+
+# numpydoc: Parameters / Returns / Raises sections; class members are listed by autodoc.
+numpydoc_show_class_members = False
+numpydoc_class_members_toctree = False
+numpydoc_xref_param_type = False
+
+# README.md as the front page: its "[x](#section)" links need heading anchors.
+myst_heading_anchors = 3
+
+html_theme = "alabaster"
+html_title = f"normkit {release}"
+html_static_path: list[str] = []
