@@ -31,8 +31,10 @@ source_suffix = {".rst": "restructuredtext", ".md": "markdown"}
 root_doc = "index"
 exclude_patterns = ["_build"]
 
-# normkit.sklearn (the scikit-learn transformer) gets its page once the module exists.
-if importlib.util.find_spec("normkit.sklearn") is None:
+# normkit.sklearn (the scikit-learn transformer) gets its page, after "api/stats" in the
+# index's toctree, where the module exists (setup() below); elsewhere the page is left out.
+HAVE_SKLEARN_MODULE = importlib.util.find_spec("normkit.sklearn") is not None
+if not HAVE_SKLEARN_MODULE:
     exclude_patterns.append("api/sklearn.rst")
 
 # The optional integrations import their engines at import time; where an engine is not
@@ -50,7 +52,7 @@ autodoc_typehints = "none"
 # numpydoc: Parameters / Returns / Raises sections; class members are listed by autodoc.
 numpydoc_show_class_members = False
 numpydoc_class_members_toctree = False
-numpydoc_xref_param_type = False
+numpydoc_xref_param_type = False  # no intersphinx (the build has no network)
 
 # README.md as the front page: its "[x](#section)" links need heading anchors.
 myst_heading_anchors = 3
@@ -58,3 +60,23 @@ myst_heading_anchors = 3
 html_theme = "alabaster"
 html_title = f"normkit {release}"
 html_static_path: list[str] = []
+
+
+def _skip_foreign_members(app, what, name, obj, skip, options):
+    """Document normkit's own members only: not the methods a base class from another library
+    adds (scikit-learn's set_{fit,transform,...}_request, whose docstrings refer to its own
+    glossary)."""
+    module = getattr(obj, "__module__", None) or ""
+    if module.split(".")[0] == "sklearn":
+        return True
+    return None
+
+
+def _optional_pages(app, docname, source):
+    if docname == "index" and HAVE_SKLEARN_MODULE:
+        source[0] = source[0].replace("api/stats\n", "api/stats\napi/sklearn\n", 1)
+
+
+def setup(app):
+    app.connect("source-read", _optional_pages)
+    app.connect("autodoc-skip-member", _skip_foreign_members)
