@@ -1,13 +1,23 @@
 """Normalize a Dask array chunk by chunk with normkit's kernels.
 
+    pip install "normkit[dask]"        # from a checkout: pip install ".[dask]"
     python examples/dask_norm.py
 
 Builds a lazy (N, C, H, W) array, gets its per-channel moments, BatchNorm and LayerNorm of it
 as lazy dask arrays, and checks them against the in-memory functions.
 """
 
-import dask
-import dask.array as da
+import sys
+
+try:
+    import dask
+    import dask.array as da
+except ImportError as e:  # name what to install, rather than a bare ModuleNotFoundError
+    sys.exit(
+        f"examples/dask_norm.py needs Dask, which is not installed ({e}).\n"
+        'Install it with:  pip install "normkit[dask]"   (from a checkout: pip install ".[dask]")'
+    )
+
 import numpy as np
 
 import normkit as nk

@@ -1,14 +1,30 @@
 """Data-parallel BatchNorm over MPI: every rank holds part of each batch.
 
+    pip install "normkit[mpi]"           # mpi4py; from a checkout: pip install ".[mpi]"
     mpirun -n 2 python examples/sync_bn.py        # (as root, Open MPI also wants --allow-run-as-root)
+
+mpi4py needs an MPI library, e.g. Open MPI: ``apt-get install openmpi-bin libopenmpi-dev``
+(Debian/Ubuntu), ``brew install open-mpi`` (macOS) or ``conda install -c conda-forge openmpi``.
 
 Each rank draws its own shard of a batch (the ranks hold different numbers of samples), and a
 SyncBatchNorm layer normalizes it with the statistics of the whole batch. Rank 0 then checks the
 result against an ordinary BatchNorm applied to the concatenated batch.
 """
 
+import sys
+
+try:
+    from mpi4py import MPI
+except (ImportError, RuntimeError) as e:  # mpi4py missing, or without an MPI library it can load
+    sys.exit(
+        f"examples/sync_bn.py needs mpi4py and an MPI library ({e}).\n"
+        'Install mpi4py with:  pip install "normkit[mpi]"   (from a checkout: pip install ".[mpi]")\n'
+        "and an MPI library, e.g. Open MPI: apt-get install openmpi-bin libopenmpi-dev (Debian/Ubuntu),\n"
+        "brew install open-mpi (macOS) or conda install -c conda-forge openmpi; then run\n"
+        "  mpirun -n 2 python examples/sync_bn.py"
+    )
+
 import numpy as np
-from mpi4py import MPI
 
 import normkit as nk
 from normkit.distributed import SyncBatchNorm

@@ -460,14 +460,20 @@ def test_valid_device_call_without_gpu_raises_runtime_error(name):
         f(*wrap_args(args, None), **kw)
 
 
-def test_shadow_has_shape_dtype_and_no_data():
+def test_plan_reads_shape_dtype_and_writeability_of_device_arrays():
+    """The plan reads a device array's shape, dtype and read-only flag from its interface,
+    without touching (or copying) its memory."""
+    from normkit import _plan
+
     a = np.arange(24, dtype=np.float16).reshape(2, 3, 4)
-    s = _cuda_dispatch._shadow(dev(a))
-    assert s.shape == a.shape and s.dtype == a.dtype and s.strides == (0, 0, 0)
-    assert s.flags.writeable
-    ro = np.zeros(3, np.float32)
+    d = _plan.arg(dev(a))
+    assert d.shape == (2, 3, 4) and d.dtype == np.float16 and d.device and d.writeable
+    assert d.size == 24 and d.ndim == 3
+    ro = np.zeros((2, 2), np.float32)
     ro.flags.writeable = False
-    assert not _cuda_dispatch._shadow(dev(ro)).flags.writeable
+    assert not _plan.arg(dev(ro)).writeable
+    with pytest.raises(TypeError, match="native byte order"):
+        nk.layer_norm(dev(np.zeros((2, 3), ">f4")), 3)
 
 
 def test_byte_ranges_and_overlap():

@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "core/dispatch.h"
+#include "core/rules.h"
 
 namespace nk::bind {
 
@@ -94,6 +95,7 @@ inline bool is_c_contiguous(const py::array& a) {
 inline void check(bool ok, const std::string& msg) {
   if (!ok) throw std::invalid_argument(msg);
 }
+using rules::check_rule;
 
 inline void check_shape(const py::array& a, const std::vector<int64_t>& shape, const char* fn,
                         const char* arg) {

@@ -29,22 +29,17 @@ void channel_forward(const py::array& x, bool channels_last, const py::object& w
   const DType d = data_dtype(x, fn, "x");
   const ChannelShape s = channel_shape(x, channels_last, fn);
   const bool per_sample = groups > 0;
-  check(!per_sample || s.C % groups == 0,
-        std::string(fn) + ": number of channels " + std::to_string(s.C) +
-            " is not divisible by num_groups " + std::to_string(groups));
+  check_rule(rules::groups_divide(s.C, groups), fn,
+             " (C = " + std::to_string(s.C) + ", num_groups = " + std::to_string(groups) + ")");
   check(!per_sample || training, std::string(fn) + ": per-sample statistics require training=True");
   check(!per_sample || running_mean.is_none() || groups == s.C,
         std::string(fn) + ": running statistics with per-sample groups need one group per channel");
   const int64_t n_stats = per_sample ? s.B * groups : s.C;
-  check(!std::isnan(eps) && eps >= 0, std::string(fn) + ": eps must be >= 0");
-  check(!std::isnan(momentum) && momentum >= 0 && momentum <= 1,
-        std::string(fn) + ": momentum must be in [0, 1]");
-  check(running_mean.is_none() == running_var.is_none(),
-        std::string(fn) + ": running_mean and running_var must be given together");
-  check(training || !running_mean.is_none(),
-        std::string(fn) + ": training=False requires running_mean and running_var");
-  check(per_sample || !training || s.C == 0 || s.B * s.S > 1,
-        std::string(fn) + ": expected more than 1 value per channel when training");
+  check_rule(rules::eps(eps), fn);
+  check_rule(rules::momentum(momentum), fn);
+  check_rule(rules::running_pair(!running_mean.is_none(), !running_var.is_none()), fn);
+  check_rule(rules::eval_needs_running(training, !running_mean.is_none()), fn);
+  if (!per_sample) check_rule(rules::batch_count(training, s.C, s.B * s.S), fn);
   check(!per_sample || s.S * (s.C / groups) > 0 || s.B == 0,
         std::string(fn) + ": empty reduction");
   dispatch_dtype(d, [&](auto tag) {
@@ -86,9 +81,8 @@ void channel_backward(const py::array& dy, const py::array& x, bool channels_las
   const DType d = data_dtype(x, fn, "x");
   const ChannelShape s = channel_shape(x, channels_last, fn);
   const bool per_sample = groups > 0;
-  check(!per_sample || s.C % groups == 0,
-        std::string(fn) + ": number of channels " + std::to_string(s.C) +
-            " is not divisible by num_groups " + std::to_string(groups));
+  check_rule(rules::groups_divide(s.C, groups), fn,
+             " (C = " + std::to_string(s.C) + ", num_groups = " + std::to_string(groups) + ")");
   const int64_t n_stats = per_sample ? s.B * groups : s.C;
   dispatch_dtype(d, [&](auto tag) {
     using T = typename decltype(tag)::type;

@@ -19,6 +19,7 @@ namespace nk::bind {
 namespace {
 
 py::object g_norm_output;  // normkit.functional.NormOutput, set at import
+py::object g_norm_grads;   // normkit.functional.NormGrads, set at import
 
 // A dense array of exactly the statistics dtype and the given shape (None -> nullptr, ok).
 template <class A>
@@ -89,10 +90,6 @@ bool fast_int(py::handle h, int64_t& v) {
   return true;
 }
 
-// Below this eps a float32 group's rstd can exceed float32's range; functional.py then computes
-// in float64 (_TINY_EPS there), so the fast paths decline such calls for non-float64 data.
-constexpr double kTinyEps = 0x1p-250;
-
 bool fast_double(py::handle h, double& v) {
   if (!PyFloat_CheckExact(h.ptr())) return false;
   v = PyFloat_AS_DOUBLE(h.ptr());
@@ -119,14 +116,18 @@ template <class A> const py::dtype& acc_dtype() {
 
 // A NormOutput built directly (a namedtuple is a tuple subclass without a __dict__), which
 // saves the Python-level __new__ call.
-py::object make_output(py::object y, py::object mean, py::object rstd) {
-  auto* type = reinterpret_cast<PyTypeObject*>(g_norm_output.ptr());
+py::object make_result(const py::object& result_type, py::object a, py::object b, py::object c) {
+  auto* type = reinterpret_cast<PyTypeObject*>(result_type.ptr());
   PyObject* t = type->tp_alloc(type, 3);
   if (!t) throw py::error_already_set();
-  PyTuple_SET_ITEM(t, 0, y.release().ptr());
-  PyTuple_SET_ITEM(t, 1, mean.release().ptr());
-  PyTuple_SET_ITEM(t, 2, rstd.release().ptr());
+  PyTuple_SET_ITEM(t, 0, a.release().ptr());
+  PyTuple_SET_ITEM(t, 1, b.release().ptr());
+  PyTuple_SET_ITEM(t, 2, c.release().ptr());
   return py::reinterpret_steal<py::object>(t);
+}
+
+py::object make_output(py::object y, py::object mean, py::object rstd) {
+  return make_result(g_norm_output, std::move(y), std::move(mean), std::move(rstd));
 }
 
 py::object row_fast(py::handle x_h, py::handle ns_h, py::handle w_h, py::handle b_h,
@@ -156,10 +157,10 @@ py::object row_fast(py::handle x_h, py::handle ns_h, py::handle w_h, py::handle 
   if (N <= 0) return py::none();
   double eps;
   if (eps_h.is_none() && !center)
-    eps = d == DType::kFloat64 ? 2.220446049250313e-16 : 1.1920928955078125e-07;
-  else if (!fast_double(eps_h, eps) || eps < 0)
+    eps = rules::rms_default_eps(d);
+  else if (!fast_double(eps_h, eps) || rules::eps(eps))
     return py::none();
-  if (d != DType::kFloat64 && eps < kTinyEps) return py::none();
+  if (rules::needs_wide_statistics(d, eps)) return py::none();
   const int64_t M = static_cast<int64_t>(x.size()) / N;
   return dispatch_dtype(d, [&](auto tag) -> py::object {
     using T = typename decltype(tag)::type;
@@ -206,15 +207,16 @@ py::object batch_fast(py::handle x_h, py::handle w_h, py::handle b_h, py::handle
   const bool training = training_h.ptr() == Py_True;
   if (ca != 1 && ca != -1) return py::none();
   double eps, momentum;
-  if (!fast_double(eps_h, eps) || eps < 0 || !fast_double(momentum_h, momentum) || momentum < 0 ||
-      momentum > 1)
+  if (!fast_double(eps_h, eps) || rules::eps(eps) || !fast_double(momentum_h, momentum) ||
+      rules::momentum(momentum) || rules::needs_wide_statistics(d, eps))
     return py::none();
-  if (d != DType::kFloat64 && eps < kTinyEps) return py::none();
   const bool channels_last = ca == -1 && x.ndim() > 2;
   const int64_t B = x.shape(0), C = x.shape(ca == 1 ? 1 : x.ndim() - 1);
   const int64_t S = C && B ? static_cast<int64_t>(x.size()) / (B * C) : 0;
-  if (C == 0 || (training && B * S <= 1) || (rm_h.is_none() != rv_h.is_none())) return py::none();
-  if (!training && rm_h.is_none()) return py::none();
+  if (C == 0 || rules::batch_count(training, C, B * S) ||
+      rules::running_pair(!rm_h.is_none(), !rv_h.is_none()) ||
+      rules::eval_needs_running(training, !rm_h.is_none()))
+    return py::none();
   return dispatch_dtype(d, [&](auto tag) -> py::object {
     using T = typename decltype(tag)::type;
     using A = acc_t<T>;
@@ -264,15 +266,137 @@ py::object batch_fast(py::handle x_h, py::handle w_h, py::handle b_h, py::handle
   });
 }
 
+// dy: a dense array of x's dtype and shape (the backwards' fast paths).
+bool fast_grad(py::handle h, const py::array& x, py::array& dy) {
+  if (!py::isinstance<py::array>(h)) return false;
+  dy = py::reinterpret_borrow<py::array>(h);
+  if (!is_c_contiguous(dy) || dy.ndim() != x.ndim()) return false;
+  if (!dy.dtype().is(x.dtype()) && !dy.dtype().equal(x.dtype())) return false;
+  for (py::ssize_t i = 0; i < x.ndim(); ++i)
+    if (dy.shape(i) != x.shape(i)) return false;
+  return true;
+}
+
+// dx of x's shape and dtype (from the buffer cache); None when NumPy should raise MemoryError.
+py::object fresh_like(const py::array& x) { return cached_empty(x.dtype(), shape_of(x)); }
+
+// Fast path of layer_norm_backward (center) / rms_norm_backward: the statistics' shape gives k
+// (the normalized axes are x's trailing x.ndim - rstd.ndim axes).
+py::object row_backward_fast(py::handle dy_h, py::handle x_h, py::handle mean_h, py::handle rstd_h,
+                             py::handle w_h, bool center) {
+  py::array x, dy;
+  DType d;
+  if (!fast_input(x_h, x, d) || !fast_grad(dy_h, x, dy)) return py::none();
+  if (!py::isinstance<py::array>(rstd_h)) return py::none();
+  const py::ssize_t k = x.ndim() - py::reinterpret_borrow<py::array>(rstd_h).ndim();
+  if (k < 1) return py::none();
+  int64_t N = 1;
+  for (py::ssize_t i = x.ndim() - k; i < x.ndim(); ++i) N *= x.shape(i);
+  if (N <= 0) return py::none();
+  const int64_t M = static_cast<int64_t>(x.size()) / N;
+  return dispatch_dtype(d, [&](auto tag) -> py::object {
+    using T = typename decltype(tag)::type;
+    using A = acc_t<T>;
+    A *mean = nullptr, *rstd = nullptr, *w = nullptr;
+    const py::ssize_t* lead = x.shape();
+    const py::ssize_t* ns = x.shape() + x.ndim() - k;
+    if (!fast_array<A>(rstd_h, d, lead, x.ndim() - k, false, rstd) || !rstd) return py::none();
+    if (center && (!fast_array<A>(mean_h, d, lead, x.ndim() - k, false, mean) || !mean))
+      return py::none();
+    if (!center && !mean_h.is_none()) return py::none();
+    if (!fast_array<A>(w_h, d, ns, k, false, w)) return py::none();
+    py::object fresh = fresh_like(x);
+    if (fresh.is_none()) return py::none();
+    auto dx = py::reinterpret_steal<py::array>(fresh.release());
+    const std::vector<py::ssize_t> nshape(ns, ns + k);
+    py::array dweight(acc_dtype<A>(), nshape);
+    py::object dbias = py::none();
+    if (center) dbias = py::array(acc_dtype<A>(), nshape);
+    RowBackwardParams<T> p;
+    p.dy = static_cast<const T*>(dy.data());
+    p.x = static_cast<const T*>(x.data());
+    p.mean = mean;
+    p.rstd = rstd;
+    p.weight = w;
+    p.dx = static_cast<T*>(dx.mutable_data());
+    p.dweight = static_cast<A*>(dweight.mutable_data());
+    p.dbias = center ? static_cast<A*>(py::reinterpret_borrow<py::array>(dbias).mutable_data())
+                     : nullptr;
+    p.M = M;
+    p.N = N;
+    run_kernel(M * N, [&] { cpu::row_norm_backward(p); });
+    return make_result(g_norm_grads, std::move(dx), std::move(dweight), std::move(dbias));
+  });
+}
+
+// Fast path of batch_norm_backward (one statistic per channel over the whole batch).
+py::object batch_backward_fast(py::handle dy_h, py::handle x_h, py::handle mean_h,
+                               py::handle rstd_h, py::handle w_h, py::handle training_h,
+                               py::handle ca_h) {
+  py::array x, dy;
+  DType d;
+  int64_t ca = 0;
+  if (!fast_input(x_h, x, d) || x.ndim() < 2 || !fast_grad(dy_h, x, dy)) return py::none();
+  if (!PyBool_Check(training_h.ptr()) || !fast_int(ca_h, ca) || (ca != 1 && ca != -1))
+    return py::none();
+  const bool training = training_h.ptr() == Py_True;
+  const bool channels_last = ca == -1 && x.ndim() > 2;
+  const int64_t B = x.shape(0), C = x.shape(ca == 1 ? 1 : x.ndim() - 1);
+  const int64_t S = C && B ? static_cast<int64_t>(x.size()) / (B * C) : 0;
+  if (C == 0 || B * S == 0) return py::none();
+  return dispatch_dtype(d, [&](auto tag) -> py::object {
+    using T = typename decltype(tag)::type;
+    using A = acc_t<T>;
+    A *mean = nullptr, *rstd = nullptr, *w = nullptr;
+    if (!fast_vector<A>(mean_h, d, C, false, mean) || !mean ||
+        !fast_vector<A>(rstd_h, d, C, false, rstd) || !rstd || !fast_vector<A>(w_h, d, C, false, w))
+      return py::none();
+    py::object fresh = fresh_like(x);
+    if (fresh.is_none()) return py::none();
+    auto dx = py::reinterpret_steal<py::array>(fresh.release());
+    py::array dweight(acc_dtype<A>(), std::vector<py::ssize_t>{C});
+    py::array dbias(acc_dtype<A>(), std::vector<py::ssize_t>{C});
+    ChannelBackwardParams<T> p;
+    p.dy = static_cast<const T*>(dy.data());
+    p.x = static_cast<const T*>(x.data());
+    p.mean = mean;
+    p.rstd = rstd;
+    p.weight = w;
+    p.dx = static_cast<T*>(dx.mutable_data());
+    p.dweight = static_cast<A*>(dweight.mutable_data());
+    p.dbias = static_cast<A*>(dbias.mutable_data());
+    p.B = B;
+    p.C = C;
+    p.S = S;
+    p.G = C;
+    p.training = training;
+    p.channels_last = channels_last;
+    p.per_sample = false;
+    run_kernel(B * C * S, [&] { cpu::channel_norm_backward(p); });
+    return make_result(g_norm_grads, std::move(dx), std::move(dweight), std::move(dbias));
+  });
+}
+
 }  // namespace
 
 void bind_fast(py::module_& m) {
-  m.def("_set_result_types", [](py::object norm_output) {
-    if (!PyType_Check(norm_output.ptr()) ||
-        !PyType_IsSubtype(reinterpret_cast<PyTypeObject*>(norm_output.ptr()), &PyTuple_Type))
-      throw py::type_error("_set_result_types: expected a tuple subclass");
+  m.def("_set_result_types", [](py::object norm_output, py::object norm_grads) {
+    for (const py::object* t : {&norm_output, &norm_grads})
+      if (!PyType_Check(t->ptr()) ||
+          !PyType_IsSubtype(reinterpret_cast<PyTypeObject*>(t->ptr()), &PyTuple_Type))
+        throw py::type_error("_set_result_types: expected tuple subclasses");
     g_norm_output = std::move(norm_output);
-  });
+    g_norm_grads = std::move(norm_grads);
+  }, py::arg("norm_output"), py::arg("norm_grads"));
+  m.def("row_norm_backward_fast", &row_backward_fast, py::arg("dy"), py::arg("x"),
+        py::arg("mean"), py::arg("rstd"), py::arg("weight"), py::arg("center"),
+        "Fast path of layer_norm_backward (center=True) / rms_norm_backward: NormGrads, or None "
+        "when the arguments need the general path.");
+  m.def("batch_norm_backward_fast", &batch_backward_fast, py::arg("dy"), py::arg("x"),
+        py::arg("mean"), py::arg("rstd"), py::arg("weight"), py::arg("training"),
+        py::arg("channel_axis"),
+        "Fast path of batch_norm_backward: NormGrads, or None when the arguments need the "
+        "general path.");
   m.def("row_norm_fast", &row_fast, py::arg("x"), py::arg("normalized_shape"), py::arg("weight"),
         py::arg("bias"), py::arg("eps"), py::arg("out"), py::arg("center"),
         "Fast path of layer_norm (center=True) / rms_norm: NormOutput, or None when the "
@@ -283,7 +407,10 @@ void bind_fast(py::module_& m) {
         "Fast path of batch_norm: NormOutput, or None when the arguments need the general path.");
   // Drop the reference before the interpreter finalizes (the type may already be gone then).
   auto atexit = py::module_::import("atexit");
-  atexit.attr("register")(py::cpp_function([]() { g_norm_output = py::object(); }));
+  atexit.attr("register")(py::cpp_function([]() {
+    g_norm_output = py::object();
+    g_norm_grads = py::object();
+  }));
 }
 
 }  // namespace nk::bind

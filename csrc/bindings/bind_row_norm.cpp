@@ -10,14 +10,14 @@ namespace nk::bind {
 namespace {
 
 void row_forward(const py::array& x, const py::object& weight, const py::object& bias, double eps,
-                 py::array& y, const py::object& mean, const py::object& rstd) {
+                 py::array& y, const py::object& mean, const py::object& rstd,
+                 const py::object& residual, const py::object& h) {
   const char* fn = "row_norm_forward";
   const DType d = data_dtype(x, fn, "x");
   check(x.ndim() == 2, std::string(fn) + ": x must be 2-D (M, N), got shape " + shape_str(x));
   const int64_t M = x.shape(0), N = x.shape(1);
   check(N > 0, std::string(fn) + ": empty reduction (N = 0)");
-  check(std::isfinite(eps) || std::isinf(eps), std::string(fn) + ": eps is NaN");
-  check(eps >= 0, std::string(fn) + ": eps must be >= 0");
+  check_rule(rules::eps(eps), fn);
   check(!rstd.is_none(), std::string(fn) + ": rstd is required");
   dispatch_dtype(d, [&](auto tag) {
     using T = typename decltype(tag)::type;
@@ -33,6 +33,17 @@ void row_forward(const py::array& x, const py::object& weight, const py::object&
     p.M = M;
     p.N = N;
     p.eps = eps;
+    check(residual.is_none() == h.is_none(), std::string(fn) + ": residual and h go together");
+    if (!residual.is_none()) {  // fused residual add; h may be x or residual, nothing else
+      const auto res = py::reinterpret_borrow<py::array>(residual);
+      auto ha = py::reinterpret_borrow<py::array>(h);
+      p.residual = data_in<T>(res, d, {M, N}, fn, "residual");
+      p.h = data_out<T>(ha, d, {M, N}, fn, "h");
+      check_out_alias(ha, x, fn, "h", "x");
+      check_out_alias(ha, res, fn, "h", "residual");
+      check_out_alias(y, res, fn, "y", "residual");
+      check(y.data() == ha.data() || !overlaps(y, ha), std::string(fn) + ": y partially overlaps h");
+    }
     {
       py::gil_scoped_release nogil;  // no Python objects touched here
       cpu::row_norm_forward(p);
@@ -77,6 +88,7 @@ void row_backward(const py::array& dy, const py::array& x, const py::object& mea
 void bind_row_norm(py::module_& m) {
   m.def("row_norm_forward", &row_forward, py::arg("x"), py::arg("weight"), py::arg("bias"),
         py::arg("eps"), py::arg("y"), py::arg("mean"), py::arg("rstd"),
+        py::arg("residual") = py::none(), py::arg("h") = py::none(),
         "Row view (M, N): normalize each row; mean=None means RMSNorm (no centring). "
         "Writes y, mean, rstd in place.");
   m.def("row_norm_backward", &row_backward, py::arg("dy"), py::arg("x"), py::arg("mean"),

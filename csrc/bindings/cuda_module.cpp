@@ -18,6 +18,7 @@
 #include <string>
 
 #include "core/dispatch.h"
+#include "core/rules.h"
 #include "cuda/kernels.h"
 #include "cuda/launch.h"
 
@@ -40,6 +41,8 @@ void check(bool ok, const std::string& msg) {
   if (!ok) throw std::invalid_argument(msg);
 }
 
+using nk::rules::check_rule;
+
 template <class P> P* ptr(uintptr_t p) { return reinterpret_cast<P*>(p); }
 
 void row_forward(const std::string& dtype, uintptr_t x, uintptr_t y, uintptr_t weight,
@@ -47,7 +50,7 @@ void row_forward(const std::string& dtype, uintptr_t x, uintptr_t y, uintptr_t w
                  uintptr_t stream) {
   const std::string fn = "_cuda.row_forward";
   check(M >= 0 && N >= 1, fn + ": need M >= 0 and N >= 1");
-  check(!std::isnan(eps) && eps >= 0, fn + ": eps must be >= 0");
+  check_rule(nk::rules::eps(eps), fn);
   check(M == 0 || (x && y && rstd), fn + ": x, y and rstd are required");
   nk::dispatch_dtype(dtype_of(dtype), [&](auto tag) {
     using T = typename decltype(tag)::type;
@@ -98,9 +101,8 @@ template <class P> void channel_shape(P& p, int64_t B, int64_t C, int64_t S, int
                                       bool channels_last, const std::string& fn) {
   check(B >= 0 && C >= 0 && S >= 0, fn + ": sizes must be >= 0");
   const bool per_sample = groups > 0;
-  check(!per_sample || C % groups == 0,
-        fn + ": number of channels " + std::to_string(C) + " is not divisible by num_groups " +
-            std::to_string(groups));
+  check_rule(nk::rules::groups_divide(C, groups), fn,
+             " (C = " + std::to_string(C) + ", num_groups = " + std::to_string(groups) + ")");
   p.B = B;
   p.C = C;
   p.S = S;
@@ -122,10 +124,10 @@ void channel_forward(const std::string& dtype, uintptr_t x, uintptr_t y, uintptr
                      bool channels_last, bool training, double momentum, double eps,
                      uintptr_t workspace, uintptr_t stream) {
   const std::string fn = "_cuda.channel_forward";
-  check(!std::isnan(eps) && eps >= 0, fn + ": eps must be >= 0");
-  check(!std::isnan(momentum) && momentum >= 0 && momentum <= 1, fn + ": momentum must be in [0, 1]");
-  check((running_mean == 0) == (running_var == 0), fn + ": running_mean and running_var must be given together");
-  check(training || running_mean, fn + ": training=False requires running_mean and running_var");
+  check_rule(nk::rules::eps(eps), fn);
+  check_rule(nk::rules::momentum(momentum), fn);
+  check_rule(nk::rules::running_pair(running_mean != 0, running_var != 0), fn);
+  check_rule(nk::rules::eval_needs_running(training, running_mean != 0), fn);
   check(groups == 0 || training, fn + ": per-sample statistics require training=True");
   check(groups == 0 || !running_mean || groups == C,
         fn + ": running statistics with per-sample groups need one group per channel");

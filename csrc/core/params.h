@@ -29,6 +29,11 @@ template <class T> struct RowForwardParams {
   // offsets past 2^31 elements work without allocating them (_core._row_norm_rows_from).
   int64_t row_begin = 0;
   double eps = 0.0;
+  // Fused residual add (add_layer_norm / add_rms_norm): when `residual` is set, each row is
+  // first summed, h = x + residual rounded to T, written to `h` (which may be x or residual
+  // itself), and h is normalized (read back while it is still in cache).
+  const T* residual = nullptr;
+  T* h = nullptr;
 };
 
 template <class T> struct RowBackwardParams {

@@ -61,6 +61,12 @@ void row_forward_rows(const RowForwardParams<T>& p, int64_t r0, int64_t r1, bool
   for (int64_t r = r0; r < r1; ++r) {
     const T* x = p.x + r * N;
     T* y = p.y + r * N;
+    if (p.residual) {  // 0) fused residual add: h = x + residual (same index read, then written)
+      const T* res = p.residual + r * N;
+      T* h = p.h + r * N;
+      elementwise(N, h, false, [&](int64_t j, auto w) { return loadw(x + j, w) + loadw(res + j, w); });
+      x = h;
+    }
     // 1) stats
     double mean = 0.0, var = 0.0;
     if constexpr (kCenter && kShiftedStats<T>) {

@@ -15,8 +15,13 @@ from .layers import BatchNorm, GroupNorm, InstanceNorm, LayerNorm, RMSNorm
 from .stats import Moments
 from .deploy import fold_batch_norm
 from .functional import (
+    AddNormOutput,
     NormGrads,
     NormOutput,
+    add_layer_norm,
+    add_layer_norm_backward,
+    add_rms_norm,
+    add_rms_norm_backward,
     batch_norm,
     batch_norm_backward,
     group_norm,
@@ -51,6 +56,11 @@ __all__ = [
     "instance_norm_backward",
     "rms_norm",
     "rms_norm_backward",
+    "AddNormOutput",
+    "add_layer_norm",
+    "add_layer_norm_backward",
+    "add_rms_norm",
+    "add_rms_norm_backward",
     "set_num_threads",
     "get_num_threads",
     "build_info",

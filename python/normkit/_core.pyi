@@ -1,11 +1,12 @@
 # Type stubs for normkit's private native module (csrc/bindings). Use the normkit package.
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 
 def row_norm_forward(
     x: np.ndarray, weight: Optional[np.ndarray], bias: Optional[np.ndarray], eps: float,
     y: np.ndarray, mean: Optional[np.ndarray], rstd: np.ndarray,
+    residual: Optional[np.ndarray] = None, h: Optional[np.ndarray] = None,
 ) -> None: ...
 def row_norm_backward(
     dy: np.ndarray, x: np.ndarray, mean: Optional[np.ndarray], rstd: np.ndarray,
@@ -32,3 +33,29 @@ def _moments_by_pieces(values: np.ndarray, cuts: list[int]) -> tuple[int, float,
 def _row_norm_rows_from(
     x: np.ndarray, dy: np.ndarray, first: int, center: bool, eps: float
 ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]: ...
+
+# fast paths of nk.layer_norm/rms_norm and nk.batch_norm: a NormOutput, or None when the
+# arguments need the general path (they never raise for bad input)
+def row_norm_fast(
+    x: object, normalized_shape: object, weight: object, bias: object, eps: object, out: object,
+    center: bool,
+) -> object: ...
+def batch_norm_fast(
+    x: object, weight: object, bias: object, running_mean: object, running_var: object,
+    training: object, momentum: object, eps: object, channel_axis: object, out: object,
+) -> object: ...
+def row_norm_backward_fast(
+    dy: object, x: object, mean: object, rstd: object, weight: object, center: bool
+) -> object: ...
+def batch_norm_backward_fast(
+    dy: object, x: object, mean: object, rstd: object, weight: object, training: object,
+    channel_axis: object,
+) -> object: ...
+def _set_result_types(norm_output: object, norm_grads: object) -> None: ...
+
+# output buffer cache (normkit.set_buffer_cache_limit / buffer_cache_info)
+def empty(shape: Sequence[int], dtype: np.dtype) -> Optional[np.ndarray]: ...
+def set_buffer_cache_limit(nbytes: int) -> int: ...
+def buffer_cache_info() -> dict: ...
+
+MAX_THREADS: int

@@ -1,12 +1,11 @@
-"""CUDA arrays (SPEC section 5): validation, outputs and launches for ``normkit._cuda``.
+"""CUDA arrays: outputs and launches for ``normkit._cuda``.
 
-``functional.py`` hands a call here when ``x`` exposes ``__cuda_array_interface__``. Each
-function then, in order:
+``functional`` hands a call here when ``x`` exposes ``__cuda_array_interface__``. Each function:
 
-1. raises ``TypeError`` if any other array argument is a host array (SPEC section 3);
-2. validates every argument with ``functional.py``'s own helpers, applied to *shadows*: NumPy
-   arrays of the device arrays' shapes and dtypes with zero strides (nothing is copied, and the
-   messages are the host path's);
+1. computes the operation's plan (``normkit._plan``) from the device arrays' shapes, dtypes and
+   writeability (their memory is not touched), which raises every documented error, including
+   ``TypeError`` for a host array mixed in;
+2. applies the rules that need the data (overlapping or negative running statistics);
 3. checks that the kernels can run here (``normkit.cuda.is_available()``, CuPy importable);
 4. allocates outputs and workspace with CuPy, on the current device and stream, and launches
    ``normkit._cuda`` on that stream (``cupy.cuda.get_current_stream()``).
@@ -19,65 +18,32 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import _plan as P
 from . import cuda as _cuda_info
-from . import functional as F
-from .functional import NormGrads, NormOutput
+from ._plan import NormGrads, NormOutput
+
+
+def _inverse(perm):
+    inv = [0] * len(perm)
+    for i, p in enumerate(perm):
+        inv[p] = i
+    return tuple(inv)
+
 
 # --------------------------------------------------------------------------------------------
-# checks that need no GPU
-
-
-def is_device(a) -> bool:
-    """Whether ``a`` is a CUDA array (exposes ``__cuda_array_interface__``)."""
-    return hasattr(a, "__cuda_array_interface__")
-
-
-def _no_host(fn: str, dev: str, **arrays) -> None:
-    """TypeError when an array argument is a host array while ``dev`` is a CUDA array."""
-    for name, a in arrays.items():
-        if a is not None and not is_device(a):
-            raise TypeError(
-                f"{fn}: {dev} is a CUDA array but {name} is a host {type(a).__name__}; pass CUDA "
-                "arrays for every array argument (or host arrays for all)"
-            )
-
-
-def _dtype(a) -> np.dtype:
-    dt = getattr(a, "dtype", None)
-    if dt is not None:
-        try:
-            return np.dtype(dt)
-        except TypeError:
-            pass
-    return np.dtype(a.__cuda_array_interface__["typestr"])
-
-
-def _shadow(a):
-    """A NumPy stand-in for device array ``a``: its shape, dtype and writeability, zero strides
-    (so it owns one element whatever its shape). Validation helpers inspect it; no kernel does."""
-    if a is None:
-        return None
-    iface = a.__cuda_array_interface__
-    shape = tuple(int(n) for n in iface["shape"])
-    readonly = bool(iface["data"][1])
-    dt = _dtype(a)
-    if not dt.isnative:  # the kernels read native floats; CUDA arrays are not converted here
-        raise TypeError(f"CUDA arrays must be in native byte order, got dtype {dt.str!r}")
-    return np.lib.stride_tricks.as_strided(
-        np.zeros(1, dt), shape, (0,) * len(shape), writeable=not readonly
-    )
+# device memory
 
 
 def _byte_range(a):
     """[lo, hi) bytes spanned by device array ``a`` (empty for an empty array)."""
     iface = a.__cuda_array_interface__
     ptr, shape = int(iface["data"][0]), tuple(iface["shape"])
-    itemsize = _dtype(a).itemsize
+    itemsize = P.device_dtype(a).itemsize
     if any(n == 0 for n in shape):
         return ptr, ptr
     strides = iface.get("strides")
     if strides is None:
-        return ptr, ptr + F._prod(shape) * itemsize
+        return ptr, ptr + P.prod(shape) * itemsize
     lo = ptr + sum(min(0, (n - 1) * s) for n, s in zip(shape, strides))
     hi = ptr + sum(max(0, (n - 1) * s) for n, s in zip(shape, strides)) + itemsize
     return lo, hi
@@ -86,18 +52,6 @@ def _byte_range(a):
 def _overlap(a, b) -> bool:
     (alo, ahi), (blo, bhi) = _byte_range(a), _byte_range(b)
     return alo < bhi and blo < ahi and alo < ahi and blo < bhi
-
-
-def _running(fn, rm, rv, C, sd):
-    F._running(_shadow(rm), _shadow(rv), fn, C, sd)
-    if rm is not None and _overlap(rm, rv):
-        raise ValueError(f"{fn}: running_mean and running_var overlap in memory")
-
-
-def _grad_shadow(dy, sx, fn):
-    sdy = F._data_array(_shadow(dy), fn, "dy")
-    if sdy.shape != sx.shape:
-        raise ValueError(f"{fn}: dy has shape {sdy.shape} but x has shape {sx.shape}")
 
 
 def _runtime(fn: str):
@@ -163,7 +117,7 @@ def _channel_view(xp, x, ca):
     first = tuple(range(nd)) if ca == 1 else (0, nd - 1, *range(1, nd - 1))
     last = (0, *range(2, nd), 1) if ca == 1 else tuple(range(nd))
     B, C = x.shape[0], x.shape[ca]
-    S = F._prod(x.shape[2:]) if ca == 1 else F._prod(x.shape[1:-1])
+    S = P.prod(x.shape[2:]) if ca == 1 else P.prod(x.shape[1:-1])
     xf, xl = x.transpose(first), x.transpose(last)
     if xf.flags.c_contiguous:
         return xf.reshape(B, C, S), False, first
@@ -180,254 +134,140 @@ def _output(L: _Launch, out, x, xd, perm, others=()):
     pshape = tuple(x.shape[p] for p in perm)
     if out is None:
         yd = L.empty(xd.shape, x.dtype)
-        return yd, yd.reshape(pshape).transpose(F._inverse(perm)), None
+        return yd, yd.reshape(pshape).transpose(_inverse(perm)), None
     op = out.transpose(perm)
     if op.flags.c_contiguous and not any(o is not None and _overlap(out, o) for o in others):
         yd = op.reshape(xd.shape)
         if not _overlap(yd, xd) or (yd.data.ptr == xd.data.ptr and yd.strides == xd.strides):
             return yd, out, None
     tmp = L.empty(xd.shape, x.dtype)
-    return tmp, out, tmp.reshape(pshape).transpose(F._inverse(perm))
+    return tmp, out, tmp.reshape(pshape).transpose(_inverse(perm))
 
 
 # --------------------------------------------------------------------------------------------
 # channel norms
 
 
-def _channel_forward(fn, L: _Launch, ca, weight, bias, rm, rv, training, momentum, eps, out,
-                     groups, stat_shape):
-    x = L.x
-    sd = F._stat_dtype(x.dtype)
-    w, b = L.param(weight, sd), L.param(bias, sd)
-    rm, rv, out = L.arr_or_none(rm), L.arr_or_none(rv), L.arr_or_none(out)
-    if not training and bool((rv < 0).any()):
-        raise ValueError(f"{fn}: running_var has negative entries")
-    xd, channels_last, perm = _channel_view(L.xp, x, ca)
-    yd, y, copy_back = _output(L, out, x, xd, perm, (w, b, rm, rv))
-    mean, rstd = L.empty(stat_shape, sd), L.empty(stat_shape, sd)
-    B, C = x.shape[0], x.shape[ca]
-    S = xd.shape[1] if channels_last else xd.shape[2]
-    ws = L.workspace("channel_forward", x.dtype, B, C, S, groups, channels_last)
-    L.mod.channel_forward(
-        x.dtype.name, _ptr(xd), _ptr(yd), _ptr(w), _ptr(b), _ptr(rm), _ptr(rv), _stride(rm),
-        _stride(rv), _ptr(mean), _ptr(rstd), B, C, S, groups, channels_last, bool(training),
-        momentum, eps, _ptr(ws), L.stream,
-    )
-    if copy_back is not None:
-        L.xp.copyto(out, copy_back)
-    return NormOutput(y, mean, rstd)
-
-
-def _channel_backward(L: _Launch, dy, ca, mean, rstd, weight, training, groups):
-    x = L.x
-    sd = F._stat_dtype(x.dtype)
-    dy = L.arr_or_none(dy)
-    if dy.dtype != x.dtype:
-        dy = dy.astype(x.dtype)
-    mean, rstd, w = L.param(mean, sd), L.param(rstd, sd), L.param(weight, sd)
-    xd, channels_last, perm = _channel_view(L.xp, x, ca)
-    dyd = L.xp.ascontiguousarray(dy.transpose(perm)).reshape(xd.shape)
-    dxd, dx, _ = _output(L, None, x, xd, perm)
-    B, C = x.shape[0], x.shape[ca]
-    S = xd.shape[1] if channels_last else xd.shape[2]
-    dweight, dbias = L.empty(C, sd), L.empty(C, sd)
-    ws = L.workspace("channel_backward", x.dtype, B, C, S, groups, channels_last)
-    L.mod.channel_backward(
-        x.dtype.name, _ptr(dyd), _ptr(xd), _ptr(mean), _ptr(rstd), _ptr(w), _ptr(dxd),
-        _ptr(dweight), _ptr(dbias), B, C, S, groups, channels_last, bool(training), _ptr(ws),
-        L.stream,
-    )
-    return NormGrads(dx, dweight, dbias)
-
-
-def _channel_args(fn, x, channel_axis, weight, bias):
-    sx, ca, C, sd = F._channel_input(_shadow(x), fn, channel_axis)
-    F._vector(_shadow(weight), fn, "weight", (C,), sd, "the number of channels")
-    F._vector(_shadow(bias), fn, "bias", (C,), sd, "the number of channels")
-    return sx, ca, C, sd
-
-
-def _stateful_args(fn, x, channel_axis, weight, bias, running_mean, running_var, momentum, eps,
-                   out):
-    """The checks batch_norm and instance_norm share, in functional.py's order."""
-    _no_host(fn, "x", weight=weight, bias=bias, running_mean=running_mean,
-             running_var=running_var, out=out)
-    sx, ca, C, sd = _channel_args(fn, x, channel_axis, weight, bias)
-    _running(fn, running_mean, running_var, C, sd)
-    return sx, ca, C, F._momentum(momentum, fn), F._eps(eps, fn)
-
-
-def batch_norm(x, weight=None, bias=None, running_mean=None, running_var=None, *, training=True,
-               momentum=0.1, eps=1e-5, channel_axis=1, out=None) -> NormOutput:
-    fn = "batch_norm"
-    training = F._training(training, fn)
-    sx, ca, C, m, e = _stateful_args(fn, x, channel_axis, weight, bias, running_mean, running_var,
-                                     momentum, eps, out)
-    count = sx.size // C if C else 0
-    if training:
-        if C and count == 0:
-            raise ValueError(f"{fn}: empty reduction: x has shape {sx.shape}")
-        if count == 1:
-            raise ValueError(
-                f"{fn}: expected more than 1 value per channel when training, got input of shape {sx.shape}"
-            )
-    elif running_mean is None:
-        raise ValueError(f"{fn}: training=False requires running_mean and running_var")
-    F._check_out(_shadow(out), sx, fn)
+def _channel_forward(plan: P.ChannelPlan, x, weight, bias, rm, rv, out) -> NormOutput:
+    fn = plan.fn
+    if rm is not None:
+        if _overlap(rm, rv):
+            P.running_overlap(fn, "running_mean", "running_var")
+        if plan.updates_running:
+            for rname, r in (("running_mean", rm), ("running_var", rv)):
+                for name, a in (("x", x), ("weight", weight), ("bias", bias)):
+                    if a is not None and _overlap(r, a):
+                        P.running_overlap(fn, rname, name)
     L = _Launch(fn, x)
     with L.device:
-        return _channel_forward(fn, L, ca, weight, bias, running_mean, running_var, training, m, e,
-                                out, 0, (C,))
-
-
-def batch_norm_backward(dy, x, mean, rstd, weight=None, *, training=True, channel_axis=1) -> NormGrads:
-    fn = "batch_norm_backward"
-    training = F._training(training, fn)
-    _no_host(fn, "x", dy=dy, mean=mean, rstd=rstd, weight=weight)
-    sx, ca, C, sd = F._channel_input(_shadow(x), fn, channel_axis)
-    _grad_shadow(dy, sx, fn)
-    F._saved_stats(_shadow(mean), _shadow(rstd), fn, (C,), sd, "the number of channels")
-    F._vector(_shadow(weight), fn, "weight", (C,), sd, "the number of channels")
-    if training and C and sx.size == 0:
-        raise ValueError(f"{fn}: empty reduction: x has shape {sx.shape}")
-    L = _Launch(fn, x)
-    with L.device:
-        return _channel_backward(L, dy, ca, mean, rstd, weight, training, 0)
-
-
-def group_norm(x, num_groups, weight=None, bias=None, *, eps=1e-5, channel_axis=1, out=None) -> NormOutput:
-    fn = "group_norm"
-    _no_host(fn, "x", weight=weight, bias=bias, out=out)
-    sx, ca, C, sd = F._channel_input(_shadow(x), fn, channel_axis)
-    G = F._num_groups(num_groups, C, fn)
-    _channel_args(fn, x, channel_axis, weight, bias)
-    e = F._eps(eps, fn)
-    N = sx.shape[0]
-    if N and (C // G) * F._spatial_size(sx, ca) == 0:
-        raise ValueError(f"{fn}: empty reduction: x has shape {sx.shape}")
-    F._check_out(_shadow(out), sx, fn)
-    L = _Launch(fn, x)
-    with L.device:
-        return _channel_forward(fn, L, ca, weight, bias, None, None, True, 0.0, e, out, G, (N, G))
-
-
-def group_norm_backward(dy, x, mean, rstd, weight=None, *, channel_axis=1) -> NormGrads:
-    fn = "group_norm_backward"
-    _no_host(fn, "x", dy=dy, mean=mean, rstd=rstd, weight=weight)
-    sx, ca, C, sd = F._channel_input(_shadow(x), fn, channel_axis)
-    _grad_shadow(dy, sx, fn)
-    if mean is None or rstd is None:
-        raise ValueError(f"{fn}: mean and rstd from the forward are required")
-    smean = _shadow(mean)
-    if smean.ndim != 2 or smean.shape[0] != sx.shape[0]:
-        raise ValueError(
-            f"{fn}: mean has shape {smean.shape} but (N, num_groups) with N = {sx.shape[0]} is required"
+        x = L.x
+        sd = plan.sd
+        w, b = L.param(weight, sd), L.param(bias, sd)
+        rm, rv, out = L.arr_or_none(rm), L.arr_or_none(rv), L.arr_or_none(out)
+        if plan.uses_running and bool((rv < 0).any()):
+            P.negative_running_var(fn)
+        xd, channels_last, perm = _channel_view(L.xp, x, plan.ca)
+        yd, y, copy_back = _output(L, out, x, xd, perm, (w, b, rm, rv))
+        mean, rstd = L.empty(plan.stat_shape, sd), L.empty(plan.stat_shape, sd)
+        B, C, S = plan.N, plan.C, plan.S
+        ws = L.workspace("channel_forward", x.dtype, B, C, S, plan.groups, channels_last)
+        L.mod.channel_forward(
+            x.dtype.name, _ptr(xd), _ptr(yd), _ptr(w), _ptr(b), _ptr(rm), _ptr(rv), _stride(rm),
+            _stride(rv), _ptr(mean), _ptr(rstd), B, C, S, plan.groups, channels_last,
+            plan.training, plan.momentum, plan.eps, _ptr(ws), L.stream,
         )
-    G = F._num_groups(smean.shape[1], C, fn)
-    F._saved_stats(smean, _shadow(rstd), fn, (sx.shape[0], G), sd, "(N, num_groups)")
-    F._vector(_shadow(weight), fn, "weight", (C,), sd, "the number of channels")
-    L = _Launch(fn, x)
-    with L.device:
-        return _channel_backward(L, dy, ca, mean, rstd, weight, True, G)
+        if copy_back is not None:
+            L.xp.copyto(out, copy_back)
+        return NormOutput(y, mean, rstd)
 
 
-def instance_norm(x, weight=None, bias=None, running_mean=None, running_var=None, *,
-                  training=True, momentum=0.1, eps=1e-5, channel_axis=1, out=None) -> NormOutput:
+def batch_norm(x, weight, bias, running_mean, running_var, training, momentum, eps,
+               channel_axis, out) -> NormOutput:
+    fn = "batch_norm"
+    P.training_flag(training, fn)
+    P.same_kind(fn, x, weight=weight, bias=bias, running_mean=running_mean,
+                running_var=running_var, out=out)
+    plan = P.batch_norm(fn, x, weight, bias, running_mean, running_var, training, momentum, eps,
+                        channel_axis, out)
+    return _channel_forward(plan, x, weight, bias, running_mean, running_var, out)
+
+
+def instance_norm(x, weight, bias, running_mean, running_var, training, momentum, eps,
+                  channel_axis, out) -> NormOutput:
     fn = "instance_norm"
-    training = F._training(training, fn)
-    sx, ca, C, m, e = _stateful_args(fn, x, channel_axis, weight, bias, running_mean, running_var,
-                                     momentum, eps, out)
-    S, N = F._spatial_size(sx, ca), sx.shape[0]
-    if training:
-        if N and C and S == 0:
-            raise ValueError(f"{fn}: empty reduction: x has shape {sx.shape}")
-        if S == 1 and N and C:
-            raise ValueError(
-                f"{fn}: expected more than 1 spatial element when training, got input of shape {sx.shape}"
-            )
-        if running_mean is not None and N == 0:
-            raise ValueError(f"{fn}: cannot update running statistics from an empty batch")
-        groups, stat_shape = (C if C else 1), (N, C)
-    elif running_mean is None:
-        raise ValueError(f"{fn}: training=False requires running_mean and running_var")
-    else:
-        groups, stat_shape = 0, (C,)
-    F._check_out(_shadow(out), sx, fn)
-    L = _Launch(fn, x)
-    with L.device:
-        return _channel_forward(fn, L, ca, weight, bias, running_mean, running_var, training, m, e,
-                                out, groups, stat_shape)
+    P.training_flag(training, fn)
+    P.same_kind(fn, x, weight=weight, bias=bias, running_mean=running_mean,
+                running_var=running_var, out=out)
+    plan = P.instance_norm(fn, x, weight, bias, running_mean, running_var, training, momentum,
+                           eps, channel_axis, out)
+    return _channel_forward(plan, x, weight, bias, running_mean, running_var, out)
 
 
-def instance_norm_backward(dy, x, mean, rstd, weight=None, *, training=True, channel_axis=1) -> NormGrads:
-    fn = "instance_norm_backward"
-    training = F._training(training, fn)
-    _no_host(fn, "x", dy=dy, mean=mean, rstd=rstd, weight=weight)
-    sx, ca, C, sd = F._channel_input(_shadow(x), fn, channel_axis)
-    _grad_shadow(dy, sx, fn)
-    F._vector(_shadow(weight), fn, "weight", (C,), sd, "the number of channels")
-    shape, what = ((sx.shape[0], C), "(N, C)") if training else ((C,), "(C,)")
-    F._saved_stats(_shadow(mean), _shadow(rstd), fn, shape, sd, what)
+def group_norm(x, num_groups, weight, bias, eps, channel_axis, out) -> NormOutput:
+    fn = "group_norm"
+    P.same_kind(fn, x, weight=weight, bias=bias, out=out)
+    plan = P.group_norm(fn, x, num_groups, weight, bias, eps, channel_axis, out)
+    return _channel_forward(plan, x, weight, bias, None, None, out)
+
+
+def channel_backward(fn, kind, dy, x, mean, rstd, weight, training, channel_axis) -> NormGrads:
+    if kind != "group":
+        P.training_flag(training, fn)
+    P.same_kind(fn, x, dy=dy, mean=mean, rstd=rstd, weight=weight)
+    plan = P.channel_backward(fn, kind, dy, x, mean, rstd, weight, training, channel_axis)
     L = _Launch(fn, x)
     with L.device:
-        return _channel_backward(L, dy, ca, mean, rstd, weight, training,
-                                 (C if C else 1) if training else 0)
+        x = L.x
+        sd = plan.sd
+        dy = L.arr_or_none(dy)
+        if dy.dtype != x.dtype:
+            dy = dy.astype(x.dtype)
+        mean, rstd, w = L.param(mean, sd), L.param(rstd, sd), L.param(weight, sd)
+        xd, channels_last, perm = _channel_view(L.xp, x, plan.ca)
+        dyd = L.xp.ascontiguousarray(dy.transpose(perm)).reshape(xd.shape)
+        dxd, dx, _ = _output(L, None, x, xd, perm)
+        B, C, S = plan.N, plan.C, plan.S
+        dweight, dbias = L.empty(C, sd), L.empty(C, sd)
+        ws = L.workspace("channel_backward", x.dtype, B, C, S, plan.groups, channels_last)
+        L.mod.channel_backward(
+            x.dtype.name, _ptr(dyd), _ptr(xd), _ptr(mean), _ptr(rstd), _ptr(w), _ptr(dxd),
+            _ptr(dweight), _ptr(dbias), B, C, S, plan.groups, channels_last, plan.training,
+            _ptr(ws), L.stream,
+        )
+        return NormGrads(dx, dweight, dbias)
 
 
 # --------------------------------------------------------------------------------------------
 # row norms
 
 
-def _row_forward(fn, x, normalized_shape, weight, bias, eps, out, center) -> NormOutput:
-    _no_host(fn, "x", weight=weight, bias=bias, out=out)
-    sx = F._data_array(_shadow(x), fn)
-    ns = F._normalized_shape(normalized_shape, fn)
-    lead, M, N = F._row_setup(sx, ns, fn)
-    sd = F._stat_dtype(sx.dtype)
-    F._vector(_shadow(weight), fn, "weight", ns, sd, "normalized_shape")
-    F._vector(_shadow(bias), fn, "bias", ns, sd, "normalized_shape")
-    if eps is None and not center:  # RMSNorm's default, as functional._row_forward
-        eps = np.finfo(np.float64 if sx.dtype == np.float64 else np.float32).eps
-    e = F._eps(eps, fn)
-    F._check_out(_shadow(out), sx, fn)
+def row_forward(fn, x, normalized_shape, weight, bias, eps, out, center) -> NormOutput:
+    P.same_kind(fn, x, weight=weight, bias=bias, out=out)
+    plan = P.row_forward(fn, x, normalized_shape, weight, bias, eps, out, center)
     L = _Launch(fn, x)
     with L.device:
         x = L.x
+        sd, M, N = plan.sd, plan.M, plan.N
         w, b = L.param(weight, sd), L.param(bias, sd)
         xd = L.xp.ascontiguousarray(x).reshape(M, N)
         out = L.arr_or_none(out)
         yd, y, copy_back = _output(L, out, x, xd, tuple(range(x.ndim)), (w, b))
-        mean = L.empty(lead, sd) if center else None
-        rstd = L.empty(lead, sd)
+        mean = L.empty(plan.lead, sd) if center else None
+        rstd = L.empty(plan.lead, sd)
         L.mod.row_forward(x.dtype.name, _ptr(xd), _ptr(yd), _ptr(w), _ptr(b), _ptr(mean),
-                          _ptr(rstd), M, N, e, L.stream)
+                          _ptr(rstd), M, N, plan.eps, L.stream)
         if copy_back is not None:
             L.xp.copyto(out, copy_back)
         return NormOutput(y, mean, rstd)
 
 
-def _row_backward(fn, dy, x, mean, rstd, weight, center) -> NormGrads:
-    _no_host(fn, "x", dy=dy, mean=mean, rstd=rstd, weight=weight)
-    sx = F._data_array(_shadow(x), fn)
-    _grad_shadow(dy, sx, fn)
-    if rstd is None or (center and mean is None):
-        raise ValueError(f"{fn}: the statistics saved by the forward are required")
-    srstd = _shadow(rstd)
-    k = sx.ndim - srstd.ndim
-    if k < 1:
-        raise ValueError(
-            f"{fn}: rstd has shape {srstd.shape} but x has shape {sx.shape}; the statistics must have fewer axes than x"
-        )
-    ns = sx.shape[sx.ndim - k:]
-    lead, M, N = F._row_setup(sx, ns, fn)
-    sd = F._stat_dtype(sx.dtype)
-    F._vector(srstd, fn, "rstd", lead, sd, "x.shape[:-k]")
-    if center:
-        F._vector(_shadow(mean), fn, "mean", lead, sd, "x.shape[:-k]")
-    F._vector(_shadow(weight), fn, "weight", ns, sd, "the normalized shape")
+def row_backward(fn, dy, x, mean, rstd, weight, center) -> NormGrads:
+    P.same_kind(fn, x, dy=dy, mean=mean, rstd=rstd, weight=weight)
+    plan = P.row_backward(fn, dy, x, mean, rstd, weight, center)
     L = _Launch(fn, x)
     with L.device:
         x, xp = L.x, L.xp
+        sd, M, N, ns = plan.sd, plan.M, plan.N, plan.ns
         dy = L.arr_or_none(dy)
         dyd = xp.ascontiguousarray(dy, dtype=x.dtype).reshape(M, N)
         xd = xp.ascontiguousarray(x).reshape(M, N)
@@ -440,19 +280,3 @@ def _row_backward(fn, dy, x, mean, rstd, weight, center) -> NormGrads:
         L.mod.row_backward(x.dtype.name, _ptr(dyd), _ptr(xd), _ptr(mean), _ptr(rstd), _ptr(w),
                            _ptr(dx), _ptr(dweight), _ptr(dbias), M, N, _ptr(ws), L.stream)
         return NormGrads(dx, dweight, dbias)
-
-
-def layer_norm(x, normalized_shape, weight=None, bias=None, *, eps=1e-5, out=None) -> NormOutput:
-    return _row_forward("layer_norm", x, normalized_shape, weight, bias, eps, out, True)
-
-
-def layer_norm_backward(dy, x, mean, rstd, weight=None) -> NormGrads:
-    return _row_backward("layer_norm_backward", dy, x, mean, rstd, weight, True)
-
-
-def rms_norm(x, normalized_shape, weight=None, *, eps=None, out=None) -> NormOutput:
-    return _row_forward("rms_norm", x, normalized_shape, weight, None, eps, out, False)
-
-
-def rms_norm_backward(dy, x, rstd, weight=None) -> NormGrads:
-    return _row_backward("rms_norm_backward", dy, x, None, rstd, weight, False)

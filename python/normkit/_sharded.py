@@ -25,6 +25,7 @@ from typing import Optional
 
 import numpy as np
 
+from . import _plan as P
 from . import functional as F
 from .stats import Moments
 
@@ -50,18 +51,14 @@ def merge_in_order(parts) -> Moments:
     return total
 
 
-def rstd_of(var: np.ndarray, eps: float) -> np.ndarray:
-    """rstd = 1 / sqrt(var + eps) in float64 (the kernels' formula)."""
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return 1.0 / np.sqrt(var + eps)
+rstd_of = P.rstd_of
 
 
 def update_running(running_mean: np.ndarray, running_var: np.ndarray, m: Moments,
                    momentum: float) -> None:
     """The kernels' in-place running-statistics rule with the unbiased variance:
     ``running = (1 - momentum) * running + momentum * batch_stat`` in float64."""
-    for running, stat in ((running_mean, m.mean), (running_var, m.var(ddof=1))):
-        running[...] = (1.0 - momentum) * running.astype(_F64) + momentum * stat
+    P.update_running(running_mean, running_var, m.mean, m.var(ddof=1), momentum)
 
 
 def work_dtype(x: np.ndarray) -> np.dtype:
@@ -75,7 +72,7 @@ def affine_about(x: np.ndarray, center: np.ndarray, scale: np.ndarray,
     """``(x - center) * scale + shift`` per channel (float64 ``(C,)`` vectors; ``shift=None``
     means 0) by the eval-mode BatchNorm kernel, in x's dtype; writes ``out`` when given."""
     C = x.shape[ca]
-    sd = F._stat_dtype(x.dtype)
+    sd = P.stat_dtype(x.dtype)
     hi = center.astype(sd)
     with np.errstate(all="ignore"):
         lo = center - hi  # what the statistics dtype cannot hold of the centre

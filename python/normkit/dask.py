@@ -34,6 +34,7 @@ except ImportError as e:  # pragma: no cover - exercised in a subprocess by the 
     ) from e
 
 from . import _sharded
+from . import _plan as P
 from . import functional as F
 from .stats import Moments
 from .stats import _axes  # axis rules and messages as in Moments.update
@@ -47,12 +48,12 @@ _PARTIAL = np.dtype([("count", np.int64), ("mean", np.float64), ("m2", np.float6
 
 def _dask_input(x, fn: str):
     x = x if isinstance(x, da.Array) else da.asarray(x)
-    if not F._is_float_dtype(x.dtype):
+    if not P.is_float_dtype(x.dtype):
         raise TypeError(
             f"{fn}: x has unsupported dtype {x.dtype} (expected float32, float64, float16 or bfloat16)"
         )
     if not x.dtype.isnative:  # e.g. '>f4' read from a file: native values, lazily, per chunk
-        x = x.astype(F._native_dtype(x.dtype))
+        x = x.astype(P.native_dtype(x.dtype))
     return x
 
 
@@ -127,23 +128,13 @@ def batch_norm(darr, weight=None, bias=None, *, eps=1e-5, channel_axis=1):
     lazy dask array of y, in darr's dtype and chunks. weight, bias: ``(C,)`` or None."""
     fn = "normkit.dask.batch_norm"
     x = _dask_input(darr, fn)
-    if x.ndim < 2:
-        raise ValueError(f"{fn}: x must have at least 2 dimensions (N, C, ...), got shape {x.shape}")
-    cax = F._channel_axis(channel_axis, fn)  # 1 or -1, as the kernels take it
+    w, b = (None if v is None else F.host_array(v, fn, name)
+            for v, name in ((weight, "weight"), (bias, "bias")))
+    plan = P.batch_norm(fn, x, w, b, None, None, True, 0.0, eps, channel_axis, None)
+    cax, e = plan.ca, plan.eps  # channel_axis 1 or -1, as the kernels take it
     ca = cax % x.ndim
-    C = x.shape[ca]
-    sd = F._stat_dtype(x.dtype)
-    w = F._vector(weight, fn, "weight", (C,), sd, "the number of channels")
-    b = F._vector(bias, fn, "bias", (C,), sd, "the number of channels")
-    e = F._eps(eps, fn)
+    w, b = F.param(w, plan.sd), F.param(b, plan.sd)
     axes = _sharded.channel_axes(x.ndim, ca)
-    count = math.prod(x.shape[a] for a in axes)
-    if C and count == 0:
-        raise ValueError(f"{fn}: empty reduction: x has shape {x.shape}")
-    if count == 1:
-        raise ValueError(
-            f"{fn}: expected more than 1 value per channel when training, got input of shape {x.shape}"
-        )
     stats = _moments_tree(x, axes)
     ind = tuple(range(x.ndim))
     per_channel = {"chunks": (x.chunks[ca],)}
@@ -169,18 +160,11 @@ def layer_norm(darr, normalized_shape, weight=None, bias=None, *, eps=1e-5):
     chunk first (a rechunk, only when they are split)."""
     fn = "normkit.dask.layer_norm"
     x = _dask_input(darr, fn)
-    ns = F._normalized_shape(normalized_shape, fn)
-    k = len(ns)
-    if x.ndim < k or tuple(x.shape[x.ndim - k:]) != ns:
-        raise ValueError(
-            f"{fn}: normalized_shape {ns} does not match the trailing axes of x with shape {x.shape}"
-        )
-    if math.prod(ns) == 0:
-        raise ValueError(f"{fn}: empty reduction: normalized_shape {ns} has no elements")
-    sd = F._stat_dtype(x.dtype)
-    w = F._vector(weight, fn, "weight", ns, sd, "normalized_shape")
-    b = F._vector(bias, fn, "bias", ns, sd, "normalized_shape")
-    e = F._eps(eps, fn)
+    w, b = (None if v is None else F.host_array(v, fn, name)
+            for v, name in ((weight, "weight"), (bias, "bias")))
+    plan = P.row_forward(fn, x, normalized_shape, w, b, eps, None, True)
+    ns, e, k = plan.ns, plan.eps, len(plan.ns)
+    w, b = F.param(w, plan.sd), F.param(b, plan.sd)
     trailing = range(x.ndim - k, x.ndim)
     if any(x.numblocks[a] > 1 for a in trailing):
         # whole normalized axes; the leading axes re-sized so chunks stay near dask's chunk size

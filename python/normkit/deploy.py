@@ -17,7 +17,7 @@ from typing import Optional, Tuple
 
 import numpy as np
 
-from .functional import _data_array
+from .functional import data_array as _data_array
 from .layers import BatchNorm
 
 __all__ = ["fold_batch_norm"]

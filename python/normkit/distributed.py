@@ -40,8 +40,9 @@ except ImportError as e:  # pragma: no cover - exercised in a subprocess by the 
     ) from e
 
 from . import _sharded
+from . import _plan as P
 from . import functional as F
-from .functional import NormGrads, NormOutput
+from ._plan import NormGrads, NormOutput
 from .layers import BatchNorm
 from .stats import Moments
 
@@ -97,7 +98,7 @@ def _settings(x: np.ndarray, ca: int, **more):
             "channel_axis": ca, **more}
 
 
-@F._hide_varargs
+@F.hide_varargs
 def sync_batch_norm(
     x,
     weight=None,
@@ -122,8 +123,8 @@ def sync_batch_norm(
     the global batch). ``training=False`` is a local :func:`normkit.batch_norm`.
     """
     if args:
-        F._positional_running("sync_batch_norm", args)
-    if not F._training(training, "sync_batch_norm"):
+        P.positional_running("sync_batch_norm", args)
+    if not P.training_flag(training, "sync_batch_norm"):
         return F.batch_norm(x, weight, bias, running_mean=running_mean, running_var=running_var,
                             training=False,
                             momentum=momentum, eps=eps, channel_axis=channel_axis, out=out)
@@ -131,13 +132,17 @@ def sync_batch_norm(
     comm = _communicator(comm, fn)
 
     def local():
-        xa, ca, C, sd = F._channel_input(x, fn, channel_axis)
-        w = F._vector(weight, fn, "weight", (C,), sd, "the number of channels")
-        b = F._vector(bias, fn, "bias", (C,), sd, "the number of channels")
-        rm, rv = F._running(running_mean, running_var, fn, C, sd)
-        m, e = F._momentum(momentum, fn), F._eps(eps, fn)
-        o = F._check_out(out, xa, fn)
-        F._no_overlap_with_running(fn, rm, rv, x=xa, weight=w, bias=b)
+        a = {k: (None if v is None else F.host_array(v, fn, k))
+             for k, v in (("x", x), ("weight", weight), ("bias", bias), ("out", out))}
+        P.same_kind(fn, a["x"], running_mean=running_mean, running_var=running_var)
+        # the per-channel count is global: the plan's count rule is applied after the exchange
+        plan = P.batch_norm(fn, a["x"], a["weight"], a["bias"], running_mean, running_var, True,
+                            momentum, eps, channel_axis, a["out"], local_count=False)
+        xa = F.data_array(a["x"], fn)
+        ca, C, sd, m, e, o = plan.ca, plan.C, plan.sd, plan.momentum, plan.eps, a["out"]
+        w, b = F.param(a["weight"], sd), F.param(a["bias"], sd)
+        rm, rv = running_mean, running_var
+        F.check_running(plan, xa, w, b, rm, rv)
         settings = _settings(xa, ca, eps=e, momentum=m, weight=w is not None,
                              bias=b is not None, running_stats=rm is not None)
         partials = _sharded.channel_moments(xa, ca).state_dict()
@@ -146,13 +151,7 @@ def sync_batch_norm(
     parts, (xa, ca, C, sd, w, b, rm, rv, m, e, o) = _exchange(comm, fn, local)
     total = _sharded.merge_in_order([Moments.from_state_dict(p) for p in parts])
     n = total.count
-    if C and n == 0:
-        raise ValueError(f"{fn}: empty reduction: x is empty on every rank")
-    if n == 1:
-        raise ValueError(
-            f"{fn}: expected more than 1 value per channel when training, got 1 value per channel "
-            "over all ranks"
-        )
+    P.per_channel_count(fn, n if C else 0, C, None, over_ranks=True)
     mean = total.mean
     rstd = _sharded.rstd_of(total.var(), e)
     y = _sharded.normalize(xa, mean, rstd, w, b, ca, o)
@@ -170,20 +169,24 @@ def sync_batch_norm_backward(
     ``mean``/``rstd`` are :func:`sync_batch_norm`'s (the same on every rank).
     """
     fn = "sync_batch_norm_backward"
-    training = F._training(training, fn)
+    training = P.training_flag(training, fn)
     comm = _communicator(comm, fn)
 
     def local():
-        xa, ca, C, sd = F._channel_input(x, fn, channel_axis)
-        dya = F._grad_array(dy, xa, fn)
-        mean_s, rstd_s = F._saved_stats(mean, rstd, fn, (C,), sd, "the number of channels")
-        w = F._vector(weight, fn, "weight", (C,), sd, "the number of channels")
+        a = {k: (None if v is None else F.host_array(v, fn, k))
+             for k, v in (("dy", dy), ("x", x), ("mean", mean), ("rstd", rstd), ("weight", weight))}
+        plan = P.channel_backward(fn, "batch", a["dy"], a["x"], a["mean"], a["rstd"],
+                                  a["weight"], False, channel_axis)
+        xa = F.data_array(a["x"], fn)
+        dya = F.data_array(a["dy"], fn, "dy").astype(xa.dtype, copy=False)
+        ca, C, sd = plan.ca, plan.C, plan.sd
+        mean_s, rstd_s, w = (F.param(a[k], sd) for k in ("mean", "rstd", "weight"))
         wd = _sharded.work_dtype(xa)
         xw = xa.astype(wd, copy=False)
         # dy * w * rstd and this rank's sums of dy * xhat and dy, from the eval-mode kernel
         g = F.batch_norm_backward(dya.astype(wd, copy=False), xw, mean_s, rstd_s, w,
                                   training=False, channel_axis=ca)
-        n = F._prod(xa.shape[a] for a in _sharded.channel_axes(xa.ndim, ca))
+        n = P.prod(xa.shape[i] for i in _sharded.channel_axes(xa.ndim, ca))
         partials = (n, g.dweight.astype(_F64), g.dbias.astype(_F64))
         settings = _settings(xa, ca, training=bool(training), weight=w is not None)
         return settings, partials, (xa, xw, ca, C, sd, mean_s, rstd_s, w, g.dx)

@@ -1,18 +1,23 @@
-"""Stateful normalization layers for NumPy networks (SPEC section 4).
+"""Stateful normalization layers for NumPy networks, shaped like PyTorch's ``torch.nn`` layers.
 
 Each layer holds its parameters (``weight``, ``bias``), running statistics where the operation
 has them, and what its last forward needs for ``backward``: a reference to the input (not a copy:
 do not modify an input in place between ``forward`` and ``backward``) and the saved statistics.
-``backward(dy)`` returns ``dx`` and overwrites ``grad_weight``/``grad_bias``.
+``layer(x)`` (or ``layer.forward(x)``) returns ``y``; ``layer.backward(dy)`` returns ``dx`` and
+overwrites ``grad_weight``/``grad_bias``. ``parameters()``, ``named_parameters()`` and
+``zero_grad()`` serve a hand-written optimizer loop; ``state_dict()``/``load_state_dict()``
+save and restore a layer as a plain dict of NumPy arrays.
 """
 
 from __future__ import annotations
 
+import math
 import operator
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
+from . import _plan as P
 from . import functional as F
 from . import stats as _stats
 
@@ -41,10 +46,20 @@ def _positive_int(v, what: str) -> int:
 _MAX_SIZE = 2**62  # beyond any array NumPy can allocate; larger ints are a ValueError up front
 
 
+def _bool(v, fn: str, name: str) -> bool:
+    """A Python or NumPy bool (an array or a string passed by mistake is a TypeError)."""
+    if v is True or v is False:
+        return v
+    if isinstance(v, np.bool_):
+        return bool(v)
+    raise TypeError(f"{fn}: {name} must be a bool, got {v!r}")
+
+
 class _Norm:
     """Shared machinery: train/eval, parameters, state_dict, saved context for backward."""
 
     _state_names: Tuple[str, ...] = ()
+    _param_names: Tuple[str, ...] = ("weight", "bias")
 
     def __init__(self) -> None:
         self.training = True
@@ -54,16 +69,54 @@ class _Norm:
 
     # -- mode -----------------------------------------------------------------------------
     def train(self, mode: bool = True):
-        """Training mode (batch statistics; running statistics updated). Returns self.
-        ``mode`` must be a bool (TypeError otherwise: ``train('False')`` would mean True)."""
-        self.training = F._training(mode, f"{type(self).__name__}.train")
+        """Set training mode (``mode=True``) or evaluation mode (``mode=False``).
+
+        In training mode a layer normalizes with the statistics of its input batch and updates
+        its running statistics, where it tracks them; in evaluation mode a layer with running
+        statistics uses them instead. Layers without running statistics behave the same in
+        both modes.
+
+        Parameters
+        ----------
+        mode : bool, default True
+            Python or NumPy bool.
+
+        Returns
+        -------
+        layer
+            This layer (so that ``layer = Layer(...).train()`` works).
+
+        Raises
+        ------
+        TypeError
+            ``mode`` is not a bool (a string such as ``'False'`` would otherwise mean True).
+        """
+        self.training = P.training_flag(mode, f"{type(self).__name__}.train")
         return self
 
     def eval(self):
-        """Evaluation mode (running statistics used where tracked). Returns self."""
+        """Set evaluation mode; the same as ``train(False)``.
+
+        Returns
+        -------
+        layer
+            This layer.
+        """
         return self.train(False)
 
     def __call__(self, x):
+        """Apply the layer: ``layer(x)`` is ``layer.forward(x)``.
+
+        Parameters
+        ----------
+        x : array_like
+            The input, as :meth:`forward` takes it.
+
+        Returns
+        -------
+        numpy.ndarray
+            ``y``, as :meth:`forward` returns it (errors as :meth:`forward` raises them).
+        """
         return self.forward(x)
 
     def forward(self, x):  # pragma: no cover - overridden
@@ -79,6 +132,65 @@ class _Norm:
         self.grad_bias = grads.dbias if getattr(self, "bias", None) is not None else None
         return grads.dx
 
+    # -- parameters -----------------------------------------------------------------------
+    def named_parameters(self) -> List[Tuple[str, np.ndarray]]:
+        """The learnable parameters with their names, as PyTorch's ``named_parameters()``.
+
+        Returns
+        -------
+        list of (str, numpy.ndarray)
+            ``("weight", weight)`` then ``("bias", bias)``, leaving out those the layer does
+            not have (``affine=False``, ``elementwise_affine=False``, ``bias=False``, RMSNorm's
+            bias). The arrays are the layer's own (not copies): update them in place, e.g.
+            ``p -= lr * getattr(layer, "grad_" + name)``.
+        """
+        out = []
+        for name in self._param_names:
+            value = getattr(self, name, None)
+            if value is not None:
+                out.append((name, value))
+        return out
+
+    def parameters(self) -> List[np.ndarray]:
+        """The learnable parameter arrays, as PyTorch's ``parameters()``.
+
+        Returns
+        -------
+        list of numpy.ndarray
+            ``weight`` then ``bias``, leaving out those that are None; the layer's own arrays
+            (not copies), so an optimizer can update them in place. The gradients after
+            :meth:`backward` are, in the same order, ``grad_weight`` and ``grad_bias``.
+        """
+        return [value for _, value in self.named_parameters()]
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clear the parameter gradients ``grad_weight`` and ``grad_bias``.
+
+        As in PyTorch (whose default is also ``set_to_none=True``), the gradients are set to
+        None. Note that :meth:`backward` *overwrites* the gradients rather than adding to them,
+        so calling ``zero_grad()`` between steps is not needed; it serves loops written for
+        PyTorch and makes a stale gradient impossible to use by mistake.
+
+        Parameters
+        ----------
+        set_to_none : bool, default True
+            True: set both gradients to None. False: fill the existing gradient arrays with
+            zeros in place (gradients that are None stay None).
+
+        Raises
+        ------
+        TypeError
+            ``set_to_none`` is not a bool.
+        """
+        set_to_none = _bool(set_to_none, f"{type(self).__name__}.zero_grad", "set_to_none")
+        if set_to_none:
+            self.grad_weight = None
+            self.grad_bias = None
+            return
+        for g in (self.grad_weight, self.grad_bias):
+            if g is not None:
+                g[...] = 0
+
     # -- state ----------------------------------------------------------------------------
     def _state_items(self):
         for name in self._state_names:
@@ -87,16 +199,44 @@ class _Norm:
                 yield name, value
 
     def state_dict(self) -> Dict[str, np.ndarray]:
-        """A plain dict of NumPy arrays (copies): parameters, running statistics and
-        ``num_batches_tracked`` where the layer has them."""
+        """The layer's state as a plain dict of NumPy arrays, for saving (e.g. ``np.savez``).
+
+        Returns
+        -------
+        dict of str to numpy.ndarray
+            Copies of ``weight``, ``bias``, ``running_mean``, ``running_var`` and
+            ``num_batches_tracked`` (an int64 scalar array), each only where the layer has it:
+            a layer without bias has no ``"bias"`` key, one without running statistics no
+            running entries.
+        """
         out = {}
         for name, value in self._state_items():
             out[name] = np.array(value, copy=True) if isinstance(value, np.ndarray) else np.array(value, dtype=np.int64)
         return out
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
-        """Copy arrays from ``state`` into this layer. Keys must match ``state_dict()`` exactly;
-        shapes and dtypes must match. On any error nothing is changed."""
+        """Copy the arrays of ``state`` (as made by :meth:`state_dict`) into this layer.
+
+        The values are copied into the layer's existing arrays (which keep their identity, so
+        references from an optimizer stay valid). Everything is checked before anything is
+        copied: on any error the layer is unchanged.
+
+        Parameters
+        ----------
+        state : mapping of str to array_like
+            Exactly the keys of ``state_dict()``, with the same shapes and dtypes (either byte
+            order); ``num_batches_tracked`` an integer scalar ``>= 0``.
+
+        Raises
+        ------
+        KeyError
+            Keys are missing or unexpected (both lists are named).
+        ValueError
+            An array has the wrong shape; running statistics hold NaN or inf, or
+            ``running_var`` negative entries; ``num_batches_tracked`` is negative.
+        TypeError
+            An array has the wrong dtype; ``num_batches_tracked`` is not an integer scalar.
+        """
         own = dict(self._state_items())
         missing = sorted(set(own) - set(state))
         unexpected = sorted(set(state) - set(own))
@@ -122,7 +262,7 @@ class _Norm:
                 raise ValueError(
                     f"{fn}: {name} has shape {value.shape} but {current.shape} is required"
                 )
-            if F._native_dtype(value.dtype) != current.dtype:  # either byte order is read right
+            if P.native_dtype(value.dtype) != current.dtype:  # either byte order is read right
                 raise TypeError(
                     f"{fn}: {name} has dtype {value.dtype} but {current.dtype} is required"
                 )
@@ -138,10 +278,43 @@ class _Norm:
                 np.copyto(getattr(self, name), value)
 
     def extra_repr(self) -> str:  # pragma: no cover - overridden
+        """The constructor arguments shown by ``repr(layer)``, as PyTorch's ``extra_repr``.
+
+        Returns
+        -------
+        str
+        """
         return ""
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.extra_repr()})"
+
+
+def _renorm_clipping(c, fn: str):
+    """``{"rmax", "rmin", "dmax"}`` with defaults: no clipping (Keras' rule), rmin = 1/rmax."""
+    if c is None:
+        return {"rmax": math.inf, "rmin": 0.0, "dmax": math.inf}
+    if not isinstance(c, dict):
+        raise TypeError(f"{fn}: renorm_clipping must be a dict with keys rmax, rmin, dmax, got {c!r}")
+    unknown = sorted(set(c) - {"rmax", "rmin", "dmax"})
+    if unknown:
+        raise ValueError(f"{fn}: renorm_clipping has unknown keys {unknown} (rmax, rmin, dmax)")
+    rmax = P.real(c.get("rmax", math.inf), fn, "renorm_clipping['rmax']")
+    rmin = P.real(c.get("rmin", 1.0 / rmax), fn, "renorm_clipping['rmin']")
+    dmax = P.real(c.get("dmax", math.inf), fn, "renorm_clipping['dmax']")
+    if not (rmax >= 1.0) or not (0.0 <= rmin <= 1.0) or not (dmax >= 0.0):
+        raise ValueError(f"{fn}: renorm_clipping needs rmax >= 1, 0 <= rmin <= 1 and dmax >= 0, "
+                         f"got {c!r}")
+    return {"rmax": rmax, "rmin": rmin, "dmax": dmax}
+
+
+_MOMENTUM_DOC = """momentum : float in [0, 1] or None, default 0.1
+        How fast the running statistics follow the batches, with PyTorch's convention (the
+        opposite of Keras'): each training step does
+        ``running = (1 - momentum) * running + momentum * batch_stat``, with the unbiased
+        (``n/(n-1)``) batch variance for ``running_var``. None: a cumulative moving average,
+        ``momentum = 1 / num_batches_tracked`` after the step is counted, so the running
+        statistics are the plain average of every batch's statistics so far."""
 
 
 class _RunningStatsNorm(_Norm):
@@ -154,13 +327,13 @@ class _RunningStatsNorm(_Norm):
     def __init__(self, num_features, eps, momentum, affine, track_running_stats, channel_axis, dtype):
         super().__init__()
         self.num_features = _positive_int(num_features, f"{type(self).__name__}: num_features")
-        self.eps = F._eps(eps, type(self).__name__)
+        self.eps = P.eps_value(eps, type(self).__name__)
         if momentum is not None:
-            momentum = F._momentum(momentum, type(self).__name__)
+            momentum = P.momentum_value(momentum, type(self).__name__)
         self.momentum = momentum
         self.affine = bool(affine)
         self.track_running_stats = bool(track_running_stats)
-        self.channel_axis = F._channel_axis(channel_axis, type(self).__name__)
+        self.channel_axis = P.channel_axis(channel_axis, type(self).__name__)
         dt = _param_dtype(dtype)
         C = self.num_features
         self.weight = np.ones(C, dt) if self.affine else None
@@ -173,10 +346,64 @@ class _RunningStatsNorm(_Norm):
             self.running_mean = self.running_var = None
             self.num_batches_tracked = None
 
+    def _check_running_dtype(self, x):
+        """The running statistics are updated in place, so they cannot be converted to the
+        input's statistics dtype (float64 for float64 input, else float32): name the fix."""
+        dt = getattr(x, "dtype", None)
+        if not isinstance(dt, np.dtype) or not P.is_float_dtype(dt):
+            return  # not a float array: the functional raises its own TypeError
+        needed = P.stat_dtype(P.native_dtype(dt))
+        have = self.running_mean.dtype
+        if needed == have:
+            return
+        name = type(self).__name__
+        data = "float32 (or float16, bfloat16)" if have == np.float32 else "float64"
+        raise TypeError(
+            f"{name}({self.num_features}, dtype={have.name}) got {P.native_dtype(dt).name} "
+            f"input; create the layer with dtype=np.{needed.name} or pass {data} data "
+            f"(its running statistics are updated in place, so they are not converted)"
+        )
+
     def forward(self, x):
-        """Normalize x; in training mode (with tracked statistics) update the running ones."""
+        """Normalize ``x`` per channel; in training mode, update the running statistics.
+
+        Training mode uses the statistics of ``x``: per channel over every other axis for
+        BatchNorm, per sample and channel for InstanceNorm; with tracked running statistics it
+        also updates them (see ``momentum``) and increments ``num_batches_tracked``.
+        Evaluation mode uses the running statistics where the layer tracks them, else the
+        statistics of ``x``. What :meth:`backward` needs is kept. On any error nothing is
+        changed (running statistics, ``num_batches_tracked``, the saved context).
+
+        Parameters
+        ----------
+        x : array_like
+            ``(N, C, *spatial)`` (``channel_axis=1``) or ``(N, *spatial, C)``
+            (``channel_axis=-1``) with ``C == num_features``; float32, float64, float16 or
+            bfloat16.
+
+        Returns
+        -------
+        numpy.ndarray
+            ``y``, the shape and dtype of ``x``.
+
+        Raises
+        ------
+        TypeError
+            ``x`` has a non-float dtype; or the layer tracks running statistics and ``x``'s
+            statistics dtype (float64 for float64 ``x``, else float32) is not the layer's
+            ``dtype`` (the message says which ``dtype=`` to create the layer with).
+        ValueError
+            ``x`` has fewer than 2 dimensions or the wrong number of channels; BatchNorm in
+            training mode with one value per channel; an empty reduction.
+        """
         use_batch = self.training or not self.track_running_stats
         update = self.training and self.track_running_stats
+        # Only for the local functionals: a collective one (SyncBatchNorm's) must see every
+        # error on every rank, or the ranks without it would wait for this one forever.
+        if self.track_running_stats and self._functional in (F.batch_norm, F.instance_norm):
+            if not hasattr(x, "dtype"):  # a list: convert once, here
+                x = np.asarray(x)
+            self._check_running_dtype(x)
         momentum = self.momentum
         if update and momentum is None:  # cumulative moving average
             momentum = 1.0 / (self.num_batches_tracked + 1)
@@ -197,7 +424,32 @@ class _RunningStatsNorm(_Norm):
         return result.y
 
     def backward(self, dy):
-        """Gradient with respect to the last forward's input; sets grad_weight/grad_bias."""
+        """Gradient of the last :meth:`forward`; sets ``grad_weight`` and ``grad_bias``.
+
+        In training mode (batch statistics) the gradient flows through the statistics; in
+        evaluation mode with running statistics they are constants (``dx = dy * weight *
+        rstd``). ``grad_weight``/``grad_bias`` are overwritten (not accumulated), and are None
+        for a layer without affine parameters.
+
+        Parameters
+        ----------
+        dy : array_like
+            Gradient of the loss with respect to the last forward's ``y``: its shape.
+
+        Returns
+        -------
+        numpy.ndarray
+            ``dx``, the shape and dtype of the last forward's input.
+
+        Raises
+        ------
+        RuntimeError
+            No forward has been run yet.
+        TypeError
+            ``dy`` has a non-float dtype.
+        ValueError
+            ``dy`` does not have the shape of the last input.
+        """
         x, mean, rstd, use_batch = self._saved_context()
         grads = self._functional_backward(
             dy, x, mean, rstd, self.weight, training=use_batch, channel_axis=self.channel_axis
@@ -212,13 +464,226 @@ class _RunningStatsNorm(_Norm):
 
 
 class BatchNorm(_RunningStatsNorm):
-    """Batch normalization layer (SPEC section 4); see :func:`normkit.batch_norm`."""
+    __doc__ = """Batch normalization layer, like PyTorch's ``BatchNorm1d/2d/3d`` in one class.
+
+    ``y = (x - mean) / sqrt(var + eps) * weight + bias`` per channel, where ``mean`` and ``var``
+    (biased) are the batch statistics over every axis but the channel axis in training mode,
+    and the running statistics in evaluation mode. The functional form is
+    :func:`normkit.batch_norm`.
+
+    Parameters
+    ----------
+    num_features : int
+        ``C``, the number of channels.
+    eps : float, default 1e-5
+        Added to the variance, ``>= 0``.
+    """ + _MOMENTUM_DOC + """
+    affine : bool, default True
+        Whether the layer has ``weight`` (ones) and ``bias`` (zeros) of shape ``(C,)``.
+    track_running_stats : bool, default True
+        Whether the layer keeps ``running_mean`` (zeros), ``running_var`` (ones) and
+        ``num_batches_tracked`` (0). Without them evaluation mode also uses batch statistics.
+    channel_axis : {1, -1}, default 1
+        1: input ``(N, C, *spatial)`` (``(N, C)`` for dense features); -1: channels last,
+        ``(N, *spatial, C)``.
+    dtype : {numpy.float32, numpy.float64}, default numpy.float32
+        Dtype of the parameters and running statistics.
+    renorm : bool, default False
+        Batch renormalization (Ioffe, 2017), training mode: ``y = (xhat * r + d) * weight +
+        bias`` with ``r = clip(sigma_B / sigma, rmin, rmax)`` and ``d = clip((mu_B - mu) /
+        sigma, -dmax, dmax)``, where ``mu``, ``sigma = sqrt(running_var + eps)`` are the running
+        statistics before the step; r and d are constants in the backward, as in the paper.
+        Needs ``track_running_stats``. Evaluation mode is unchanged.
+    renorm_clipping : dict, optional
+        ``{"rmax": ..., "rmin": ..., "dmax": ...}``; missing keys: no clipping
+        (``rmin = 1/rmax``). ``rmax=1, dmax=0`` gives plain BatchNorm, bit for bit.
+    virtual_batch_size : int, optional
+        Ghost batch normalization (Hoffer et al., 2017): in training mode the batch (axis 0) is
+        split into pieces of this many samples (the last may be smaller), each normalized with
+        its own statistics; with tracked running statistics each piece updates them in turn,
+        one momentum step per ghost batch in order. A size of at least the batch is plain
+        BatchNorm, bit for bit. Cannot be combined with ``renorm``.
+
+    Attributes
+    ----------
+    weight, bias : numpy.ndarray or None
+        Affine parameters, ``(C,)``.
+    running_mean, running_var : numpy.ndarray or None
+        Running statistics, ``(C,)``, updated in place.
+    num_batches_tracked : int or None
+        Training steps that updated the running statistics.
+    grad_weight, grad_bias : numpy.ndarray or None
+        Parameter gradients of the last :meth:`backward`.
+    training : bool
+        The mode (see :meth:`train`, :meth:`eval`).
+
+    Raises
+    ------
+    TypeError
+        ``num_features`` is not an int; ``eps``/``momentum`` are not real numbers; ``dtype`` is
+        not float32 or float64.
+    ValueError
+        ``num_features < 1``; ``eps < 0``; ``momentum`` outside ``[0, 1]``; ``channel_axis``
+        not 1 or -1.
+
+    Notes
+    -----
+    Dtypes: the running statistics are updated in place, so input must have the layer's
+    statistics dtype: a float32 layer takes float32, float16 or bfloat16 input, a float64
+    layer float64 input; anything else raises a TypeError that names the ``dtype=`` to use.
+    (Without tracked running statistics the parameters are converted to the input's statistics
+    dtype, as for the layers without running statistics.)
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import normkit as nk
+    >>> x = np.random.default_rng(0).standard_normal((32, 3)).astype(np.float32)
+    >>> bn = nk.BatchNorm(3)                  # float32 parameters and statistics
+    >>> y = bn(x)                             # training mode: batch statistics
+    >>> dx = bn.backward(np.ones_like(y))     # sets bn.grad_weight, bn.grad_bias
+    >>> for name, p in bn.named_parameters():
+    ...     p -= 0.1 * getattr(bn, "grad_" + name)
+    >>> bn = bn.eval()                        # running statistics from now on
+    >>> bn.num_batches_tracked
+    1
+    """
 
     def __init__(self, num_features, *, eps=1e-5, momentum=0.1, affine=True,
-                 track_running_stats=True, channel_axis=1, dtype=np.float32):
+                 track_running_stats=True, channel_axis=1, dtype=np.float32, renorm=False,
+                 renorm_clipping=None, virtual_batch_size=None):
         super().__init__(num_features, eps, momentum, affine, track_running_stats, channel_axis, dtype)
+        fn = "BatchNorm"
+        self.renorm = P.training_flag(renorm, f"{fn}: renorm")
+        self.renorm_clipping = _renorm_clipping(renorm_clipping, fn)
+        if renorm_clipping is not None and not self.renorm:
+            raise ValueError(f"{fn}: renorm_clipping needs renorm=True")
+        if self.renorm and not self.track_running_stats:
+            raise ValueError(f"{fn}: renorm=True needs track_running_stats=True (r and d "
+                             "compare the batch statistics with the running ones)")
+        self.virtual_batch_size = (None if virtual_batch_size is None else
+                                   _positive_int(virtual_batch_size, f"{fn}: virtual_batch_size"))
+        if self.renorm and self.virtual_batch_size is not None:
+            raise ValueError(f"{fn}: renorm and virtual_batch_size cannot be combined")
 
-    # -- SPEC section 6: population statistics and the inference map ----------------------
+    # -- batch renormalization (Ioffe, 2017) and ghost batches (Hoffer et al., 2017) --------
+    def forward(self, x):
+        use_batch = self.training or not self.track_running_stats
+        if use_batch and self.renorm and self.training:
+            return self._forward_renorm(x)
+        if use_batch and self.virtual_batch_size is not None:
+            return self._forward_ghost(x)
+        return super().forward(x)
+
+    forward.__doc__ = _RunningStatsNorm.forward.__doc__
+
+    def backward(self, dy):
+        saved = self._saved_context()
+        if len(saved) == 4:
+            return super().backward(dy)
+        kind = saved[0]
+        if kind == "renorm":
+            _, x, mean, rstd, r, d = saved
+            w = r if self.weight is None else self.weight * r
+            g = F.batch_norm_backward(dy, x, mean, rstd, w.astype(mean.dtype), training=True,
+                                      channel_axis=self.channel_axis)
+            dw = r * g.dweight.astype(np.float64) + d * g.dbias.astype(np.float64)
+            return self._set_grads(F.NormGrads(g.dx, dw.astype(mean.dtype), g.dbias))
+        _, x, pieces = saved  # ghost batches
+        dy = F.data_array(dy, "BatchNorm.backward", "dy")
+        if dy.shape != x.shape:
+            raise ValueError(f"BatchNorm.backward: dy has shape {dy.shape} but x has shape {x.shape}")
+        dx = np.empty(x.shape, x.dtype)
+        dw = np.zeros(self.num_features)
+        db = np.zeros(self.num_features)
+        for sl, mean, rstd in pieces:
+            g = F.batch_norm_backward(dy[sl], x[sl], mean, rstd, self.weight, training=True,
+                                      channel_axis=self.channel_axis)
+            dx[sl] = g.dx
+            dw += g.dweight
+            db += g.dbias
+        sd = pieces[0][1].dtype
+        return self._set_grads(F.NormGrads(dx, dw.astype(sd), db.astype(sd)))
+
+    backward.__doc__ = _RunningStatsNorm.backward.__doc__
+
+    def _channel_shape(self, ndim: int):
+        """Shape that broadcasts a (C,) vector along the channel axis of an ndim-D input."""
+        shape = [1] * ndim
+        shape[self.channel_axis if self.channel_axis == 1 else ndim - 1] = self.num_features
+        return tuple(shape)
+
+    def _forward_renorm(self, x):
+        """Batch renormalization: ``y = (xhat * r + d) * weight + bias`` with
+        ``r = clip(sigma_B / sigma, 1/rmax.., rmax)`` and ``d = clip((mu_B - mu) / sigma, -dmax,
+        dmax)`` from the running statistics before this step (sigma = sqrt(running_var + eps));
+        r and d are constants for the backward. One kernel pass gives xhat * weight + bias and
+        updates the running statistics; where r != 1 or d != 0 y is corrected in place."""
+        if not hasattr(x, "dtype"):
+            x = np.asarray(x)
+        self._check_running_dtype(x)
+        mu = self.running_mean.astype(np.float64)
+        sigma = np.sqrt(self.running_var.astype(np.float64) + self.eps)
+        momentum = self.momentum
+        if momentum is None:
+            momentum = 1.0 / (self.num_batches_tracked + 1)
+        res = F.batch_norm(x, self.weight, self.bias, running_mean=self.running_mean,
+                           running_var=self.running_var, training=True, momentum=momentum,
+                           eps=self.eps, channel_axis=self.channel_axis)
+        self.num_batches_tracked += 1
+        c = self.renorm_clipping
+        with np.errstate(divide="ignore", invalid="ignore"):
+            r = np.clip(1.0 / (res.rstd.astype(np.float64) * sigma), c["rmin"], c["rmax"])
+            d = np.clip((res.mean.astype(np.float64) - mu) / sigma, -c["dmax"], c["dmax"])
+        y = res.y
+        if np.any(r != 1.0) or np.any(d != 0.0):
+            w = np.ones(self.num_features) if self.weight is None else self.weight.astype(np.float64)
+            b = np.zeros(self.num_features) if self.bias is None else self.bias.astype(np.float64)
+            shape = self._channel_shape(y.ndim)
+            # y = r * (xhat * w + b) + (1 - r) * b + d * w
+            np.multiply(y, r.reshape(shape), out=y, casting="unsafe")
+            np.add(y, ((1.0 - r) * b + d * w).reshape(shape), out=y, casting="unsafe")
+        self._saved = ("renorm", np.asarray(x), res.mean, res.rstd, r, d)
+        return y
+
+    def _forward_ghost(self, x):
+        """Ghost batch normalization: the batch (axis 0) in pieces of ``virtual_batch_size``
+        samples, each normalized with its own statistics. With tracked running statistics each
+        piece updates them in turn (one momentum step per ghost batch, in order, as when the
+        ghost batches were separate batches); ``num_batches_tracked`` counts the call once."""
+        x = np.asarray(x)
+        if self.track_running_stats:
+            self._check_running_dtype(x)
+        if x.ndim < 2:
+            raise ValueError(f"BatchNorm: x must have at least 2 dimensions (N, C, ...), got shape {x.shape}")
+        k, N, C = self.virtual_batch_size, x.shape[0], x.shape[self._ca(x)]
+        S = P.prod(x.shape[1:]) // C if C else 0
+        bounds = [(i, min(i + k, N)) for i in range(0, N, k)] or [(0, 0)]
+        for lo, hi in bounds:  # every piece checked before anything is written
+            P.per_channel_count("BatchNorm", (hi - lo) * S, C, (hi - lo, *x.shape[1:]))
+        update = self.training and self.track_running_stats
+        momentum = self.momentum
+        if update and momentum is None:
+            momentum = 1.0 / (self.num_batches_tracked + 1)
+        y = np.empty(x.shape, P.native_dtype(x.dtype))
+        pieces = []
+        for lo, hi in bounds:
+            sl = slice(lo, hi)
+            r = F.batch_norm(x[sl], self.weight, self.bias,
+                             running_mean=self.running_mean if update else None,
+                             running_var=self.running_var if update else None, training=True,
+                             momentum=0.0 if momentum is None else momentum, eps=self.eps,
+                             channel_axis=self.channel_axis, out=y[sl])
+            pieces.append((sl, r.mean, r.rstd))
+        if update:
+            self.num_batches_tracked += 1
+        self._saved = ("ghost", x, pieces)
+        return y
+
+    def _ca(self, x) -> int:
+        return 1 if self.channel_axis == 1 else x.ndim - 1
+
+    # -- population statistics and the inference map --------------------------------------
     def _require_running_stats(self, fn: str) -> None:
         if not self.track_running_stats:
             raise ValueError(
@@ -227,16 +692,33 @@ class BatchNorm(_RunningStatsNorm):
             )
 
     def recompute_statistics(self, batches, *, method: str = "population") -> None:
-        """Replace ``running_mean``/``running_var`` by statistics of ``batches``, an iterable
-        of arrays laid out like this layer's input (the inputs it would see, e.g. every
-        training batch passed through the network's earlier layers in eval mode).
+        """Replace ``running_mean``/``running_var`` by statistics of ``batches``.
 
-        ``method="population"``: the exact mean and unbiased variance of every value seen
-        (``Moments`` merges). ``method="paper"``: the BatchNorm paper's Algorithm 2, the mean of
-        the batch means and ``m/(m-1)`` times the mean of the batch variances (batches of
-        different sizes each get their own ``m/(m-1)``). Statistics accumulate in float64.
-        The mode, parameters and ``num_batches_tracked`` are unchanged; on any error the
-        running statistics are untouched.
+        Useful after training, when the running averages lag behind the final weights: pass
+        the inputs this layer would see (e.g. every training batch through the network's
+        earlier layers, in evaluation mode). Statistics accumulate in float64 and are stored
+        in the layer's dtype. The mode, parameters and ``num_batches_tracked`` are unchanged;
+        on any error the running statistics are unchanged too.
+
+        Parameters
+        ----------
+        batches : iterable of array_like
+            Arrays laid out like this layer's input (a generator is streamed). Batches with no
+            values are skipped.
+        method : {"population", "paper"}, default "population"
+            ``"population"``: the exact mean and unbiased variance of every value seen (Chan
+            merges of :class:`normkit.Moments`). ``"paper"``: Algorithm 2 of the BatchNorm
+            paper, the mean of the batch means and ``m/(m-1)`` times the mean of the batch
+            variances (batches of different sizes each get their own ``m/(m-1)``).
+
+        Raises
+        ------
+        TypeError
+            ``batches`` is one array or not iterable; a batch has a non-float dtype.
+        ValueError
+            The layer has ``track_running_stats=False``; ``method`` is unknown; a batch has
+            the wrong rank or number of channels; no values at all; too few values for an
+            unbiased variance.
         """
         fn = "BatchNorm.recompute_statistics"
         self._require_running_stats(fn)
@@ -245,10 +727,23 @@ class BatchNorm(_RunningStatsNorm):
         np.copyto(self.running_var, var, casting="unsafe")
 
     def as_affine(self) -> Tuple[np.ndarray, np.ndarray]:
-        """``(scale, shift)`` per channel such that eval mode computes ``y = scale * x + shift``:
-        ``scale = weight / sqrt(running_var + eps)``, ``shift = bias - running_mean * scale``
-        (computed in float64, returned in the layer's dtype). Needs tracked running
-        statistics; the current mode does not matter."""
+        """The evaluation-mode map as one scale and shift per channel.
+
+        Evaluation mode computes ``y = scale * x + shift`` with
+        ``scale = weight / sqrt(running_var + eps)`` and ``shift = bias - running_mean * scale``
+        (computed in float64). The current mode does not matter.
+
+        Returns
+        -------
+        scale, shift : numpy.ndarray
+            ``(C,)`` each, in the layer's dtype.
+
+        Raises
+        ------
+        ValueError
+            The layer has ``track_running_stats=False``, or ``running_var`` has negative
+            entries.
+        """
         dt = self.running_mean.dtype if self.running_mean is not None else None
         scale, shift = self._affine64("BatchNorm.as_affine")
         return scale.astype(dt), shift.astype(dt)
@@ -267,7 +762,46 @@ class BatchNorm(_RunningStatsNorm):
 
 
 class InstanceNorm(_RunningStatsNorm):
-    """Instance normalization layer; see :func:`normkit.instance_norm`."""
+    __doc__ = """Instance normalization layer, like PyTorch's ``InstanceNorm1d/2d/3d``.
+
+    ``y = (x - mean) / sqrt(var + eps) * weight + bias`` where ``mean`` and ``var`` (biased) are
+    taken per sample and channel over the spatial axes. With tracked running statistics,
+    training mode also updates ``running_mean``/``running_var`` (shape ``(C,)``) with the batch
+    averages of the per-instance means and unbiased variances, and evaluation mode uses them.
+    The functional form is :func:`normkit.instance_norm`.
+
+    Parameters
+    ----------
+    num_features : int
+        ``C``, the number of channels.
+    eps : float, default 1e-5
+        Added to the variance, ``>= 0``.
+    """ + _MOMENTUM_DOC + """
+    affine : bool, default False
+        Whether the layer has ``weight`` (ones) and ``bias`` (zeros) of shape ``(C,)``.
+    track_running_stats : bool, default False
+        Whether the layer keeps ``running_mean``, ``running_var`` and ``num_batches_tracked``.
+    channel_axis : {1, -1}, default 1
+        1: input ``(N, C, *spatial)``; -1: channels last, ``(N, *spatial, C)``.
+    dtype : {numpy.float32, numpy.float64}, default numpy.float32
+        Dtype of the parameters and running statistics.
+
+    Raises
+    ------
+    TypeError
+        ``num_features`` is not an int; ``eps``/``momentum`` are not real numbers; ``dtype`` is
+        not float32 or float64.
+    ValueError
+        ``num_features < 1``; ``eps < 0``; ``momentum`` outside ``[0, 1]``; ``channel_axis``
+        not 1 or -1.
+
+    Notes
+    -----
+    Attributes and dtype rules are those of :class:`BatchNorm`: with tracked running
+    statistics the input must have the layer's statistics dtype (TypeError naming the fix
+    otherwise); without them (the default) any float input works and the parameters are
+    converted to its statistics dtype.
+    """
 
     _functional = staticmethod(F.instance_norm)
     _functional_backward = staticmethod(F.instance_norm_backward)
@@ -277,8 +811,50 @@ class InstanceNorm(_RunningStatsNorm):
         super().__init__(num_features, eps, momentum, affine, track_running_stats, channel_axis, dtype)
 
 
+_CONVERTED_DOC = """The parameters are converted to the input's statistics dtype for the
+    computation (float64 for float64 input, else float32), so a float32 layer also takes float64
+    data: the float32 parameters are widened exactly, and ``y``, ``grad_weight`` and
+    ``grad_bias`` are float64 while ``weight``/``bias`` stay float32 (an optimizer update
+    ``p -= lr * g`` rounds back to float32). A float64 layer on float32 data uses its
+    parameters rounded to float32. Create the layer with the dtype of your data to avoid
+    either conversion."""
+
 class GroupNorm(_Norm):
-    """Group normalization layer; see :func:`normkit.group_norm`."""
+    __doc__ = """Group normalization layer, like PyTorch's ``GroupNorm``.
+
+    The ``C`` channels are split into ``num_groups`` groups of ``C / num_groups`` consecutive
+    channels; ``y = (x - mean) / sqrt(var + eps) * weight + bias`` with ``mean`` and ``var``
+    (biased) per sample and group, over the group's channels and all spatial axes. The same in
+    training and evaluation mode. The functional form is :func:`normkit.group_norm`.
+
+    Parameters
+    ----------
+    num_groups : int
+        ``G``, which must divide ``num_channels``.
+    num_channels : int
+        ``C``.
+    eps : float, default 1e-5
+        Added to the variance, ``>= 0``.
+    affine : bool, default True
+        Whether the layer has ``weight`` (ones) and ``bias`` (zeros) of shape ``(C,)``.
+    channel_axis : {1, -1}, default 1
+        1: input ``(N, C, *spatial)``; -1: channels last, ``(N, *spatial, C)``.
+    dtype : {numpy.float32, numpy.float64}, default numpy.float32
+        Dtype of the parameters.
+
+    Raises
+    ------
+    TypeError
+        ``num_groups``/``num_channels`` are not ints; ``eps`` is not a real number; ``dtype``
+        is not float32 or float64.
+    ValueError
+        ``num_groups`` or ``num_channels`` below 1; ``num_groups`` does not divide
+        ``num_channels``; ``eps < 0``; ``channel_axis`` not 1 or -1.
+
+    Notes
+    -----
+    """ + _CONVERTED_DOC + """
+    """
 
     _state_names = ("weight", "bias")
 
@@ -291,20 +867,64 @@ class GroupNorm(_Norm):
             raise ValueError(
                 f"GroupNorm: num_groups {self.num_groups} does not divide num_channels {self.num_channels}"
             )
-        self.eps = F._eps(eps, "GroupNorm")
+        self.eps = P.eps_value(eps, "GroupNorm")
         self.affine = bool(affine)
-        self.channel_axis = F._channel_axis(channel_axis, "GroupNorm")
+        self.channel_axis = P.channel_axis(channel_axis, "GroupNorm")
         dt = _param_dtype(dtype)
         self.weight = np.ones(self.num_channels, dt) if self.affine else None
         self.bias = np.zeros(self.num_channels, dt) if self.affine else None
 
     def forward(self, x):
+        """Normalize ``x`` per sample and group of channels.
+
+        Parameters
+        ----------
+        x : array_like
+            ``(N, C, *spatial)`` (``channel_axis=1``) or ``(N, *spatial, C)``
+            (``channel_axis=-1``) with ``C == num_channels``; float32, float64, float16 or
+            bfloat16.
+
+        Returns
+        -------
+        numpy.ndarray
+            ``y``, the shape and dtype of ``x``.
+
+        Raises
+        ------
+        TypeError
+            ``x`` has a non-float dtype.
+        ValueError
+            ``x`` has fewer than 2 dimensions or the wrong number of channels; an empty
+            reduction.
+        """
         r = F.group_norm(x, self.num_groups, self.weight, self.bias, eps=self.eps,
                          channel_axis=self.channel_axis)
         self._saved = (np.asarray(x), r.mean, r.rstd)
         return r.y
 
     def backward(self, dy):
+        """Gradient of the last :meth:`forward`; sets ``grad_weight`` and ``grad_bias``
+        (overwritten, not accumulated; None without affine parameters).
+
+        Parameters
+        ----------
+        dy : array_like
+            Gradient of the loss with respect to the last forward's ``y``: its shape.
+
+        Returns
+        -------
+        numpy.ndarray
+            ``dx``, the shape and dtype of the last forward's input.
+
+        Raises
+        ------
+        RuntimeError
+            No forward has been run yet.
+        TypeError
+            ``dy`` has a non-float dtype.
+        ValueError
+            ``dy`` does not have the shape of the last input.
+        """
         x, mean, rstd = self._saved_context()
         return self._set_grads(
             F.group_norm_backward(dy, x, mean, rstd, self.weight, channel_axis=self.channel_axis)
@@ -318,12 +938,12 @@ class GroupNorm(_Norm):
 class _RowNorm(_Norm):
     def __init__(self, normalized_shape, eps, elementwise_affine, with_bias, dtype, name):
         super().__init__()
-        self.normalized_shape = F._normalized_shape(normalized_shape, name)
+        self.normalized_shape = P.normalized_shape(normalized_shape, name)
         for n in self.normalized_shape:
             _positive_int(n, f"{name}: normalized_shape entries")
-        if F._prod(self.normalized_shape) > _MAX_SIZE:
+        if P.prod(self.normalized_shape) > _MAX_SIZE:
             raise ValueError(f"{name}: normalized_shape {self.normalized_shape} has too many elements")
-        self.eps = None if eps is None else F._eps(eps, name)
+        self.eps = None if eps is None else P.eps_value(eps, name)
         self.elementwise_affine = bool(elementwise_affine)
         dt = _param_dtype(dtype)
         self.weight = np.ones(self.normalized_shape, dt) if self.elementwise_affine else None
@@ -336,25 +956,138 @@ class _RowNorm(_Norm):
 
 
 class LayerNorm(_RowNorm):
-    """Layer normalization layer; see :func:`normkit.layer_norm`."""
+    __doc__ = """Layer normalization layer, like PyTorch's ``LayerNorm`` (including ``bias=``).
+
+    ``y = (x - mean) / sqrt(var + eps) * weight + bias`` where ``mean`` and ``var`` (biased) are
+    taken over the trailing ``normalized_shape`` axes of each sample. The same in training and
+    evaluation mode. The functional form is :func:`normkit.layer_norm`.
+
+    Parameters
+    ----------
+    normalized_shape : int or tuple of int
+        Shape of the trailing axes to normalize over (e.g. ``768`` or ``(H, W)``).
+    eps : float, default 1e-5
+        Added to the variance, ``>= 0``.
+    elementwise_affine : bool, default True
+        Whether the layer has ``weight`` (ones, shape ``normalized_shape``) and, with
+        ``bias=True``, ``bias`` (zeros).
+    bias : bool, default True
+        False: no ``bias`` (``bias`` is None, ``state_dict()`` has no ``"bias"`` key and
+        ``parameters()`` only the weight), as in PyTorch 2.1 and later. Ignored when
+        ``elementwise_affine=False``.
+    dtype : {numpy.float32, numpy.float64}, default numpy.float32
+        Dtype of the parameters.
+
+    Raises
+    ------
+    TypeError
+        ``normalized_shape`` is not an int or a sequence of ints; ``eps`` is not a real
+        number; ``bias`` is not a bool; ``dtype`` is not float32 or float64.
+    ValueError
+        ``normalized_shape`` is empty or has entries below 1; ``eps < 0``.
+
+    Notes
+    -----
+    """ + _CONVERTED_DOC + """
+    """
 
     _state_names = ("weight", "bias")
 
-    def __init__(self, normalized_shape, *, eps=1e-5, elementwise_affine=True, dtype=np.float32):
-        super().__init__(normalized_shape, eps, elementwise_affine, True, dtype, "LayerNorm")
+    def __init__(self, normalized_shape, *, eps=1e-5, elementwise_affine=True, bias=True,
+                 dtype=np.float32):
+        with_bias = _bool(bias, "LayerNorm", "bias")
+        super().__init__(normalized_shape, eps, elementwise_affine, with_bias, dtype, "LayerNorm")
 
     def forward(self, x):
+        """Normalize each sample of ``x`` over its trailing ``normalized_shape`` axes.
+
+        Parameters
+        ----------
+        x : array_like
+            ``(..., *normalized_shape)``: the trailing axes must equal ``normalized_shape``;
+            float32, float64, float16 or bfloat16.
+
+        Returns
+        -------
+        numpy.ndarray
+            ``y``, the shape and dtype of ``x``.
+
+        Raises
+        ------
+        TypeError
+            ``x`` has a non-float dtype.
+        ValueError
+            The trailing axes of ``x`` do not match ``normalized_shape``.
+        """
         r = F.layer_norm(x, self.normalized_shape, self.weight, self.bias, eps=self.eps)
         self._saved = (np.asarray(x), r.mean, r.rstd)
         return r.y
 
     def backward(self, dy):
+        """Gradient of the last :meth:`forward`; sets ``grad_weight`` and ``grad_bias``
+        (overwritten, not accumulated; None for parameters the layer does not have).
+
+        Parameters
+        ----------
+        dy : array_like
+            Gradient of the loss with respect to the last forward's ``y``: its shape.
+
+        Returns
+        -------
+        numpy.ndarray
+            ``dx``, the shape and dtype of the last forward's input.
+
+        Raises
+        ------
+        RuntimeError
+            No forward has been run yet.
+        TypeError
+            ``dy`` has a non-float dtype.
+        ValueError
+            ``dy`` does not have the shape of the last input.
+        """
         x, mean, rstd = self._saved_context()
         return self._set_grads(F.layer_norm_backward(dy, x, mean, rstd, self.weight))
 
+    def extra_repr(self) -> str:
+        out = super().extra_repr()
+        if self.elementwise_affine and self.bias is None:
+            out += ", bias=False"
+        return out
+
 
 class RMSNorm(_RowNorm):
-    """RMS normalization layer; see :func:`normkit.rms_norm`."""
+    __doc__ = """RMS normalization layer, like PyTorch's ``RMSNorm``.
+
+    ``y = x / sqrt(mean(x**2) + eps) * weight`` over the trailing ``normalized_shape`` axes of
+    each sample (no centring, no bias). The same in training and evaluation mode. The
+    functional form is :func:`normkit.rms_norm`.
+
+    Parameters
+    ----------
+    normalized_shape : int or tuple of int
+        Shape of the trailing axes to normalize over.
+    eps : float or None, default None
+        Added to the mean square, ``>= 0``. None: the machine epsilon of the input's
+        statistics dtype (float32's for float32 and half inputs, float64's for float64), as
+        PyTorch does.
+    elementwise_affine : bool, default True
+        Whether the layer has ``weight`` (ones, shape ``normalized_shape``).
+    dtype : {numpy.float32, numpy.float64}, default numpy.float32
+        Dtype of the weight.
+
+    Raises
+    ------
+    TypeError
+        ``normalized_shape`` is not an int or a sequence of ints; ``eps`` is not a real number
+        or None; ``dtype`` is not float32 or float64.
+    ValueError
+        ``normalized_shape`` is empty or has entries below 1; ``eps < 0``.
+
+    Notes
+    -----
+    """ + _CONVERTED_DOC + """ ``grad_bias`` is always None.
+    """
 
     _state_names = ("weight",)
 
@@ -362,10 +1095,52 @@ class RMSNorm(_RowNorm):
         super().__init__(normalized_shape, eps, elementwise_affine, False, dtype, "RMSNorm")
 
     def forward(self, x):
+        """Divide each sample of ``x`` by its root mean square over the trailing axes.
+
+        Parameters
+        ----------
+        x : array_like
+            ``(..., *normalized_shape)``: the trailing axes must equal ``normalized_shape``;
+            float32, float64, float16 or bfloat16.
+
+        Returns
+        -------
+        numpy.ndarray
+            ``y``, the shape and dtype of ``x``.
+
+        Raises
+        ------
+        TypeError
+            ``x`` has a non-float dtype.
+        ValueError
+            The trailing axes of ``x`` do not match ``normalized_shape``.
+        """
         r = F.rms_norm(x, self.normalized_shape, self.weight, eps=self.eps)
         self._saved = (np.asarray(x), r.rstd)
         return r.y
 
     def backward(self, dy):
+        """Gradient of the last :meth:`forward`; sets ``grad_weight`` (overwritten, not
+        accumulated; None without a weight). ``grad_bias`` is always None.
+
+        Parameters
+        ----------
+        dy : array_like
+            Gradient of the loss with respect to the last forward's ``y``: its shape.
+
+        Returns
+        -------
+        numpy.ndarray
+            ``dx``, the shape and dtype of the last forward's input.
+
+        Raises
+        ------
+        RuntimeError
+            No forward has been run yet.
+        TypeError
+            ``dy`` has a non-float dtype.
+        ValueError
+            ``dy`` does not have the shape of the last input.
+        """
         x, rstd = self._saved_context()
         return self._set_grads(F.rms_norm_backward(dy, x, rstd, self.weight))

@@ -26,8 +26,8 @@ from typing import Dict, Iterable, Optional, Tuple
 
 import numpy as np
 
-from .functional import _data_array as _float_input
-from .functional import _is_float_dtype
+from ._plan import is_float_dtype as _is_float_dtype
+from .functional import data_array as _float_input
 
 __all__ = ["Moments", "channel_statistics"]
 
