@@ -77,6 +77,21 @@ def _optional_pages(app, docname, source):
         source[0] = source[0].replace("api/stats\n", "api/stats\napi/sklearn\n", 1)
 
 
+def _check_public_api_documented(app, env):
+    """Every name in normkit.__all__ must be on some page: a warning (an error under -W) names
+    each one that is not, so a new public function cannot be left out of the reference."""
+    from sphinx.util import logging
+
+    documented = set(env.get_domain("py").objects)
+    for name in normkit.__all__:
+        if f"normkit.{name}" not in documented:
+            logging.getLogger(__name__).warning(
+                "normkit.%s is in normkit.__all__ but not in the API reference (docs/api/*.rst)",
+                name,
+            )
+
+
 def setup(app):
     app.connect("source-read", _optional_pages)
+    app.connect("env-check-consistency", _check_public_api_documented)
     app.connect("autodoc-skip-member", _skip_foreign_members)
