@@ -284,7 +284,10 @@ def m_int_param(call, key, rng):
 
 def m_training(call, key, rng):
     v = ["False", None, 0, 1, "yes", np.bool_(True), np.bool_(False)][int(rng.integers(7))]
+    was = call["kw"]["training"]
     call["kw"]["training"] = v
+    if isinstance(v, np.bool_) and call["op"] == "instance_norm_backward" and bool(v) != bool(was):
+        return ValueError  # the statistics' shape is (N, C) in training mode, (C,) otherwise
     if isinstance(v, np.bool_):
         if not v and call["op"] in ("batch_norm", "instance_norm") and "running_mean" not in call["arrays"]:
             return ValueError  # eval mode without running statistics
@@ -508,10 +511,13 @@ def run_call(call):
             assert v.tobytes() == before[k].tobytes(), f"{k} was written before the error"
         return
     assert not errors, f"accepted a call for which SPEC prescribes {errors}: {describe(call)}"
-    if call["op"].endswith("_backward"):
-        check_backward(call, r)
-    else:
-        check_forward(call, r)
+    try:
+        if call["op"].endswith("_backward"):
+            check_backward(call, r)
+        else:
+            check_forward(call, r)
+    except AssertionError as e:
+        raise AssertionError(f"{e}: {describe(call)}") from None
 
 
 # ------------------------------------------------------------------------------------------

@@ -298,3 +298,21 @@ def test_adversarial_tier(tmp_path):
             f"{proc.stderr[-4000:]}"
         )
     assert "every one correct" in proc.stdout
+
+
+@pytest.mark.parametrize("fn, channel_axis", [(nk.batch_norm_backward, 1),
+                                              (nk.batch_norm_backward, -1),
+                                              (nk.instance_norm_backward, 1)])
+def test_eval_backward_dx_does_not_read_x(fn, channel_axis):
+    """Found by the adversarial tier's long profile: with the statistics held constant
+    (training=False) dx = dy * weight * rstd must not turn NaN where x is NaN or inf."""
+    x = _x((4, 3, 6), np.float32)
+    if channel_axis == -1:
+        x = np.ascontiguousarray(x.transpose(0, 2, 1))
+    x.reshape(-1)[[0, 7]] = [np.nan, np.inf]
+    dy = _x(x.shape, np.float32, seed=3)
+    w = np.array([0.5, 2.0, -1.0], np.float32)
+    mean, rstd = np.zeros(3, np.float32), np.array([1.0, 0.5, 2.0], np.float32)
+    g = fn(dy, x, mean, rstd, w, training=False, channel_axis=channel_axis)
+    shape = (1, 3, 1) if channel_axis == 1 else (1, 1, 3)
+    np.testing.assert_allclose(g.dx, dy * (w * rstd).reshape(shape), rtol=1e-6)

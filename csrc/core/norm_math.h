@@ -62,6 +62,13 @@ NK_HOST_DEVICE NK_INLINE V input_grad(V g, V xhat, R rstd, C1 c1, C2 c2) {
   return rstd * ((g - c2) - xhat * c1);
 }
 
+// dx with the statistics held constant (training=False): rstd * g, the same value as
+// input_grad with c1 = c2 = 0 but without reading x, so a NaN or inf in x does not reach dx
+// (x-hat times a zero c1 would be NaN there), as PyTorch's evaluation-mode backward.
+template <class V, class R> NK_HOST_DEVICE NK_INLINE V input_grad_const(V g, R rstd) {
+  return rstd * g;
+}
+
 // Running statistics: running = (1 - momentum) * running + momentum * batch_stat.
 template <class A> NK_HOST_DEVICE NK_INLINE A running_update(A running, double batch_stat, double momentum) {
   return static_cast<A>((1.0 - momentum) * static_cast<double>(running) + momentum * batch_stat);

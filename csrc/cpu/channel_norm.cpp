@@ -318,7 +318,7 @@ void forward_rows(const ChannelForwardParams<T>& p, const View& v) {
           const int64_t n = r1 - r0;
           column_sums(r0, r1, cols, mean, m2, [&](int64_t r, int64_t j, auto w) {
             const auto d = widen(loadw(p.x + v.offset(s, r, 0) + j, w)) - widen(loadw(x0 + j, w));
-            return std::make_pair(d, d * d);
+            return two(d, d * d);
           });
           const double inv_n = 1.0 / static_cast<double>(n);
           for (int64_t j = 0; j < cols; ++j) {
@@ -541,7 +541,7 @@ void backward_planes(const ChannelBackwardParams<T>& p, const View& v) {
           double a, b;
           lane_sum2(v.I, a, b, [&](int64_t i, auto w) {
             const auto d = widen(loadw(dyp + i, w));
-            return std::make_pair(d * widen(xhat_of(loadw(xp + i, w), st)), d);
+            return two(d * widen(xhat_of(loadw(xp + i, w), st)), d);
           });
           sum_dy_xhat += a;
           sum_dy += b;
@@ -558,10 +558,15 @@ void backward_planes(const ChannelBackwardParams<T>& p, const View& v) {
           const C w = kHasWeight ? static_cast<C>(p.weight[c]) : C(1);
           const T* xp = p.x + v.offset(s, o, c);
           const T* dyp = p.dy + v.offset(s, o, c);
-          elementwise(v.I, p.dx + v.offset(s, o, c), stream, [&](int64_t i, auto width) {
-            return input_grad(loadw(dyp + i, width) * w, xhat_of(loadw(xp + i, width), st), st.rstd,
-                              c1, c2);
-          });
+          if (!p.training)
+            elementwise(v.I, p.dx + v.offset(s, o, c), stream, [&](int64_t i, auto width) {
+              return input_grad_const(loadw(dyp + i, width) * w, st.rstd);
+            });
+          else
+            elementwise(v.I, p.dx + v.offset(s, o, c), stream, [&](int64_t i, auto width) {
+              return input_grad(loadw(dyp + i, width) * w, xhat_of(loadw(xp + i, width), st),
+                                st.rstd, c1, c2);
+            });
         }
     }
     if (stream) stream_fence();
@@ -597,7 +602,7 @@ void backward_rows(const ChannelBackwardParams<T>& p, const View& v) {
         const int64_t off = v.offset(s, r, 0) + j;
         const auto d = widen(loadw(p.dy + off, w));
         const auto xh = xhat_of(loadw(p.x + off, w), loadw(hi + j, w), loadw(lo + j, w), loadw(rs + j, w));
-        return std::make_pair(d * widen(xh), d);
+        return two(d * widen(xh), d);
       });
     }
   });
@@ -639,12 +644,17 @@ void backward_rows(const ChannelBackwardParams<T>& p, const View& v) {
       const C* k2 = c2col.data() + base;
       const T* xr = p.x + r * cols;
       const T* dyr = p.dy + r * cols;
-      elementwise(cols, p.dx + r * cols, stream, [&](int64_t j, auto w) {
-        const auto rstd = loadw(rs + j, w);
-        return input_grad(loadw(dyr + j, w) * loadw(wcol.data() + j, w),
-                          xhat_of(loadw(xr + j, w), loadw(hi + j, w), loadw(lo + j, w), rstd), rstd,
-                          loadw(k1 + j, w), loadw(k2 + j, w));
-      });
+      if (!p.training)
+        elementwise(cols, p.dx + r * cols, stream, [&](int64_t j, auto w) {
+          return input_grad_const(loadw(dyr + j, w) * loadw(wcol.data() + j, w), loadw(rs + j, w));
+        });
+      else
+        elementwise(cols, p.dx + r * cols, stream, [&](int64_t j, auto w) {
+          const auto rstd = loadw(rs + j, w);
+          return input_grad(loadw(dyr + j, w) * loadw(wcol.data() + j, w),
+                            xhat_of(loadw(xr + j, w), loadw(hi + j, w), loadw(lo + j, w), rstd),
+                            rstd, loadw(k1 + j, w), loadw(k2 + j, w));
+        });
     }
     if (stream) stream_fence();
   });
@@ -668,7 +678,7 @@ void backward_sample_planes(const ChannelBackwardParams<T>& p, const View& v) {
         double* out = piece.data() + 2 * (o * v.C + c);
         lane_sum2(v.I, out[0], out[1], [&](int64_t i, auto w) {
           const auto d = widen(loadw(dyp + i, w));
-          return std::make_pair(d * widen(xhat_of(loadw(xp + i, w), sc)), d);
+          return two(d * widen(xhat_of(loadw(xp + i, w), sc)), d);
         });
       }
   });
@@ -692,10 +702,15 @@ void backward_sample_planes(const ChannelBackwardParams<T>& p, const View& v) {
         const T* dyp = p.dy + v.offset(0, o, c);
         const GroupStats<C>& sc = st[at(c)];
         const C k1 = c1[at(c)], k2 = c2[at(c)];
-        elementwise(v.I, p.dx + v.offset(0, o, c), stream, [&](int64_t i, auto width) {
-          return input_grad(loadw(dyp + i, width) * w, xhat_of(loadw(xp + i, width), sc), sc.rstd,
-                            k1, k2);
-        });
+        if (!p.training)
+          elementwise(v.I, p.dx + v.offset(0, o, c), stream, [&](int64_t i, auto width) {
+            return input_grad_const(loadw(dyp + i, width) * w, sc.rstd);
+          });
+        else
+          elementwise(v.I, p.dx + v.offset(0, o, c), stream, [&](int64_t i, auto width) {
+            return input_grad(loadw(dyp + i, width) * w, xhat_of(loadw(xp + i, width), sc),
+                              sc.rstd, k1, k2);
+          });
       }
     if (stream) stream_fence();
   });

@@ -34,21 +34,35 @@ NK_INLINE double lanes_total(const double* acc) {
 
 #if defined(NK_HAVE_VECTOR_EXT)
 // lanes_total of the 32 lanes held as four blocks (lanes 0-7, 8-15, 16-23, 24-31) plus `tail`
-// added to lanes 0-7, computed with vector operations in the same order as lanes_total.
-typedef double d4 __attribute__((vector_size(32)));
-typedef double d2 __attribute__((vector_size(16)));
+// added to lanes 0-7, computed with vector operations in the same order as lanes_total:
+// t = (a0 + a2) + (a1 + a3), u[k] = t[k] + t[k + 4], v[k] = u[k] + u[k + 2], v[0] + v[1].
 NK_INLINE double lanes_total(d8 a0, d8 a1, d8 a2, d8 a3) {
   const d8 t = (a0 + a2) + (a1 + a3);
+#if defined(__AVX512F__)
   const d4 u = __builtin_shufflevector(t, t, 0, 1, 2, 3) + __builtin_shufflevector(t, t, 4, 5, 6, 7);
   const d2 v = __builtin_shufflevector(u, u, 0, 1) + __builtin_shufflevector(u, u, 2, 3);
+#elif defined(__AVX__)
+  const d4 u = t.v0 + t.v1;
+  const d2 v = __builtin_shufflevector(u, u, 0, 1) + __builtin_shufflevector(u, u, 2, 3);
+#else
+  const d2 v = (t.v0 + t.v2) + (t.v1 + t.v3);
+#endif
   return v[0] + v[1];
 }
 
-// The last n - i (< 8) terms as a block for lanes 0, 1, ...: -0.0 elsewhere, and -0.0 + t = t
-// and a + -0.0 = a exactly, so adding the block equals adding the terms one by one.
+// The last n - i (< 8) terms f(i), f(i + 1), ... as a block for lanes 0, 1, ...: -0.0 elsewhere,
+// and -0.0 + t = t and a + -0.0 = a exactly, so adding the block equals adding the terms one by
+// one. Lanes are set by constant index (register inserts, no stack buffer).
 template <class F> NK_INLINE d8 tail_block(int64_t i, int64_t n, F&& f) {
-  d8 t = {-0.0, -0.0, -0.0, -0.0, -0.0, -0.0, -0.0, -0.0};
-  for (int k = 0; i < n; ++i, ++k) t[k] += f(i);
+  d8 t = neg_zero<d8>();
+  const int64_t m = n - i;
+  if (m > 0) set_lane<0>(t, f(i));
+  if (m > 1) set_lane<1>(t, f(i + 1));
+  if (m > 2) set_lane<2>(t, f(i + 2));
+  if (m > 3) set_lane<3>(t, f(i + 3));
+  if (m > 4) set_lane<4>(t, f(i + 4));
+  if (m > 5) set_lane<5>(t, f(i + 5));
+  if (m > 6) set_lane<6>(t, f(i + 6));
   return t;
 }
 #endif
@@ -79,7 +93,7 @@ template <class F> NK_INLINE double lane_sum(int64_t n, F&& f) {
 #endif
 }
 
-// Two sums in one pass: f(i, width) returns a pair (std::pair of doubles or of 8-double blocks).
+// Two sums in one pass: f(i, width) returns two(a, b) (doubles or 8-double blocks).
 template <class F> NK_INLINE void lane_sum2(int64_t n, double& out_a, double& out_b, F&& f) {
   int64_t i = 0;
 #if defined(NK_HAVE_VECTOR_EXT)
@@ -104,14 +118,12 @@ template <class F> NK_INLINE void lane_sum2(int64_t n, double& out_a, double& ou
     b0 += v0.second;
   }
   if (i < n) {
-    d8 ta = {-0.0, -0.0, -0.0, -0.0, -0.0, -0.0, -0.0, -0.0}, tb = ta;
-    for (int k = 0; i < n; ++i, ++k) {
-      const auto v = f(i, Width<1>{});
-      ta[k] += v.first;
-      tb[k] += v.second;
-    }
-    a0 += ta;
-    b0 += tb;
+    // the pairs' two halves as two tail blocks; f is evaluated once per element
+    decltype(f(i, Width<1>{})) v[7];
+    for (int k = 0; i + k < n; ++k) v[k] = f(i + k, Width<1>{});
+    a0 += tail_block(0, n - i, [&](int64_t k) { return v[k].first; });
+    b0 += tail_block(0, n - i, [&](int64_t k) { return v[k].second; });
+    i = n;
   }
   out_a = lanes_total(a0, a1, a2, a3);
   out_b = lanes_total(b0, b1, b2, b3);
@@ -161,7 +173,7 @@ NK_INLINE void add_shifted_sums(const T* x, int64_t n, double shift, double& s1,
   double a = 0.0, b = 0.0;
   lane_sum2(n, a, b, [&](int64_t i, auto w) {
     const auto d = widen(loadw(x + i, w)) - shift;
-    return std::make_pair(d, d * d);
+    return two(d, d * d);
   });
   s1 += a;
   s2 += b;

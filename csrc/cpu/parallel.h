@@ -53,6 +53,8 @@ template <class F> void parallel_for(int64_t n, int64_t grain, F&& f) {
     }
     return;
   }
+#else
+  (void)nt;  // serial build (no OpenMP): one range
 #endif
   f(int64_t{0}, n);
 }

@@ -130,7 +130,7 @@ void row_backward_rows(const RowBackwardParams<T>& p, int64_t r0, int64_t r1, do
       const C hi = st[k].mean_hi;
       lane_sum2(N, sum_gx, sum_g, [&](int64_t j, auto w) {
         const auto g = widen(loadw(dy + j, w) * param<kHasWeight>(p.weight, j, w, C(1)));
-        return std::make_pair(g * widen(loadw(x + j, w) - hi), g);
+        return two(g * widen(loadw(x + j, w) - hi), g);
       });
       const double rstd = static_cast<double>(p.rstd[r]);
       const double lo = static_cast<double>(st[k].mean_lo);

@@ -14,6 +14,7 @@
 #include <cstdint>
 #include <algorithm>
 #include <cstring>
+#include <type_traits>
 #include <utility>
 
 #include "core/macros.h"
@@ -34,17 +35,144 @@ template <int W> struct Width {
 };
 
 // ---- types --------------------------------------------------------------------------------
+// f8 (8 floats) and d8 (8 doubles) are the blocks the kernels compute on. Each must live in
+// registers of the build's instruction set: a GCC vector wider than the hardware's (d8 on AVX2,
+// f8 and d8 on SSE2) is kept in a stack slot and copied around in pieces, so those blocks are
+// Pack structs of native vectors instead (two ymm for d8 on AVX2; two or four xmm on SSE2), with
+// the same operators element by element. The arithmetic, and therefore every bit, is the same.
 #if defined(NK_HAVE_VECTOR_EXT)
 constexpr int kBlock = 8;
-typedef float f8 __attribute__((vector_size(32), aligned(4)));
-typedef double d8 __attribute__((vector_size(64), aligned(8)));
+typedef float f4 __attribute__((vector_size(16)));
+typedef double d2 __attribute__((vector_size(16)));
+typedef double d4 __attribute__((vector_size(32)));
+typedef uint16_t u16x8 __attribute__((vector_size(16)));
+typedef uint32_t u32x4 __attribute__((vector_size(16)));
+typedef uint32_t u32x8 __attribute__((vector_size(32)));
+typedef int32_t i32x4 __attribute__((vector_size(16)));
+typedef float f8v __attribute__((vector_size(32)));
+typedef double d8v __attribute__((vector_size(64)));
+// Memory is read and written through unaligned, may_alias views of native vectors: a plain
+// dereference, which every compiler turns into one full-width move. Never std::memcpy into a
+// vector: under generic tuning GCC 12 copies 32 bytes as two 16-byte stores to a stack slot and
+// reloads the slot as one 32-byte vector, and store-to-load forwarding cannot merge two stores
+// into one wider load (a stall on every block; issue 13, tools/check_vector_moves.py).
+template <class V> struct Unaligned;
+#define NK_UNALIGNED(V)                                                                  \
+  template <> struct Unaligned<V> {                                                     \
+    typedef V type __attribute__((aligned(1), may_alias));                              \
+  };
+NK_UNALIGNED(f4)
+NK_UNALIGNED(d2)
+NK_UNALIGNED(d4)
+NK_UNALIGNED(u16x8)
+NK_UNALIGNED(f8v)
+NK_UNALIGNED(d8v)
+#undef NK_UNALIGNED
+template <class V, class E> NK_INLINE V load_native(const E* p) {
+  return *reinterpret_cast<const typename Unaligned<V>::type*>(p);
+}
+template <class V, class E> NK_INLINE void store_native(E* p, V v) {
+  *reinterpret_cast<typename Unaligned<V>::type*>(p) = v;
+}
+
+// K (2 or 4) native vectors V as one block, as named members (an array member keeps GCC from
+// splitting the struct into registers); operators act part by part, scalars broadcast.
+template <class V, int K> struct Pack;
+#define NK_PACK_OPS(op)                                                                       \
+  friend NK_INLINE Pack operator op(const Pack& a, const Pack& b) { return a.map([&](auto i) { \
+      return a.template part<i>() op b.template part<i>(); }); }                               \
+  friend NK_INLINE Pack operator op(const Pack& a, elem b) { return a.map([&](auto i) {       \
+      return a.template part<i>() op b; }); }                                                   \
+  friend NK_INLINE Pack operator op(elem a, const Pack& b) { return b.map([&](auto i) {       \
+      return a op b.template part<i>(); }); }                                                   \
+  NK_INLINE Pack& operator op##=(const Pack& b) { return *this = *this op b; }
+#define NK_PACK_BODY                                                                          \
+  using elem = std::remove_cv_t<std::remove_reference_t<decltype(V{}[0])>>;                  \
+  static constexpr int kPer = static_cast<int>(sizeof(V) / sizeof(elem));                    \
+  NK_INLINE elem operator[](int i) const {                                                    \
+    elem out = elem(0);                                                                       \
+    for_parts([&](auto k) {                                                                   \
+      if (i / kPer == k) out = part<k>()[i % kPer];                                           \
+    });                                                                                       \
+    return out;                                                                               \
+  }                                                                                           \
+  template <class F> NK_INLINE Pack map(F&& f) const {                                        \
+    Pack r;                                                                                   \
+    for_parts([&](auto k) { r.template part<k>() = f(k); });                                  \
+    return r;                                                                                 \
+  }                                                                                           \
+  friend NK_INLINE Pack operator-(const Pack& a) {                                            \
+    return a.map([&](auto i) { return -a.template part<i>(); });                              \
+  }                                                                                           \
+  NK_PACK_OPS(+)                                                                              \
+  NK_PACK_OPS(-)                                                                              \
+  NK_PACK_OPS(*)                                                                              \
+  NK_PACK_OPS(/)
+template <class V> struct Pack<V, 2> {
+  static constexpr int kParts = 2;
+  V v0, v1;
+  template <int I> NK_INLINE V& part() { return I == 0 ? v0 : v1; }
+  template <int I> NK_INLINE const V& part() const { return I == 0 ? v0 : v1; }
+  template <class F> static NK_INLINE void for_parts(F&& f) {
+    f(std::integral_constant<int, 0>{});
+    f(std::integral_constant<int, 1>{});
+  }
+  NK_PACK_BODY
+};
+template <class V> struct Pack<V, 4> {
+  static constexpr int kParts = 4;
+  V v0, v1, v2, v3;
+  template <int I> NK_INLINE V& part() { return I == 0 ? v0 : I == 1 ? v1 : I == 2 ? v2 : v3; }
+  template <int I> NK_INLINE const V& part() const {
+    return I == 0 ? v0 : I == 1 ? v1 : I == 2 ? v2 : v3;
+  }
+  template <class F> static NK_INLINE void for_parts(F&& f) {
+    f(std::integral_constant<int, 0>{});
+    f(std::integral_constant<int, 1>{});
+    f(std::integral_constant<int, 2>{});
+    f(std::integral_constant<int, 3>{});
+  }
+  NK_PACK_BODY
+};
+#undef NK_PACK_BODY
+#undef NK_PACK_OPS
+
+#if defined(__AVX512F__)
+using f8 = f8v;
+using d8 = d8v;
+#elif defined(__AVX__)
+using f8 = f8v;
+using d8 = Pack<d4, 2>;
+#else
+using f8 = Pack<f4, 2>;
+using d8 = Pack<d2, 4>;
+#endif
 template <class C> struct Vec8;
 template <> struct Vec8<float> { using type = f8; };
 template <> struct Vec8<double> { using type = d8; };
 template <class C> using vec8 = typename Vec8<C>::type;
+
+// Lane access by a constant index, and a block of -0.0 (-0.0 + t = t exactly).
+template <int I, class V> NK_INLINE void set_lane(V& b, double x) { b[I] = x; }
+template <int I, class V, int K> NK_INLINE void set_lane(Pack<V, K>& b, double x) {
+  b.template part<I / Pack<V, K>::kPer>()[I % Pack<V, K>::kPer] = x;
+}
+template <class B> NK_INLINE B neg_zero() {
+  B b = {};
+  return -b;
+}
 #else
 constexpr int kBlock = 1;
 #endif
+
+// Two values returned together (the kernels' two-sum lambdas). A plain aggregate, not std::pair:
+// GCC 12 does not split a std::pair of Pack blocks into registers and copies it through the
+// stack in 8- and 16-byte pieces (tools/check_vector_moves.py flags the reloads).
+template <class A, class B> struct Two {
+  A first;
+  B second;
+};
+template <class A, class B> NK_INLINE Two<A, B> two(A a, B b) { return Two<A, B>{a, b}; }
 
 // ---- loads: storage type T -> compute type (scalar or block of 8) ------------------------------
 template <class T> NK_INLINE compute_t<T> loadw(const T* p, Width<1>) { return load(*p); }
@@ -52,33 +180,59 @@ NK_INLINE float loadw(const float* p, Width<1>) { return *p; }
 NK_INLINE double loadw(const double* p, Width<1>) { return *p; }
 
 #if defined(NK_HAVE_VECTOR_EXT)
-NK_INLINE f8 loadw(const float* p, Width<8>) {
-  f8 v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
+template <class B, class E> NK_INLINE B load_block(const E* p) {
+  if constexpr (std::is_same_v<B, f8v> || std::is_same_v<B, d8v>) {
+    return load_native<B>(p);
+  } else {
+    B b;
+    B::for_parts([&](auto k) {
+      using V = std::remove_reference_t<decltype(b.template part<k>())>;
+      b.template part<k>() = load_native<V>(p + k * B::kPer);
+    });
+    return b;
+  }
 }
-NK_INLINE d8 loadw(const double* p, Width<8>) {
-  d8 v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
+template <class B, class E> NK_INLINE void store_block(E* p, const B& b) {
+  if constexpr (std::is_same_v<B, f8v> || std::is_same_v<B, d8v>) {
+    store_native(p, b);
+  } else {
+    B::for_parts([&](auto k) { store_native(p + k * B::kPer, b.template part<k>()); });
+  }
 }
-typedef uint16_t u16x8 __attribute__((vector_size(16), aligned(2)));
-typedef uint32_t u32x8 __attribute__((vector_size(32)));
+NK_INLINE f8 loadw(const float* p, Width<8>) { return load_block<f8>(p); }
+NK_INLINE d8 loadw(const double* p, Width<8>) { return load_block<d8>(p); }
+// bfloat16 -> float: the 16 bits become the high half of the float's bits.
 NK_INLINE f8 loadw(const bfloat16* p, Width<8>) {
-  u16x8 b;
-  std::memcpy(&b, p, sizeof b);
-  const u32x8 wide = __builtin_convertvector(b, u32x8) << 16;
-  f8 v;
-  std::memcpy(&v, &wide, sizeof v);
-  return v;
+  const u16x8 b = load_native<u16x8>(p);
+#if defined(__AVX__)
+  return (f8)(__builtin_convertvector(b, u32x8) << 16);  // same-size cast: the bits, in registers
+#else
+  const __m128i zero = _mm_setzero_si128();
+  return f8{(f4)_mm_unpacklo_epi16(zero, (__m128i)b), (f4)_mm_unpackhi_epi16(zero, (__m128i)b)};
+#endif
 }
+#if !defined(__F16C__)
+// 4 halves (zero-extended to 32 bits) -> 4 floats, as half_to_float in core/types.h: normal
+// numbers re-biased, inf/NaN keep their payload, subnormals m * 2^-24 (exact in float).
+NK_INLINE f4 half4_to_float(u32x4 u) {
+  const u32x4 sign = (u & 0x8000u) << 16;
+  const u32x4 e = (u >> 10) & 0x1fu;
+  const u32x4 m = u & 0x3ffu;
+  const u32x4 normal = ((e + 112u) << 23) | (m << 13);
+  const u32x4 special = 0x7f800000u | (m << 13);
+  const u32x4 sub = (u32x4)(__builtin_convertvector((i32x4)m, f4) * 5.9604644775390625e-8f);
+  const u32x4 is_special = (u32x4)(e == 0x1fu), is_zero_e = (u32x4)(e == 0u);
+  const u32x4 r = (is_special & special) | (is_zero_e & sub) | (~(is_special | is_zero_e) & normal);
+  return (f4)(r | sign);
+}
+#endif
 NK_INLINE f8 loadw(const half* p, Width<8>) {
 #if defined(__F16C__)
   return (f8)_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 #else
-  f8 v;
-  for (int k = 0; k < 8; ++k) v[k] = half_to_float(p[k].bits);
-  return v;
+  const __m128i h = (__m128i)load_native<u16x8>(p), zero = _mm_setzero_si128();
+  return f8{half4_to_float((u32x4)_mm_unpacklo_epi16(h, zero)),
+             half4_to_float((u32x4)_mm_unpackhi_epi16(h, zero))};
 #endif
 }
 #endif
@@ -92,8 +246,13 @@ NK_INLINE d8 widen(f8 v) {
   // one instruction (GCC splits the generic form); the masked form avoids a false
   // maybe-uninitialized warning in GCC 12's own header
   return (d8)_mm512_maskz_cvtps_pd(static_cast<__mmask8>(0xff), (__m256)v);
+#elif defined(__AVX__)
+  return d8{(d4)_mm256_cvtps_pd(_mm256_castps256_ps128((__m256)v)),
+             (d4)_mm256_cvtps_pd(_mm256_extractf128_ps((__m256)v, 1))};
 #else
-  return __builtin_convertvector(v, d8);
+  const __m128 lo = (__m128)v.v0, hi = (__m128)v.v1;
+  return d8{(d2)_mm_cvtps_pd(lo), (d2)_mm_cvtps_pd(_mm_movehl_ps(lo, lo)), (d2)_mm_cvtps_pd(hi),
+             (d2)_mm_cvtps_pd(_mm_movehl_ps(hi, hi))};
 #endif
 }
 NK_INLINE d8 widen(d8 v) { return v; }
@@ -103,22 +262,42 @@ NK_INLINE d8 widen(d8 v) { return v; }
 template <class T> NK_INLINE void storew(T* p, compute_t<T> v, Width<1>) { *p = store<T>(v); }
 
 #if defined(NK_HAVE_VECTOR_EXT)
-NK_INLINE void pack8(float* out, f8 v) { std::memcpy(out, &v, sizeof v); }
-NK_INLINE void pack8(double* out, d8 v) { std::memcpy(out, &v, sizeof v); }
-NK_INLINE void pack8(bfloat16* out, f8 v) {
-  u32x8 u;
-  std::memcpy(&u, &v, sizeof u);
-  // round to nearest even; NaN made quiet (as float_to_bfloat16 in core/types.h)
-  const u32x8 is_nan = (u32x8)((u & 0x7fffffffu) > 0x7f800000u);
-  const u32x8 rounded = (u + (0x7fffu + ((u >> 16) & 1u))) >> 16;
-  const u32x8 r = (is_nan & ((u >> 16) | 0x40u)) | (~is_nan & rounded);
-  const u16x8 b = __builtin_convertvector(r, u16x8);
-  std::memcpy(out, &b, sizeof b);
+NK_INLINE void pack8(float* out, f8 v) { store_block(out, v); }
+NK_INLINE void pack8(double* out, d8 v) { store_block(out, v); }
+
+// 16-byte part I of a block, from the registers (a shuffle; vextractf128 on AVX).
+template <int I, class V> NK_INLINE auto part16(const V& v) {
+  if constexpr (sizeof(v[0]) == 4)
+    return (__m128)__builtin_shufflevector(v, v, 4 * I, 4 * I + 1, 4 * I + 2, 4 * I + 3);
+  else
+    return (__m128d)__builtin_shufflevector(v, v, 2 * I, 2 * I + 1);
 }
+template <int I, class V, int K> NK_INLINE auto part16(const Pack<V, K>& b) {
+  constexpr int kParts = static_cast<int>(sizeof(V) / 16);
+  return part16<I % kParts>(b.template part<I / kParts>());
+}
+
+// float -> bfloat16 bits: round to nearest even; NaN made quiet (float_to_bfloat16, core/types.h)
+template <class U> NK_INLINE U to_bfloat16_bits(U u) {
+  const U is_nan = (U)((u & 0x7fffffffu) > 0x7f800000u);
+  const U rounded = (u + (0x7fffu + ((u >> 16) & 1u))) >> 16;
+  return (is_nan & ((u >> 16) | 0x40u)) | (~is_nan & rounded);
+}
+// 8 bfloat16 in one 16-byte register.
+NK_INLINE u16x8 to_bfloat16x8(f8 v) {
+#if defined(__AVX__)
+  return __builtin_convertvector(to_bfloat16_bits((u32x8)v), u16x8);
+#else
+  const u16x8 lo = (u16x8)to_bfloat16_bits((u32x4)v.v0);
+  const u16x8 hi = (u16x8)to_bfloat16_bits((u32x4)v.v1);
+  return __builtin_shufflevector(lo, hi, 0, 2, 4, 6, 8, 10, 12, 14);  // the low 16 bits of each
+#endif
+}
+NK_INLINE void pack8(bfloat16* out, f8 v) { store_native(out, to_bfloat16x8(v)); }
 NK_INLINE void pack8(half* out, f8 v) {
 #if defined(__F16C__)
-  const __m128i h = _mm256_cvtps_ph((__m256)v, _MM_FROUND_TO_NEAREST_INT);
-  std::memcpy(out, &h, sizeof h);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(out),
+                   _mm256_cvtps_ph((__m256)v, _MM_FROUND_TO_NEAREST_INT));
 #else
   for (int k = 0; k < 8; ++k) out[k].bits = float_to_half(v[k]);
 #endif
@@ -126,19 +305,33 @@ NK_INLINE void pack8(half* out, f8 v) {
 template <class T> NK_INLINE void storew(T* p, vec8<compute_t<T>> v, Width<8>) { pack8(p, v); }
 NK_INLINE void storew(double* p, double v, Width<1>) { *p = v; }
 
-// A block of 8 elements as 16-byte streaming stores; p must be 16-byte aligned.
-template <class T> NK_INLINE void stream_block(T* p, vec8<compute_t<T>> v) {
+// A block of 8 elements as 16-byte streaming stores; p must be 16-byte aligned. Each 16-byte
+// part comes from the registers, never through a stack buffer.
 #if defined(NK_HAVE_STREAM)
-  alignas(64) T tmp[8];
-  pack8(tmp, v);
-  constexpr int kParts = static_cast<int>(sizeof tmp / 16);
-  for (int k = 0; k < kParts; ++k)
-    _mm_stream_si128(reinterpret_cast<__m128i*>(p) + k,
-                     _mm_load_si128(reinterpret_cast<const __m128i*>(tmp) + k));
+NK_INLINE void stream_block(float* p, f8 v) {
+  _mm_stream_ps(p, part16<0>(v));
+  _mm_stream_ps(p + 4, part16<1>(v));
+}
+NK_INLINE void stream_block(double* p, d8 v) {
+  _mm_stream_pd(p, part16<0>(v));
+  _mm_stream_pd(p + 2, part16<1>(v));
+  _mm_stream_pd(p + 4, part16<2>(v));
+  _mm_stream_pd(p + 6, part16<3>(v));
+}
+NK_INLINE void stream_block(bfloat16* p, f8 v) {
+  _mm_stream_si128(reinterpret_cast<__m128i*>(p), (__m128i)to_bfloat16x8(v));
+}
+NK_INLINE void stream_block(half* p, f8 v) {
+#if defined(__F16C__)
+  _mm_stream_si128(reinterpret_cast<__m128i*>(p),
+                   _mm256_cvtps_ph((__m256)v, _MM_FROUND_TO_NEAREST_INT));
 #else
-  pack8(p, v);
+  pack8(p, v);  // scalar conversions without F16C: ordinary stores
 #endif
 }
+#else
+template <class T> NK_INLINE void stream_block(T* p, vec8<compute_t<T>> v) { pack8(p, v); }
+#endif
 #endif
 
 // Orders streaming stores before anything that follows (call once per thread after a kernel).
@@ -219,12 +412,7 @@ template <class F> NK_INLINE void for_blocks(int64_t n, F&& f) {
 // p[0..w) += v
 NK_INLINE void add_to(double* p, double v) { *p += v; }
 #if defined(NK_HAVE_VECTOR_EXT)
-NK_INLINE void add_to(double* p, d8 v) {
-  d8 cur;
-  std::memcpy(&cur, p, sizeof cur);
-  cur += v;
-  std::memcpy(p, &cur, sizeof cur);
-}
+NK_INLINE void add_to(double* p, d8 v) { store_block(p, load_block<d8>(p) + v); }
 #endif
 
 }  // namespace nk::cpu

@@ -264,7 +264,9 @@ __global__ void NK_BOUNDS(kBlock) input_grads(ChannelView v, ChannelBackwardPara
     const GroupStats<C> st =
         make_group_stats<C>(static_cast<double>(p.mean[t]), static_cast<double>(p.rstd[t]));
     const C g = load(p.dy[e]) * param<kHasWeight>(p.weight, c, C(1));
-    p.dx[e] = store<T>(input_grad(g, xhat_of(load(p.x[e]), st), st.rstd, coef[t].a, coef[t].b));
+    p.dx[e] = store<T>(p.training ? input_grad(g, xhat_of(load(p.x[e]), st), st.rstd, coef[t].a,
+                                               coef[t].b)
+                                  : input_grad_const(g, st.rstd));
   });
 }
 

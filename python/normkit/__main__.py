@@ -1,9 +1,9 @@
 """Command line: ``python -m normkit demo``, ``python -m normkit info`` and ``python -m normkit bench``.
 
 ``demo`` runs the BatchNorm paper's Figure 1 experiment (``normkit._demo``, needs the ``demo``
-extra); ``info`` prints how normkit was built; ``bench`` times normkit against a plain
-NumPy reference and, when ``import torch`` works, PyTorch's CPU kernels (see
-``normkit._bench``, imported only for that command).
+extra); ``info`` prints how normkit was built and the CPU it runs on; ``bench`` times normkit
+against a plain NumPy reference and, when ``import torch`` works, PyTorch's CPU kernels (see
+``normkit._bench``), with ``--isa`` for every instruction-set level side by side.
 """
 
 from __future__ import annotations
@@ -86,7 +86,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="seed for the data split, the initial weights and the batches (default: 0)")
     d.add_argument("--out", default=DEFAULT_OUT, metavar="PATH",
                    help=f"where to write the PNG figure (default: {DEFAULT_OUT})")
-    sub.add_parser("info", help="print build information, numpy version and thread count")
+    sub.add_parser("info", help="print build information, the CPU model and vendor, numpy "
+                   "version and thread count")
     b = sub.add_parser(
         "bench",
         help="time normkit against plain NumPy and PyTorch (if installed)",
@@ -105,6 +106,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="comma-separated workload names (see --list); overrides --quick")
     b.add_argument("--list", action="store_true", help="list the workloads and exit")
     b.add_argument("--no-torch", action="store_true", help="do not import torch")
+    b.add_argument("--isa", metavar="LEVELS",
+                   help="time each instruction-set level of the kernels side by side: 'all' "
+                   "(every level this CPU and build support) or a comma-separated list of "
+                   "baseline, avx2, avx512. Each level runs in its own process with NORMKIT_ISA "
+                   "set, one after another; a combined table follows their own tables")
     return p
 
 
@@ -113,7 +119,10 @@ def _info() -> int:
 
     import normkit
 
+    from normkit._bench import cpu_info
+
     info = dict(normkit.build_info())
+    info.update(cpu_info())
     info["numpy"] = np.__version__
     info["num_threads"] = normkit.get_num_threads()
     width = max(len(str(k)) for k in info) + 1
@@ -134,6 +143,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from normkit import _bench
 
     only = [n.strip() for n in args.only.split(",") if n.strip()] if args.only else None
+    if args.isa and not args.list:
+        try:
+            isas = _bench.parse_isas(args.isa)
+        except ValueError as e:
+            print(f"--isa: {e}", file=sys.stderr)
+            return 2
+        child = ["--threads", ",".join(str(t) for t in args.threads)]
+        child += ["--quick"] if args.quick else []
+        child += ["--repeats", str(args.repeats)] if args.repeats else []
+        child += ["--only", args.only] if args.only else []
+        child += ["--no-torch"] if args.no_torch else []
+        return _bench.run_isas(isas, child, json_path=args.json)
     return _bench.run(
         quick=args.quick,
         threads=args.threads,

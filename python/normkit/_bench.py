@@ -647,6 +647,40 @@ def measure_copy_bandwidth(threads: Sequence[int], nbytes: int = _COPY_BYTES,
 # --------------------------------------------------------------------------------------
 # The run
 # --------------------------------------------------------------------------------------
+_CPUINFO_IDS = {"cpu family": "cpu_family", "model": "cpu_model_number", "stepping": "cpu_stepping"}
+
+
+def cpu_info() -> Dict[str, str]:
+    """CPU model and vendor: /proc/cpuinfo on Linux, the platform module elsewhere."""
+    info = {"cpu": "", "cpu_vendor": ""}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key, value = key.strip(), value.strip()
+                if key == "model name" and not info["cpu"]:
+                    info["cpu"] = value
+                elif key == "vendor_id" and not info["cpu_vendor"]:
+                    info["cpu_vendor"] = value
+                elif key in _CPUINFO_IDS and _CPUINFO_IDS[key] not in info:
+                    info[_CPUINFO_IDS[key]] = value
+                elif key == "flags" and "cpu_simd" not in info:
+                    flags = set(value.split())
+                    info["cpu_simd"] = ",".join(
+                        f for f in ("sse2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw",
+                                    "avx512vl", "avx512dq") if f in flags)
+                elif not line.strip() and info["cpu"]:
+                    break  # the first processor is enough
+    except OSError:
+        pass
+    if not info["cpu"]:
+        info["cpu"] = platform.processor() or platform.machine() or "unknown"
+    if not info["cpu_vendor"]:
+        info["cpu_vendor"] = "unknown"
+    info["cpu_count"] = str(os.cpu_count())
+    return info
+
+
 def _import_torch(disabled: bool):
     if disabled:
         return None, "disabled (--no-torch)"
@@ -1007,8 +1041,10 @@ def run(*, quick: bool = False, threads: Sequence[int] = (1, 2), json_path: Opti
     print(f"normkit bench{' --quick' if quick else ''}: normkit {info.get('version', '?')}, "
           f"numpy {np.__version__}, torch {torch_info}", file=out)
     build = ", ".join(f"{k}={v}" for k, v in info.items() if k != "version")
-    print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, "
-          f"python {platform.python_version()}; normkit build: {build}", file=out)
+    cpu = cpu_info()
+    print(f"machine: {platform.machine()}, {cpu['cpu']} ({cpu['cpu_vendor']}), "
+          f"{os.cpu_count()} CPUs, python {platform.python_version()}; normkit build: {build}",
+          file=out)
     if torch is not None:
         ops = sorted({w.op for w in workloads})
         print("torch calls: " + "; ".join(f"{o}: {TORCH_METHOD[o][0]} / {TORCH_METHOD[o][1]}"
@@ -1060,7 +1096,8 @@ def run(*, quick: bool = False, threads: Sequence[int] = (1, 2), json_path: Opti
 
     if json_path:
         doc = {
-            "normkit": info, "numpy": np.__version__, "torch": torch_info,
+            "normkit": info, "numpy": np.__version__, "torch": torch_info, "cpu": cpu,
+            "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
             "python": platform.python_version(), "cpus": os.cpu_count(),
             "quick": quick, "threads": list(threads), "max_repeats": max_reps,
             "copy_bandwidth_gbps": {"before": copy_before, "after": copy_after, "used": copy_bw},
@@ -1071,3 +1108,138 @@ def run(*, quick: bool = False, threads: Sequence[int] = (1, 2), json_path: Opti
             json.dump(doc, f, indent=1, default=str)
         print(f"wrote {json_path}", file=out)
     return 0
+
+
+# --------------------------------------------------------------------------------------
+# Every instruction-set level side by side (--isa)
+# --------------------------------------------------------------------------------------
+ISA_LEVELS = ("baseline", "avx2", "avx512")
+
+
+def supported_isas() -> List[str]:
+    """The kernel versions this build has and this CPU can run, lowest first."""
+    import normkit as nk
+
+    info = dict(nk.build_info())
+    compiled = str(info.get("simd_compiled", "baseline")).split(",")
+    best = str(info.get("simd_best", "baseline"))
+    top = ISA_LEVELS.index(best) if best in ISA_LEVELS else 0
+    return [i for i in ISA_LEVELS[: top + 1] if i in compiled]
+
+
+def parse_isas(text: str) -> List[str]:
+    """'all' or a comma-separated list of levels; ValueError names what is wrong."""
+    if text.strip() == "all":
+        return supported_isas()
+    isas = []
+    for part in text.split(","):
+        part = part.strip()
+        if part not in ISA_LEVELS:
+            raise ValueError(f"unknown instruction set {part!r}; expected 'all' or some of "
+                             f"{', '.join(ISA_LEVELS)}")
+        if part not in isas:
+            isas.append(part)
+    have = supported_isas()
+    missing = [i for i in isas if i not in have]
+    if missing:
+        raise ValueError(f"{', '.join(missing)} not available here (this CPU and build: "
+                         f"{', '.join(have)})")
+    return sorted(isas, key=ISA_LEVELS.index)
+
+
+def run_isas(isas: Sequence[str], child_args: Sequence[str], json_path: Optional[str] = None,
+             out=None) -> int:
+    """Run the benchmark once per instruction set, each in its own process with NORMKIT_ISA set
+    (the kernels' version is chosen once per process), then print the results side by side.
+    Within each process normkit, NumPy and PyTorch are interleaved as usual, so the ratios are
+    same-run ratios; raw times of different levels come from consecutive runs."""
+    import subprocess
+    import tempfile
+
+    out = out if out is not None else sys.stdout
+    docs: Dict[str, dict] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for isa in isas:
+            path = os.path.join(tmp, f"{isa}.json")
+            env = dict(os.environ, NORMKIT_ISA=isa)
+            print(f"===== NORMKIT_ISA={isa} =====", file=out, flush=True)
+            cmd = [sys.executable, "-m", "normkit", "bench", *child_args, "--json", path]
+            rc = subprocess.call(cmd, env=env)  # its table goes straight to our stdout
+            if rc != 0 or not os.path.exists(path):
+                print(f"bench with NORMKIT_ISA={isa} failed (exit status {rc})", file=out)
+                return rc or 1
+            with open(path) as f:
+                docs[isa] = json.load(f)
+            active = docs[isa]["normkit"].get("simd")
+            if active != isa:
+                print(f"warning: NORMKIT_ISA={isa} ran the {active} kernels", file=out)
+            print(file=out, flush=True)
+    _print_isa_table(isas, docs, out)
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump({"isas": list(isas), "runs": docs}, f, indent=1, default=str)
+        print(f"wrote {json_path}", file=out)
+    return 0
+
+
+def _print_isa_table(isas: Sequence[str], docs: Dict[str, dict], out) -> None:
+    first = docs[isas[0]]
+    cpu = first.get("cpu", {})
+    print(f"===== side by side: {cpu.get('cpu', '?')} ({cpu.get('cpu_vendor', '?')}), "
+          f"{first.get('date_utc', '')} UTC =====", file=out)
+    print("per level: normkit ms, speed-up vs torch and vs numpy (same process), % of that "
+          "process's copy bandwidth; 'order' lists levels slower than the level below "
+          "(ratio of their same-run speed-ups vs torch, or vs numpy without torch)", file=out)
+    keyed = {isa: {(r["workload"], r["dir"], r["threads"]): r for r in docs[isa]["rows"]}
+             for isa in isas}
+    header = ["workload", "dir", "thr"]
+    for isa in isas:
+        header += [f"{isa} ms", "vs torch", "vs numpy", "% copy"]
+    header.append("order")
+    lines = []
+    for key in [(r["workload"], r["dir"], r["threads"]) for r in first["rows"]]:
+        cells = [key[0], key[1], str(key[2])]
+        order = []
+        prev = None
+        for isa in isas:
+            r = keyed[isa].get(key)
+            if r is None:
+                cells += ["-"] * 4
+                prev = None
+                continue
+            t = r["time_s"].get("normkit")
+            pct = r.get("pct_copy")
+            cells += [_fmt_ms(t), _fmt_x(r.get("speedup_torch")), _fmt_x(r.get("speedup_numpy")),
+                      f"{pct:.0f}%" if pct is not None and not r["in_cache"] else "-"]
+            anchor = "speedup_torch" if r.get("speedup_torch") else "speedup_numpy"
+            if prev is not None and r.get(anchor) and prev[1].get(anchor):
+                ratio = r[anchor] / prev[1][anchor]
+                if ratio < 1.0:
+                    order.append(f"{isa}<{prev[0]} {ratio:.2f}")
+            prev = (isa, r)
+        cells.append(", ".join(order))
+        lines.append(cells)
+    widths = [max(len(h), *(len(ln[i]) for ln in lines)) if lines else len(h)
+              for i, h in enumerate(header)]
+    left = {0, 1, len(header) - 1}
+
+    def fmt(cells):
+        return "  ".join(c.ljust(w) if i in left else c.rjust(w)
+                         for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+
+    print(fmt(header), file=out)
+    print("  ".join("-" * w for w in widths), file=out)
+    for ln in lines:
+        print(fmt(ln), file=out)
+    print(file=out)
+    for isa in isas:
+        s = docs[isa].get("summary", {})
+        parts = []
+        for k, label in (("speedup_torch", "vs torch"), ("speedup_numpy", "vs numpy")):
+            v = s.get(k)
+            if v:
+                parts.append(f"{label} min {_fmt_x(v['min'])} ({v['min_at']}), "
+                             f"geomean {_fmt_x(v['geomean'])}")
+        if s.get("min_pct_copy") is not None:
+            parts.append(f"min % copy {s['min_pct_copy']:.0f}%")
+        print(f"{isa}: " + "; ".join(parts), file=out)
