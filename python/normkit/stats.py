@@ -115,7 +115,7 @@ class Moments:
 
     ``Moments(feature_shape=(), dtype=np.float64)``: ``feature_shape`` is the shape of the
     statistics (the axes an update keeps); ``dtype`` is the dtype of what ``mean``, ``var`` and
-    ``std`` return (the state itself is always float64).
+    ``std`` return (the state itself is always float64)::
 
         m = Moments((64,))
         for x in batches:            # x of shape (N, 64, H, W)
