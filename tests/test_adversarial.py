@@ -76,6 +76,10 @@ def test_backwards_read_swapped_arrays():
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.skipif(os.environ.get("NORMKIT_SANITIZER_RUN") == "1",
+                    reason="a C++ exception aborts under the sanitizer tier's preloaded libasan "
+                    "(ASan's __cxa_throw interceptor without libstdc++ in python); the check "
+                    "itself runs in the main tier")
 def test_core_rejects_non_native_arrays():
     """The private _core does not convert: it raises TypeError naming the byte order."""
     from normkit import _core
