@@ -12,13 +12,17 @@ right) and easy to bring back, so this script scans the machine code instead of 
 What is flagged, per function (symbols of an object file; in a stripped shared object, the
 function ranges of its .eh_frame unwind table):
   a load of W bytes from a stack slot -- ``disp(%rsp)``, or ``disp(%rbp)`` in a function that
-  sets up %rbp as its frame pointer, W the width of the
-  destination register, 32 (ymm) or 64 (zmm); with ``--xmm`` also 16 (xmm, the SSE2 build's full
-  width) -- by a plain vector move or a packed arithmetic instruction, where the same function
-  also stores fewer than W bytes into any byte of [disp, disp + W) with the same base register
-  (an indexed store ``disp(%rsp,%reg,s)`` counts as writing [disp, disp + 64)).
-That is a superset of the stalls (it ignores control flow), and deterministic: it reads the
-disassembly only. A same-width spill and reload is not flagged (it forwards).
+  sets up %rbp as its frame pointer; W is the destination register's width, 32 (ymm) or 64 (zmm),
+  with ``--xmm`` also 16 (xmm, the SSE2 build's full width); the load is a plain vector move or a
+  packed arithmetic instruction -- such that, on some path leading to it (the control-flow graph
+  of the function's direct jumps, followed back at most _WINDOW instructions), the loaded bytes
+  were all written by stores of which at least one is a vector-register store narrower than W
+  (the value was assembled in the slot from pieces); or such that a vector-register store
+  narrower than W with a variable index (``disp(%rsp,%reg,s)``, a lane written by index) may
+  have written into it.
+Paths on which some loaded byte is never written are not reported (GCC reuses slots for other
+variables along paths that cannot both execute). A same-width spill and reload is not flagged
+(it forwards). Deterministic: it reads the disassembly only, no timing.
 
 Usage: check_vector_moves.py [--xmm] [--max N] [--verbose] FILE...   (objdump from binutils)
        check_vector_moves.py --self-test   (known-answer functions, assembled with `as`)

@@ -1,10 +1,17 @@
 // normkit CPU: portable SIMD blocks for the kernels' inner loops.
 //
 // Kernels write each formula once as a generic lambda f(j, width) and the helpers here call it
-// on blocks of 8 elements (width Width<8>: GCC/Clang vector extensions, which the compiler maps
-// onto SSE2, AVX2 or AVX-512 registers depending on how the file is compiled) and on single
-// elements for the remainder (Width<1>: plain scalars). The same core/norm_math.h formulas run
-// on both: the vector types support the same operators, with scalars broadcast.
+// on blocks of 8 elements (width Width<8>: f8 / d8, GCC/Clang vector extensions of the build's
+// register width, or Pack structs of two or four of them where 8 elements are wider than one
+// register: d8 on AVX2, f8 and d8 on SSE2) and on single elements for the remainder (Width<1>:
+// plain scalars). The same core/norm_math.h formulas run on both: the block types support the
+// same operators, with scalars broadcast.
+//
+// Every block stays in registers and is loaded and stored with full-width moves (issue 13): no
+// std::memcpy into a vector, no vector type wider than the hardware's, no std::pair of blocks
+// (each of these made GCC 12 move blocks through the stack in narrower pieces and reload them
+// whole, a store-forwarding stall per block). tools/check_vector_moves.py scans the built module
+// for that pattern; CI runs it.
 //
 // Summation order is fixed by the source (see lane_sum), so every build gives the same bits.
 // Streaming (non-temporal) stores are used for outputs far larger than the caches: they skip

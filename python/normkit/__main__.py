@@ -95,8 +95,12 @@ def _parser() -> argparse.ArgumentParser:
         "reference and, when torch imports, PyTorch's CPU kernels; each result is checked "
         "before it is timed. Prints a table; never asserts on timings.",
     )
+    from normkit._bench import WORKLOADS
+
+    quick = ", ".join(w.name for w in WORKLOADS if w.quick)
     b.add_argument("--quick", action="store_true",
-                   help="only bn_train_56 and ln_1k (about a minute)")
+                   help=f"only the {sum(w.quick for w in WORKLOADS)} workloads {quick} "
+                   "(a few minutes)")
     b.add_argument("--threads", type=_threads, default=[1, 2], metavar="LIST",
                    help="comma-separated thread counts (default: 1,2)")
     b.add_argument("--json", metavar="PATH", help="also write every row to PATH as JSON")
@@ -122,6 +126,8 @@ def _info() -> int:
     from normkit._bench import cpu_info
 
     info = dict(normkit.build_info())
+    if not info.get("cuda_available"):
+        info["cuda_unavailable_because"] = normkit.cuda.unavailable_reason()
     info.update(cpu_info())
     info["numpy"] = np.__version__
     info["num_threads"] = normkit.get_num_threads()

@@ -1012,6 +1012,9 @@ def run(*, quick: bool = False, threads: Sequence[int] = (1, 2), json_path: Opti
             tag = " (quick)" if wl.quick else ""
             print(f"{wl.name:<16} {wl.op:<14} {str(wl.shape):<20} {wl.dtype:<8} "
                   f"{'/'.join(wl.dirs)}{tag}", file=out)
+        print("add_layer_norm   add_rms_norm   standardize: after the table, in full runs "
+              "(fused residual add vs PyTorch's eager pair; Standardizer vs StandardScaler)",
+              file=out)
         return 0
 
     import normkit as nk
@@ -1019,17 +1022,22 @@ def run(*, quick: bool = False, threads: Sequence[int] = (1, 2), json_path: Opti
     def log(msg):
         print(msg, file=sys.stderr, flush=True)
 
+    from normkit._bench_extra import EXTRA_NAMES, run_extra
+
+    extras: Sequence[str] = ()
     if only:
         names = {w.name for w in WORKLOADS}
-        unknown = [n for n in only if n not in names]
+        unknown = [n for n in only if n not in names and n not in EXTRA_NAMES]
         if unknown:
             print(f"unknown workload(s): {', '.join(unknown)} (see --list)", file=sys.stderr)
             return 2
         workloads = [w for w in WORKLOADS if w.name in set(only)]
+        extras = [n for n in EXTRA_NAMES if n in set(only)]
     elif quick:
         workloads = [w for w in WORKLOADS if w.quick]
     else:
         workloads = list(WORKLOADS)
+        extras = EXTRA_NAMES
     max_reps = repeats if repeats is not None else (15 if quick else 20)
     budget_s = 0.6 if quick else 0.8
 
@@ -1093,6 +1101,7 @@ def run(*, quick: bool = False, threads: Sequence[int] = (1, 2), json_path: Opti
     print(file=out)
     summ = _summary(rows, torch is not None, out)
     print(f"(workloads took {elapsed:.0f} s)", file=out)
+    extra_rows = run_extra(nk, torch, extras, threads, copy_bw, out) if extras else []
 
     if json_path:
         doc = {
@@ -1102,7 +1111,7 @@ def run(*, quick: bool = False, threads: Sequence[int] = (1, 2), json_path: Opti
             "quick": quick, "threads": list(threads), "max_repeats": max_reps,
             "copy_bandwidth_gbps": {"before": copy_before, "after": copy_after, "used": copy_bw},
             "workloads": [asdict(w) for w in workloads], "skipped": skipped,
-            "rows": rows, "summary": summ,
+            "rows": rows, "summary": summ, "extra_rows": extra_rows,
         }
         with open(json_path, "w") as f:
             json.dump(doc, f, indent=1, default=str)

@@ -181,26 +181,24 @@ def _channel_forward(plan: P.ChannelPlan, x, weight, bias, rm, rv, out) -> NormO
         return NormOutput(y, mean, rstd)
 
 
-def batch_norm(x, weight, bias, running_mean, running_var, training, momentum, eps,
-               channel_axis, out) -> NormOutput:
-    fn = "batch_norm"
+def _stateful(fn, planner, x, weight, bias, running_mean, running_var, training, momentum, eps,
+              channel_axis, out) -> NormOutput:
     P.training_flag(training, fn)
     P.same_kind(fn, x, weight=weight, bias=bias, running_mean=running_mean,
                 running_var=running_var, out=out)
-    plan = P.batch_norm(fn, x, weight, bias, running_mean, running_var, training, momentum, eps,
-                        channel_axis, out)
+    plan = planner(fn, x, weight, bias, running_mean, running_var, training, momentum, eps,
+                   channel_axis, out)
     return _channel_forward(plan, x, weight, bias, running_mean, running_var, out)
 
 
-def instance_norm(x, weight, bias, running_mean, running_var, training, momentum, eps,
-                  channel_axis, out) -> NormOutput:
-    fn = "instance_norm"
-    P.training_flag(training, fn)
-    P.same_kind(fn, x, weight=weight, bias=bias, running_mean=running_mean,
-                running_var=running_var, out=out)
-    plan = P.instance_norm(fn, x, weight, bias, running_mean, running_var, training, momentum,
-                           eps, channel_axis, out)
-    return _channel_forward(plan, x, weight, bias, running_mean, running_var, out)
+def batch_norm(*args) -> NormOutput:
+    """(x, weight, bias, running_mean, running_var, training, momentum, eps, channel_axis, out)"""
+    return _stateful("batch_norm", P.batch_norm, *args)
+
+
+def instance_norm(*args) -> NormOutput:
+    """(x, weight, bias, running_mean, running_var, training, momentum, eps, channel_axis, out)"""
+    return _stateful("instance_norm", P.instance_norm, *args)
 
 
 def group_norm(x, num_groups, weight, bias, eps, channel_axis, out) -> NormOutput:

@@ -394,18 +394,24 @@ def per_channel_count(fn: str, count: int, C: int, shape, over_ranks: bool = Fal
         )
 
 
-def batch_norm(fn, x, weight, bias, rm, rv, training, momentum, eps, ca, out,
-               local_count: bool = True) -> ChannelPlan:
-    """``local_count=False``: the batch is split over ranks, so its count is checked later
-    (:func:`per_channel_count` with ``over_ranks=True``)."""
+def _stateful(fn, x, weight, bias, rm, rv, training, momentum, eps, ca):
+    """The rules BatchNorm and InstanceNorm share, in order."""
     training = training_flag(training, fn)
     xa = arg(x)
     ca, N, C, S, sd = _channel_input(xa, fn, ca)
     vector(arg(weight), fn, "weight", (C,), "the number of channels")
     vector(arg(bias), fn, "bias", (C,), "the number of channels")
     has_running = running(rm, rv, fn, C, sd)
-    m = momentum_value(momentum, fn)
-    e = eps_value(eps, fn)
+    return (training, xa, ca, N, C, S, sd, has_running, momentum_value(momentum, fn),
+            eps_value(eps, fn))
+
+
+def batch_norm(fn, x, weight, bias, rm, rv, training, momentum, eps, ca, out,
+               local_count: bool = True) -> ChannelPlan:
+    """``local_count=False``: the batch is split over ranks, so its count is checked later
+    (:func:`per_channel_count` with ``over_ranks=True``)."""
+    training, xa, ca, N, C, S, sd, has_running, m, e = _stateful(
+        fn, x, weight, bias, rm, rv, training, momentum, eps, ca)
     if training:
         if local_count:
             per_channel_count(fn, N * S if C else 0, C, xa.shape)
@@ -417,14 +423,8 @@ def batch_norm(fn, x, weight, bias, rm, rv, training, momentum, eps, ca, out,
 
 
 def instance_norm(fn, x, weight, bias, rm, rv, training, momentum, eps, ca, out) -> ChannelPlan:
-    training = training_flag(training, fn)
-    xa = arg(x)
-    ca, N, C, S, sd = _channel_input(xa, fn, ca)
-    vector(arg(weight), fn, "weight", (C,), "the number of channels")
-    vector(arg(bias), fn, "bias", (C,), "the number of channels")
-    has_running = running(rm, rv, fn, C, sd)
-    m = momentum_value(momentum, fn)
-    e = eps_value(eps, fn)
+    training, xa, ca, N, C, S, sd, has_running, m, e = _stateful(
+        fn, x, weight, bias, rm, rv, training, momentum, eps, ca)
     if training:
         if N and C and S == 0:
             raise ValueError(f"{fn}: empty reduction: x has shape {xa.shape}")

@@ -244,7 +244,7 @@ class Standardizer(OneToOneFeatureMixin, TransformerMixin, BaseEstimator):
         :meth:`partial_fit`.
     n_features_in_ : int
         Number of features seen in fit.
-    feature_names_in_ : numpy.ndarray of shape (n_features_in_,)
+    feature_names_in_ : numpy.ndarray of shape ``(n_features_in_,)``
         Feature names seen in fit, when the input had string column names (a DataFrame).
 
     Notes

@@ -85,14 +85,24 @@ def _batch_moments(x2: np.ndarray) -> Tuple[int, np.ndarray, np.ndarray]:
     rows (sums of the rows, then squared deviations from the mean)."""
     n, F = x2.shape
     rows = max(1, _BLOCK_ELEMENTS // max(F, 1))
+    # float32/float64 blocks are widened inside the ufuncs (no float64 copy of each block; the
+    # same row-by-row sums, so the same bits); other dtypes are converted first
+    direct = x2.dtype in (np.float32, np.float64)
     total = np.zeros(F, np.float64)
     for start in range(0, n, rows):
-        total += x2[start:start + rows].astype(np.float64).sum(axis=0)
+        block = x2[start:start + rows]
+        total += (block.sum(axis=0, dtype=np.float64) if direct
+                  else block.astype(np.float64).sum(axis=0))
     mean = total / n
     m2 = np.zeros(F, np.float64)
+    buf = np.empty((min(rows, n), F), np.float64)
     for start in range(0, n, rows):
-        d = x2[start:start + rows].astype(np.float64)
-        d -= mean
+        block = x2[start:start + rows]
+        d = buf[: block.shape[0]]
+        if direct:
+            np.subtract(block, mean, out=d)
+        else:
+            np.subtract(block.astype(np.float64), mean, out=d)
         m2 += np.einsum("ij,ij->j", d, d)
     return n, mean, m2
 
@@ -115,7 +125,7 @@ class Moments:
 
     ``Moments(feature_shape=(), dtype=np.float64)``: ``feature_shape`` is the shape of the
     statistics (the axes an update keeps); ``dtype`` is the dtype of what ``mean``, ``var`` and
-    ``std`` return (the state itself is always float64).
+    ``std`` return (the state itself is always float64)::
 
         m = Moments((64,))
         for x in batches:            # x of shape (N, 64, H, W)
