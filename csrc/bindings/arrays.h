@@ -88,8 +88,12 @@ inline bool is_acc_dtype(const py::array& a, DType d) {
   return dt.kind() == 'f' && dt.itemsize() == (d == DType::kFloat64 ? 8 : 4) && is_native(dt);
 }
 
+// C-contiguous and aligned to its element size: what the kernels read and write (an element at
+// a misaligned address is undefined behaviour for them; functional.py copies such arrays, and
+// the fast paths decline them).
 inline bool is_c_contiguous(const py::array& a) {
-  return (a.flags() & py::array::c_style) != 0;
+  constexpr int kAligned = 0x0100;  // NPY_ARRAY_ALIGNED
+  return (a.flags() & py::array::c_style) != 0 && (a.flags() & kAligned) != 0;
 }
 
 inline void check(bool ok, const std::string& msg) {
@@ -119,7 +123,7 @@ const T* data_in(const py::array& a, DType d, const std::vector<int64_t>& shape,
     throw py::type_error(std::string(fn) + ": " + arg + " has dtype " + dtype_name(a) +
                          " but x has another dtype");
   check_shape(a, shape, fn, arg);
-  check(is_c_contiguous(a), std::string(fn) + ": " + arg + " must be C-contiguous");
+  check(is_c_contiguous(a), std::string(fn) + ": " + arg + " must be C-contiguous and aligned");
   return static_cast<const T*>(a.data());
 }
 
@@ -141,7 +145,7 @@ A* acc_array(const py::object& o, DType d, int64_t n, bool writeable, const char
     throw py::type_error(std::string(fn) + ": " + arg + " has dtype " + dtype_name(a) + " but " +
                          (d == DType::kFloat64 ? "float64" : "float32") + " is required");
   check_shape(a, {n}, fn, arg);
-  check(is_c_contiguous(a), std::string(fn) + ": " + arg + " must be contiguous");
+  check(is_c_contiguous(a), std::string(fn) + ": " + arg + " must be contiguous and aligned");
   if (writeable) check(a.writeable(), std::string(fn) + ": " + arg + " is read-only");
   return static_cast<A*>(const_cast<void*>(a.data()));
 }

@@ -75,6 +75,8 @@ def data_array(x, fn: str, name: str = "x") -> np.ndarray:
     P.data_dtype(P.arg(x), fn, name)
     if not x.dtype.isnative:
         x = x.astype(P.native_dtype(x.dtype))
+    elif not x.flags.aligned:  # e.g. a view at an odd byte offset: the kernels read aligned data
+        x = x.copy()
     return x
 
 
@@ -82,8 +84,8 @@ def param(v, sd: np.dtype) -> Optional[np.ndarray]:
     """weight, bias, saved statistics (already checked): dense, in the statistics dtype."""
     if v is None:
         return None
-    if v.dtype != sd or not v.flags.c_contiguous:
-        v = np.ascontiguousarray(v, dtype=sd)
+    if v.dtype != sd or not v.flags.c_contiguous or not v.flags.aligned:
+        v = np.array(v, dtype=sd, order="C")  # a copy: contiguous, aligned
     return v
 
 
@@ -148,8 +150,8 @@ def _empty(shape, dtype) -> np.ndarray:
 
 
 def _dense(a: np.ndarray) -> np.ndarray:
-    """``a`` itself when C-contiguous, else a C-contiguous copy."""
-    if a.flags.c_contiguous:
+    """``a`` itself when C-contiguous and aligned, else a C-contiguous copy."""
+    if a.flags.c_contiguous and a.flags.aligned:
         return a
     c = _empty(a.shape, a.dtype)
     np.copyto(c, a)
@@ -175,7 +177,7 @@ def _output(out: Optional[np.ndarray], x: np.ndarray, xp: np.ndarray, perm, othe
         yp = _empty(xp.shape, x.dtype)
         return yp, yp.reshape(pshape).transpose(_inverse(perm)), None
     op = out.transpose(perm)
-    if out.dtype.isnative and op.flags.c_contiguous and not any(
+    if out.dtype.isnative and out.flags.aligned and op.flags.c_contiguous and not any(
         o is not None and np.may_share_memory(out, o) for o in others
     ):
         yp = op.reshape(xp.shape)
@@ -195,7 +197,9 @@ def _output(out: Optional[np.ndarray], x: np.ndarray, xp: np.ndarray, perm, othe
 def _native_running(r: Optional[np.ndarray]) -> Optional[np.ndarray]:
     """The array the kernel updates: ``r`` itself, or a native-order copy of a non-native ``r``
     (copied back into ``r``, in its own byte order, after the kernel)."""
-    return r if r is None or r.dtype.isnative else r.astype(P.native_dtype(r.dtype))
+    if r is None or (r.dtype.isnative and r.flags.aligned):
+        return r
+    return np.array(r, dtype=P.native_dtype(r.dtype))  # aligned, native; copied back after
 
 
 def check_running(plan: P.ChannelPlan, x, w, b, rm, rv) -> None:
@@ -789,7 +793,8 @@ def _fused_output(dst, x, inputs, others, exact_ok=()):
     if dst is None:
         buf = _empty((M, N), x.dtype)
         return buf, buf.reshape(x.shape), None
-    d2 = dst.reshape(M, N) if dst.flags.c_contiguous and dst.dtype.isnative else None
+    d2 = (dst.reshape(M, N) if dst.flags.c_contiguous and dst.flags.aligned and dst.dtype.isnative
+          else None)
     if d2 is not None and not any(o is not None and np.may_share_memory(d2, o) for o in others):
         ptr = d2.__array_interface__["data"][0]
         same = [a for a in inputs + tuple(exact_ok)
