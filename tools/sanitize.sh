@@ -77,8 +77,12 @@ if [[ -z "$SO" ]]; then
   echo "sanitize.sh: no normkit/_core*.so under $PLAT (is normkit installed in $VENV?)" >&2
   exit 2
 fi
-if ! ldd "$SO" | grep -q libasan; then
-  echo "sanitize.sh: $SO is not linked against libasan" >&2
+# (ldd's output is captured first: `ldd | grep -q` under pipefail fails at random, because grep -q
+# exits at the first match and ldd then dies of SIGPIPE while writing its remaining lines.)
+LDD_OUT="$(ldd "$SO")"
+if ! grep -q libasan <<< "$LDD_OUT"; then
+  echo "sanitize.sh: $SO is not linked against libasan; ldd says:" >&2
+  echo "$LDD_OUT" >&2
   exit 2
 fi
 echo "== extension: $SO"
