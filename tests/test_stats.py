@@ -568,3 +568,56 @@ def test_fold_needs_eval_mode_and_running_statistics():
     bn = nk.BatchNorm(3, track_running_stats=False).eval()
     with pytest.raises(ValueError, match="fold_batch_norm: this BatchNorm has track_running_stats=False"):
         nk.fold_batch_norm(np.ones((3, 2)), None, bn)
+
+
+# ----------------------------------------------------------------------------------------------
+# _core.column_moments: the BatchNorm statistics kernel run for its float64 moments only (what
+# normkit.sklearn's fit uses), against exact sums (math.fsum) of the float64 values
+
+
+def _exact_moments(x64):
+    import math
+
+    n = x64.shape[0]
+    mean = np.array([math.fsum(col) / n for col in x64.T])
+    m2 = np.array([math.fsum((col - m) ** 2) for col, m in zip(x64.T, mean)])
+    return mean, m2
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(1, 4), (5, 3), (20, 3), (300, 70), (5000, 2), (40, 3000)])
+@pytest.mark.parametrize("order", ["C", "F"])
+def test_column_moments_match_exact_sums(dtype, shape, order):
+    from normkit import _core
+
+    rng = rng_for(91, shape[0], shape[1])
+    scale = np.logspace(-3, 3, shape[1])
+    x = (1e4 + rng.standard_normal(shape) * scale).astype(dtype)
+    x = np.asarray(x, order=order)
+    before = x.copy()
+    mean, m2 = (_core.column_moments(x, True) if order == "C"
+                else _core.column_moments(x.T, False))
+    np.testing.assert_array_equal(x, before)  # statistics only: nothing written
+    assert mean.dtype == m2.dtype == np.float64 and mean.shape == m2.shape == (shape[1],)
+    ref_mean, ref_m2 = _exact_moments(x.astype(np.float64))
+    # the error bounds of recursive summation in float64 (gamma_n ~ n eps, Higham ch. 4) for the
+    # mean, and for m2 that bound plus the cancellation of merging pieces whose means carry
+    # round-off of |mean| (eps |mean| sqrt(n m2)); the float32 values are exact in float64
+    n, eps = shape[0], np.finfo(np.float64).eps
+    x64 = x.astype(np.float64)
+    assert (np.abs(mean - ref_mean) <= 2 * n * eps * np.abs(x64).mean(axis=0)).all()
+    bound = 8 * n * eps * ref_m2 + 4 * eps * np.abs(ref_mean) * np.sqrt(n * ref_m2)
+    assert (np.abs(m2 - ref_m2) <= bound).all()
+
+
+def test_column_moments_rejects_what_it_cannot_read():
+    from normkit import _core
+
+    with pytest.raises(TypeError):
+        _core.column_moments(np.ones((3, 2), np.int64), True)
+    with pytest.raises(ValueError, match="2-D"):
+        _core.column_moments(np.ones(3), True)
+    with pytest.raises(ValueError, match="C-contiguous"):
+        _core.column_moments(np.ones((4, 3))[::2], True)
+    with pytest.raises(ValueError, match="no samples"):
+        _core.column_moments(np.ones((0, 3)), True)

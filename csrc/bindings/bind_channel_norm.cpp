@@ -1,6 +1,8 @@
 // normkit bindings: channel norms (BatchNorm), view (B, C, S) or channels-last (B, S, C).
 // Each entry: check everything, fill the params struct, release the GIL, run the kernel.
 #include <cmath>
+#include <type_traits>
+#include <vector>
 
 #include "bindings/arrays.h"
 #include "cpu/kernels.h"
@@ -73,6 +75,45 @@ void channel_forward(const py::array& x, bool channels_last, const py::object& w
   });
 }
 
+// Moments of the columns of a float32/float64 matrix, in double: x (n, F) with
+// rows_are_samples (each column a feature over n samples: channels-last BatchNorm statistics),
+// or x (F, n) without (each row a feature: channels-first, B = 1). Returns (mean, m2), float64
+// (F,). The BatchNorm statistics kernel with no output (y null). For normkit.sklearn, whose
+// float32 fit needs the float64 moments that the float32 mean/rstd outputs would round away.
+py::tuple column_moments(const py::array& x, bool rows_are_samples) {
+  const char* fn = "column_moments";
+  const DType d = data_dtype(x, fn, "x");
+  check(d == DType::kFloat32 || d == DType::kFloat64,
+        std::string(fn) + ": x must be float32 or float64, got " + dtype_name(x));
+  check(x.ndim() == 2, std::string(fn) + ": x must be 2-D, got shape " + shape_str(x));
+  check(is_c_contiguous(x), std::string(fn) + ": x must be C-contiguous and aligned");
+  const int64_t n = rows_are_samples ? x.shape(0) : x.shape(1);
+  const int64_t F = rows_are_samples ? x.shape(1) : x.shape(0);
+  check(n > 0, std::string(fn) + ": no samples");
+  py::array_t<double> mean(F), m2(F);
+  dispatch_dtype(d, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
+      std::vector<T> mean_acc(static_cast<size_t>(F)), rstd_acc(static_cast<size_t>(F));
+      ChannelForwardParams<T> p;
+      p.x = static_cast<const T*>(x.data());
+      p.y = nullptr;  // statistics only
+      p.mean = mean_acc.data();
+      p.rstd = rstd_acc.data();
+      p.group_mean64 = mean.mutable_data();
+      p.group_m2_64 = m2.mutable_data();
+      p.B = rows_are_samples ? n : 1;
+      p.S = rows_are_samples ? 1 : n;
+      p.C = p.G = F;
+      p.training = true;
+      p.channels_last = rows_are_samples;
+      py::gil_scoped_release nogil;  // no Python objects touched here
+      cpu::channel_norm_forward(p);
+    }
+  });
+  return py::make_tuple(mean, m2);
+}
+
 void channel_backward(const py::array& dy, const py::array& x, bool channels_last,
                       const py::object& mean, const py::object& rstd, const py::object& weight,
                       bool training, py::array& dx, const py::object& dweight,
@@ -118,6 +159,7 @@ void channel_backward(const py::array& dy, const py::array& x, bool channels_las
 }  // namespace
 
 void bind_channel_norm(py::module_& m) {
+  m.def("column_moments", &column_moments, py::arg("x"), py::arg("rows_are_samples"));
   m.def("channel_norm_forward", &channel_forward, py::arg("x"), py::arg("channels_last"),
         py::arg("weight"), py::arg("bias"), py::arg("running_mean"), py::arg("running_var"),
         py::arg("training"), py::arg("momentum"), py::arg("eps"), py::arg("y"), py::arg("mean"),

@@ -66,6 +66,11 @@ template <class T> struct ChannelForwardParams {
   bool training = true;  // false: statistics from the running ones (per_sample must be false)
   bool channels_last = false;
   bool per_sample = false;
+  // CPU only, training only: when set, (samples * G,) out: each group's mean and M2 (sum of
+  // squared deviations) in double, before any rounding to acc_t. y == nullptr: statistics only
+  // (nothing normalized or written but mean, rstd, these and the running statistics).
+  double* group_mean64 = nullptr;
+  double* group_m2_64 = nullptr;
 };
 
 template <class T> struct ChannelBackwardParams {

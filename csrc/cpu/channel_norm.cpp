@@ -28,7 +28,8 @@
 // double (kShiftedStats, cpu/lanes.h); pieces merged with Chan's formula (core/welford.h).
 // 2) normalize + affine (core/norm_math.h). 3) write y, mean, rstd; running statistics updated
 // with unbiased variances. A group is fully reduced before any of its y is written, so y may
-// be x (in place).
+// be x (in place). With y null the kernel stops after the statistics (normkit.sklearn's fit
+// takes each group's moments in double: params.h, group_mean64).
 // Backward: per (s, c) sums S1 = sum(dy * xhat), S2 = sum(dy); dweight = sum_s S1, dbias = sum_s S2;
 // per group c1 = sum_c w_c S1 / n, c2 = sum_c w_c S2 / n; dx = rstd * (w dy - c2 - xhat c1);
 // training=False: statistics are constants, c1 = c2 = 0.
@@ -234,6 +235,16 @@ void update_running(const ChannelForwardParams<T>& p, const View& v,
   }
 }
 
+// The optional double-precision group moments (p.group_mean64, p.group_m2_64).
+template <class T>
+void export_moments(const ChannelForwardParams<T>& p, const std::vector<Moments<double>>& gm) {
+  if (!p.training || !p.group_mean64) return;
+  for (size_t t = 0; t < gm.size(); ++t) {
+    p.group_mean64[t] = gm[t].mean;
+    p.group_m2_64[t] = gm[t].m2;
+  }
+}
+
 template <class T, bool kHasWeight, bool kHasBias>
 void forward_planes(const ChannelForwardParams<T>& p, const View& v) {
   using C = compute_t<T>;
@@ -279,6 +290,7 @@ void forward_planes(const ChannelForwardParams<T>& p, const View& v) {
       }
       gm[at(t)] = m;
       const GroupStats<C> st = finish_group(p, t, m);
+      if (!p.y) continue;  // statistics only
       // 2) normalize + affine, 3) write y
       for (int64_t o = 0; o < v.O; ++o)
         for (int64_t c = g * v.D; c < (g + 1) * v.D; ++c) {
@@ -293,6 +305,7 @@ void forward_planes(const ChannelForwardParams<T>& p, const View& v) {
     if (stream) stream_fence();
   });
   update_running(p, v, gm);
+  export_moments(p, gm);
 }
 
 template <class T, bool kHasWeight, bool kHasBias>
@@ -390,12 +403,14 @@ void forward_rows(const ChannelForwardParams<T>& p, const View& v) {
       gm[at(t)] = moments_from_two_pass(v.O * k, gmean, within + static_cast<double>(v.O) * dev);
     }
   const std::vector<GroupStats<C>> st = finish_groups(p, gm);
+  update_running(p, v, gm);
+  export_moments(p, gm);
+  if (!p.y) return;  // statistics only
   ColumnStats<C> scol(v.samples * cols);  // per (sample, column)
   for (int64_t t = 0; t < groups; ++t) {
     const int64_t s = t / v.G, g = t % v.G;
     scol.fill(s * cols + g * v.D * v.I, s * cols + (g + 1) * v.D * v.I, st[at(t)]);
   }
-  update_running(p, v, gm);
   // 2) normalize + affine, 3) write y
   std::vector<C> wcol(at(cols)), bcol(at(cols));
   for (int64_t c = 0; c < v.C; ++c)  // column j = c * I + i belongs to channel c
@@ -469,6 +484,8 @@ void forward_sample_planes(const ChannelForwardParams<T>& p, const View& v) {
   }
   const std::vector<GroupStats<C>> st = finish_groups(p, gm);
   update_running(p, v, gm);
+  export_moments(p, gm);
+  if (!p.y) return;  // statistics only
   // 2) normalize + affine, 3) write y
   const bool stream = p.B * p.C * p.S * static_cast<int64_t>(sizeof(T)) >= kStreamBytes;
   parallel_for(v.O, grain_for(v.C * v.I), [&](int64_t o0, int64_t o1) {

@@ -1,5 +1,5 @@
 # Type stubs for normkit's private native module (csrc/bindings). Use the normkit package.
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -18,6 +18,7 @@ def channel_norm_forward(
     momentum: float, eps: float, y: np.ndarray, mean: np.ndarray, rstd: np.ndarray,
     groups: int = 0,
 ) -> None: ...
+def column_moments(x: np.ndarray, rows_are_samples: bool) -> Tuple[np.ndarray, np.ndarray]: ...
 def channel_norm_backward(
     dy: np.ndarray, x: np.ndarray, channels_last: bool, mean: np.ndarray, rstd: np.ndarray,
     weight: Optional[np.ndarray], training: bool, dx: np.ndarray, dweight: np.ndarray,

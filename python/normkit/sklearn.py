@@ -34,6 +34,7 @@ except ImportError as e:  # scikit-learn missing, or older than 1.6 (no validate
         f"normkit.sklearn needs scikit-learn >= 1.6{found} ({e}). Install it with: {_INSTALL}"
     ) from e
 
+from . import _core
 from .stats import Moments
 
 __all__ = ["Standardizer"]
@@ -66,8 +67,20 @@ def _combine(na, mean_a, m2_a, nb, mean_b, m2_b):
 
 
 def _moments_dense(X: np.ndarray):
-    """(mean, m2) of the columns of a 2-D array, by :class:`normkit.Moments` (two passes in
-    float64). A column with NaN or infinity gets a non-finite mean."""
+    """(mean, m2) of the columns of a 2-D array (at least one row) in float64. A column with
+    NaN or infinity gets a non-finite mean.
+
+    float32 arrays in either memory order: the BatchNorm statistics kernel, which reads X once
+    (shifted sums in float64 over pieces of rows, merged with Chan's formula) and returns the
+    float64 moments; their error (about eps64 * |mean| relative to the spread) is far below
+    float32's. Other arrays, float64 included: :class:`normkit.Moments` (two passes over the
+    whole column in float64, NumPy), which keeps float64 data at StandardScaler's accuracy when
+    the mean is many spreads from zero."""
+    if X.dtype == np.float32 and X.dtype.isnative and X.flags.aligned:
+        if X.flags.c_contiguous:
+            return _core.column_moments(X, True)
+        if X.flags.f_contiguous:
+            return _core.column_moments(X.T, False)
     with np.errstate(invalid="ignore", over="ignore"):  # inf - inf: NaN, looked at later
         state = Moments((X.shape[1],)).update(X, axis=0).state_dict()
     return state["mean"], state["m2"]
