@@ -138,7 +138,7 @@ void row_backward_rows(const RowBackwardParams<T>& p, int64_t r0, int64_t r1, do
       c2[k] = kCenter ? static_cast<C>(sum_g * inv_n) : C(0);
     }
     // dx, and partial dweight, dbias (the group's rows are read once more, from cache)
-    const Lines lines = stream ? whole_lines(p.dx + g0 * N, N) : Lines{};
+    const Lines lines = stream_lines(p.dx + g0 * N, N, stream);
     for_blocks_from(N, lines.head, [&](int64_t j, auto w) {
       auto dw = loadw(pdw + j, w);
       auto db = loadw(pdb + j, w);
