@@ -1,10 +1,7 @@
 // normkit CPU: channel norms — BatchNorm, GroupNorm (and InstanceNorm, GroupNorm with G = C).
 //
-// View: every layout and op is reduced to x[s][o][c][i], dense and row-major, with
-//   s < samples: independent sample blocks (1 for BatchNorm, B for GroupNorm),
-//   o < O:       rows within a block that share statistics,
-//   c < C:       channels, in G groups of D = C / G (BatchNorm: G = C, D = 1),
-//   i < I:       innermost positions.
+// View: every layout and op is reduced to x[s][o][c][i] (core/channel_view.h, the index map the
+// CUDA kernels share):
 //                     channels-first (B, C, S)      channels-last (B, S, C)
 //   BatchNorm         samples 1, O = B, I = S       samples 1, O = B * S, I = 1
 //   GroupNorm         samples B, O = 1, I = S       samples B, O = S,     I = 1
@@ -37,6 +34,7 @@
 #include <utility>
 #include <vector>
 
+#include "core/channel_view.h"
 #include "core/norm_math.h"
 #include "core/welford.h"
 #include "cpu/kernels.h"
@@ -60,11 +58,8 @@ constexpr int64_t kPiece = 4096;           // elements per two-pass piece in the
 constexpr int64_t kChunkElements = 65536;  // elements per row chunk in the row traversal
 constexpr int64_t kStreamBytes = int64_t{8} << 20;  // outputs this large use streaming stores
 
-struct View {
-  int64_t samples, O, C, I, G, D;
-  int64_t offset(int64_t s, int64_t o, int64_t c) const { return ((s * O + o) * C + c) * I; }
-  int64_t group_size() const { return O * D * I; }
-  int64_t cols() const { return C * I; }
+// The index map of core/channel_view.h, plus the row traversal's chunking.
+struct View : ChannelView {
   int64_t rows_per_chunk() const {  // at most kShiftPiece: a chunk's column is a shifted piece
     return std::clamp<int64_t>(kChunkElements / std::max<int64_t>(1, cols()), 1, kShiftPiece);
   }
@@ -76,17 +71,7 @@ struct View {
 
 template <class P> View view_of(const P& p) {
   View v;
-  v.samples = p.per_sample ? p.B : 1;
-  v.C = p.C;
-  v.G = p.per_sample ? p.G : p.C;
-  v.D = v.G > 0 ? p.C / v.G : 0;
-  if (p.channels_last) {
-    v.O = p.per_sample ? p.S : p.B * p.S;
-    v.I = 1;
-  } else {
-    v.O = p.per_sample ? 1 : p.B;
-    v.I = p.S;
-  }
+  static_cast<ChannelView&>(v) = channel_view_of(p);
   return v;
 }
 
@@ -308,116 +293,140 @@ void forward_planes(const ChannelForwardParams<T>& p, const View& v) {
   export_moments(p, gm);
 }
 
-template <class T, bool kHasWeight, bool kHasBias>
-void forward_rows(const ChannelForwardParams<T>& p, const View& v) {
-  using C = compute_t<T>;
+// Row traversal, step 1: per-column (mean, M2) of each (sample, chunk of rows), laid out
+// [s][k][cols means | cols M2s]: one pass of shifted sums over the chunk (float/half/bfloat16),
+// the shift each column's value in the chunk's first row (an element of the chunk, as the error
+// bound in cpu/lanes.h needs), or two passes (double).
+template <class T> std::vector<double> chunk_moments(const ChannelForwardParams<T>& p, const View& v) {
   const int64_t cols = v.cols(), rpc = v.rows_per_chunk(), n_chunks = v.chunks();
   const int64_t tasks = v.samples * n_chunks;
-  // 1) stats: per-column (mean, M2) of each (sample, chunk): one pass of shifted sums over the
-  // chunk (float/half/bfloat16), or two passes (double).
-  std::vector<double> partial;
-  if (p.training) {
-    partial.assign(at(tasks * 2 * cols), 0.0);
-    parallel_for(tasks, grain_for(std::min(v.O, rpc) * cols), [&](int64_t t0, int64_t t1) {
-      for (int64_t t = t0; t < t1; ++t) {
-        const int64_t s = t / n_chunks, k = t % n_chunks;
-        const int64_t r0 = k * rpc, r1 = r0 + v.chunk_rows(k);
-        double* mean = partial.data() + t * 2 * cols;
-        double* m2 = mean + cols;
-        if constexpr (kShiftedStats<T>) {
-          // one pass of shifted sums per column, the shift its value in the chunk's first row
-          // (an element of the chunk, as the error bound in cpu/lanes.h needs)
-          const T* x0 = p.x + v.offset(s, r0, 0);
-          const int64_t n = r1 - r0;
-          column_sums(r0, r1, cols, mean, m2, [&](int64_t r, int64_t j, auto w) {
-            const auto d = widen(loadw(p.x + v.offset(s, r, 0) + j, w)) - widen(loadw(x0 + j, w));
-            return two(d, d * d);
-          });
-          const double inv_n = 1.0 / static_cast<double>(n);
-          for (int64_t j = 0; j < cols; ++j) {
-            const auto mm = shifted_mean_m2_inv(inv_n, widen(loadw(x0 + j, Width<1>{})), mean[j], m2[j]);
-            mean[j] = mm.first;
-            m2[j] = mm.second;
-          }
-          continue;
-        }
-        for (int64_t r = r0; r < r1; ++r) {
-          const T* xr = p.x + v.offset(s, r, 0);
-          for_blocks(cols, [&](int64_t j, auto w) { add_to(mean + j, widen(loadw(xr + j, w))); });
-        }
-        const double inv = 1.0 / static_cast<double>(r1 - r0);
-        for (int64_t j = 0; j < cols; ++j) mean[j] *= inv;
-        for (int64_t r = r0; r < r1; ++r) {
-          const T* xr = p.x + v.offset(s, r, 0);
-          for_blocks(cols, [&](int64_t j, auto w) {
-            const auto d = widen(loadw(xr + j, w)) - loadw(mean + j, w);
-            add_to(m2 + j, d * d);
-          });
-        }
-      }
-    });
-  }
-  // Merge each (sample, column)'s chunks in chunk order, all columns at once (the chunks' row
-  // counts are the same for every column), then each group's columns in column order.
-  const int64_t groups = v.samples * v.G;
-  if (p.training) {
-    for (int64_t s = 0; s < v.samples; ++s) {
-      double* mean = partial.data() + s * n_chunks * 2 * cols;
+  std::vector<double> partial(at(tasks * 2 * cols), 0.0);
+  parallel_for(tasks, grain_for(std::min(v.O, rpc) * cols), [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t s = t / n_chunks, k = t % n_chunks;
+      const int64_t r0 = k * rpc, r1 = r0 + v.chunk_rows(k);
+      double* mean = partial.data() + t * 2 * cols;
       double* m2 = mean + cols;
-      for (int64_t k = 1; k < n_chunks; ++k) {
-        const double na = static_cast<double>(k * rpc), nb = static_cast<double>(v.chunk_rows(k));
-        const double wb = nb / (na + nb), na_wb = na * wb;
-        const double* mb = partial.data() + (s * n_chunks + k) * 2 * cols;
+      if constexpr (kShiftedStats<T>) {
+        const T* x0 = p.x + v.offset(s, r0, 0);
+        column_sums(r0, r1, cols, mean, m2, [&](int64_t r, int64_t j, auto w) {
+          const auto d = widen(loadw(p.x + v.offset(s, r, 0) + j, w)) - widen(loadw(x0 + j, w));
+          return two(d, d * d);
+        });
+        const double inv_n = 1.0 / static_cast<double>(r1 - r0);
+        for (int64_t j = 0; j < cols; ++j) {
+          const auto mm = shifted_mean_m2_inv(inv_n, widen(loadw(x0 + j, Width<1>{})), mean[j], m2[j]);
+          mean[j] = mm.first;
+          m2[j] = mm.second;
+        }
+        continue;
+      }
+      for (int64_t r = r0; r < r1; ++r) {
+        const T* xr = p.x + v.offset(s, r, 0);
+        for_blocks(cols, [&](int64_t j, auto w) { add_to(mean + j, widen(loadw(xr + j, w))); });
+      }
+      const double inv = 1.0 / static_cast<double>(r1 - r0);
+      for (int64_t j = 0; j < cols; ++j) mean[j] *= inv;
+      for (int64_t r = r0; r < r1; ++r) {
+        const T* xr = p.x + v.offset(s, r, 0);
         for_blocks(cols, [&](int64_t j, auto w) {
-          auto ma = loadw(mean + j, w);
-          auto sa = loadw(m2 + j, w);
-          chan_merge(ma, sa, loadw(mb + j, w), loadw(mb + cols + j, w), wb, na_wb);
-          storew(mean + j, ma, w);
-          storew(m2 + j, sa, w);
+          const auto d = widen(loadw(xr + j, w)) - loadw(mean + j, w);
+          add_to(m2 + j, d * d);
         });
       }
     }
-  }
-  // A group's k = D * I columns all hold O rows: mean = the average of their means, M2 = the
-  // sum of their M2 plus O times the squared deviations of their means (two short passes, no
-  // division per column; BatchNorm's groups are single columns and are taken as they are).
-  std::vector<Moments<double>> gm(at(groups));
-  if (p.training)
-    for (int64_t t = 0; t < groups; ++t) {
-      const int64_t s = t / v.G, g = t % v.G, k = v.D * v.I;
-      const double* mean = partial.data() + s * n_chunks * 2 * cols + g * k;
-      const double* m2 = mean + cols;
-      if (k == 1) {
-        gm[at(t)] = moments_from_two_pass(v.O, mean[0], m2[0]);
-        continue;
-      }
-      double sum = 0.0;
-      for (int64_t j = 0; j < k; ++j) sum += mean[j];
-      const double gmean = sum / static_cast<double>(k);
-      double dev = 0.0, within = 0.0;
-      for (int64_t j = 0; j < k; ++j) {
-        const double d = mean[j] - gmean;
-        dev += d * d;
-        within += m2[j];
-      }
-      gm[at(t)] = moments_from_two_pass(v.O * k, gmean, within + static_cast<double>(v.O) * dev);
+  });
+  return partial;
+}
+
+// Step 2: each (sample, column)'s chunks merged in chunk order into chunk 0's slot, all columns
+// at once (the chunks' row counts are the same for every column).
+inline void merge_chunks(const View& v, std::vector<double>& partial) {
+  const int64_t cols = v.cols(), rpc = v.rows_per_chunk(), n_chunks = v.chunks();
+  for (int64_t s = 0; s < v.samples; ++s) {
+    double* mean = partial.data() + s * n_chunks * 2 * cols;
+    double* m2 = mean + cols;
+    for (int64_t k = 1; k < n_chunks; ++k) {
+      const double na = static_cast<double>(k * rpc), nb = static_cast<double>(v.chunk_rows(k));
+      const double wb = nb / (na + nb), na_wb = na * wb;
+      const double* mb = partial.data() + (s * n_chunks + k) * 2 * cols;
+      for_blocks(cols, [&](int64_t j, auto w) {
+        auto ma = loadw(mean + j, w);
+        auto sa = loadw(m2 + j, w);
+        chan_merge(ma, sa, loadw(mb + j, w), loadw(mb + cols + j, w), wb, na_wb);
+        storew(mean + j, ma, w);
+        storew(m2 + j, sa, w);
+      });
     }
+  }
+}
+
+// Step 3: a group's k = D * I columns all hold O rows: mean = the average of their means, M2 =
+// the sum of their M2 plus O times the squared deviations of their means (two short passes, no
+// division per column; BatchNorm's groups are single columns and are taken as they are).
+inline std::vector<Moments<double>> group_moments(const View& v, const std::vector<double>& partial) {
+  const int64_t cols = v.cols(), n_chunks = v.chunks();
+  std::vector<Moments<double>> gm(at(v.samples * v.G));
+  for (int64_t t = 0; t < v.samples * v.G; ++t) {
+    const int64_t s = t / v.G, g = t % v.G, k = v.D * v.I;
+    const double* mean = partial.data() + s * n_chunks * 2 * cols + g * k;
+    const double* m2 = mean + cols;
+    if (k == 1) {
+      gm[at(t)] = moments_from_two_pass(v.O, mean[0], m2[0]);
+      continue;
+    }
+    double sum = 0.0;
+    for (int64_t j = 0; j < k; ++j) sum += mean[j];
+    const double gmean = sum / static_cast<double>(k);
+    double dev = 0.0, within = 0.0;
+    for (int64_t j = 0; j < k; ++j) {
+      const double d = mean[j] - gmean;
+      dev += d * d;
+      within += m2[j];
+    }
+    gm[at(t)] = moments_from_two_pass(v.O * k, gmean, within + static_cast<double>(v.O) * dev);
+  }
+  return gm;
+}
+
+// Each group's statistics copied to its columns, per (sample, column).
+template <class C> ColumnStats<C> column_stats(const View& v, const std::vector<GroupStats<C>>& st) {
+  const int64_t cols = v.cols(), k = v.D * v.I;
+  ColumnStats<C> scol(v.samples * cols);
+  for (int64_t t = 0; t < v.samples * v.G; ++t) {
+    const int64_t s = t / v.G, g = t % v.G;
+    scol.fill(s * cols + g * k, s * cols + (g + 1) * k, st[at(t)]);
+  }
+  return scol;
+}
+
+// A per-channel parameter spread over the columns j = c * I + i (`absent` where param is null).
+template <class C, class A> std::vector<C> per_column(const View& v, const A* param, C absent) {
+  std::vector<C> col(at(v.cols()));
+  for (int64_t c = 0; c < v.C; ++c)
+    for (int64_t j = c * v.I; j < (c + 1) * v.I; ++j)
+      col[at(j)] = param ? static_cast<C>(param[c]) : absent;
+  return col;
+}
+
+// Forward, row traversal: statistics (steps 1-3), then normalize + affine and write y.
+template <class T, bool kHasWeight, bool kHasBias>
+void forward_rows(const ChannelForwardParams<T>& p, const View& v) {
+  using C = compute_t<T>;
+  const int64_t cols = v.cols();
+  std::vector<Moments<double>> gm(at(v.samples * v.G));
+  if (p.training) {
+    std::vector<double> partial = chunk_moments(p, v);
+    merge_chunks(v, partial);
+    gm = group_moments(v, partial);
+  }
   const std::vector<GroupStats<C>> st = finish_groups(p, gm);
   update_running(p, v, gm);
   export_moments(p, gm);
   if (!p.y) return;  // statistics only
-  ColumnStats<C> scol(v.samples * cols);  // per (sample, column)
-  for (int64_t t = 0; t < groups; ++t) {
-    const int64_t s = t / v.G, g = t % v.G;
-    scol.fill(s * cols + g * v.D * v.I, s * cols + (g + 1) * v.D * v.I, st[at(t)]);
-  }
-  // 2) normalize + affine, 3) write y
-  std::vector<C> wcol(at(cols)), bcol(at(cols));
-  for (int64_t c = 0; c < v.C; ++c)  // column j = c * I + i belongs to channel c
-    for (int64_t j = c * v.I; j < (c + 1) * v.I; ++j) {
-      wcol[at(j)] = kHasWeight ? static_cast<C>(p.weight[c]) : C(1);
-      bcol[at(j)] = kHasBias ? static_cast<C>(p.bias[c]) : C(0);
-    }
+  const ColumnStats<C> scol = column_stats(v, st);
+  const std::vector<C> wcol = per_column(v, kHasWeight ? p.weight : nullptr, C(1));
+  const std::vector<C> bcol = per_column(v, kHasBias ? p.bias : nullptr, C(0));
   const bool stream = p.B * p.C * p.S * static_cast<int64_t>(sizeof(T)) >= kStreamBytes;
   parallel_for(v.samples * v.O, grain_for(cols), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
@@ -597,13 +606,10 @@ void backward_rows(const ChannelBackwardParams<T>& p, const View& v) {
   using C = compute_t<T>;
   const int64_t cols = v.cols(), rpc = v.rows_per_chunk(), n_chunks = v.chunks();
   const int64_t tasks = v.samples * n_chunks;
-  ColumnStats<C> scol(v.samples * cols);
-  for (int64_t s = 0; s < v.samples; ++s)
-    for (int64_t g = 0; g < v.G; ++g) {
-      const int64_t t = s * v.G + g;
-      scol.fill(s * cols + g * v.D * v.I, s * cols + (g + 1) * v.D * v.I,
-                make_group_stats<C>(static_cast<double>(p.mean[t]), static_cast<double>(p.rstd[t])));
-    }
+  std::vector<GroupStats<C>> st(at(v.samples * v.G));
+  for (int64_t t = 0; t < v.samples * v.G; ++t)
+    st[at(t)] = make_group_stats<C>(static_cast<double>(p.mean[t]), static_cast<double>(p.rstd[t]));
+  const ColumnStats<C> scol = column_stats(v, st);
   // partial dweight, dbias: per (sample, chunk) and column
   std::vector<double> partial(at(tasks * 2 * cols), 0.0);
   parallel_for(tasks, grain_for(std::min(v.O, rpc) * cols), [&](int64_t t0, int64_t t1) {
@@ -636,7 +642,7 @@ void backward_rows(const ChannelBackwardParams<T>& p, const View& v) {
     }
   write_param_grads(p, v, s1, s2);
   // c1, c2 per (sample, column)
-  std::vector<C> c1col(at(v.samples * cols)), c2col(at(v.samples * cols)), wcol(at(cols));
+  std::vector<C> c1col(at(v.samples * cols)), c2col(at(v.samples * cols));
   for (int64_t s = 0; s < v.samples; ++s)
     for (int64_t g = 0; g < v.G; ++g) {
       C c1, c2;
@@ -646,9 +652,7 @@ void backward_rows(const ChannelBackwardParams<T>& p, const View& v) {
         c2col[at(s * cols + j)] = c2;
       }
     }
-  for (int64_t c = 0; c < v.C; ++c)
-    for (int64_t j = c * v.I; j < (c + 1) * v.I; ++j)
-      wcol[at(j)] = kHasWeight ? static_cast<C>(p.weight[c]) : C(1);
+  const std::vector<C> wcol = per_column(v, kHasWeight ? p.weight : nullptr, C(1));
   // dx
   const bool stream = p.B * p.C * p.S * static_cast<int64_t>(sizeof(T)) >= kStreamBytes;
   parallel_for(v.samples * v.O, grain_for(cols), [&](int64_t r0, int64_t r1) {

@@ -14,6 +14,7 @@
 
 #include <cstdint>
 
+#include "core/channel_view.h"
 #include "core/macros.h"
 #include "core/types.h"
 #include "core/welford.h"
@@ -62,27 +63,13 @@ NK_HOST_DEVICE NK_INLINE RowLaunch row_launch(int64_t M, int64_t N) {
 }
 
 // ---- channel norms ----
-// The view of core/params.h, (B, C, S) or (B, S, C), seen as x[s][o][c][i] (as csrc/cpu):
-//   samples (1 for BatchNorm, B per sample), O rows, C channels, I innermost positions.
-// A unit (s, c) is one channel of one sample: O runs of I contiguous elements. Statistics
-// groups (s, g) are D consecutive units; partial sums are kept per unit and merged per group.
-struct ChannelView {
-  int64_t samples, O, C, I, G, D;
-  bool channels_last, per_sample;
-  int64_t S;  // spatial size (for the flat index map)
-
-  NK_HOST_DEVICE NK_INLINE int64_t units() const { return samples * C; }
-  NK_HOST_DEVICE NK_INLINE int64_t groups() const { return samples * G; }
-  NK_HOST_DEVICE NK_INLINE int64_t unit_size() const { return O * I; }
-  NK_HOST_DEVICE NK_INLINE int64_t group_size() const { return O * D * I; }
-  NK_HOST_DEVICE NK_INLINE int64_t offset(int64_t s, int64_t o, int64_t c) const {
-    return ((s * O + o) * C + c) * I;
-  }
-  NK_HOST_DEVICE NK_INLINE int64_t total() const { return samples * O * C * I; }
+// The index map is core/channel_view.h's (the same as csrc/cpu's); this adds how the CUDA kernels
+// split the work. A unit (s, c) is one channel of one sample: O runs of I contiguous elements;
+// partial sums are kept per unit and merged per group.
+struct ChannelView : nk::ChannelView {
   // Runs of at least kMinRun elements: blocks walk each unit's runs (coalesced); otherwise
   // threads own columns j = c * I + i of each sample's (O, C * I) matrix and walk down rows.
   NK_HOST_DEVICE NK_INLINE bool use_runs() const { return I >= kMinRun; }
-  NK_HOST_DEVICE NK_INLINE int64_t cols() const { return C * I; }
   // Partials per unit: run scheme chunks of kChunkElements; column scheme chunks of kColumnRows.
   NK_HOST_DEVICE NK_INLINE int64_t chunks() const {
     return use_runs() ? ceil_div(unit_size(), kChunkElements) : ceil_div(O, kColumnRows);
@@ -90,32 +77,11 @@ struct ChannelView {
   NK_HOST_DEVICE NK_INLINE int64_t partials() const {
     return use_runs() ? units() * chunks() : samples * chunks() * cols();
   }
-  // Flat dense index e -> channel c and statistics slot t (group for per_sample, else channel).
-  NK_HOST_DEVICE NK_INLINE void locate(int64_t e, int64_t& c, int64_t& t) const {
-    int64_t b;
-    if (channels_last) {
-      c = e % C;
-      b = e / (S * C);
-    } else {
-      const int64_t plane = e / S;
-      c = plane % C;
-      b = plane / C;
-    }
-    t = per_sample ? b * G + c / D : c;
-  }
 };
 
 template <class P> NK_HOST_DEVICE NK_INLINE ChannelView channel_view(const P& p) {
   ChannelView v;
-  v.samples = p.per_sample ? p.B : 1;
-  v.C = p.C;
-  v.G = p.per_sample ? p.G : p.C;
-  v.D = v.G > 0 ? p.C / v.G : 0;
-  v.O = p.channels_last ? (p.per_sample ? p.S : p.B * p.S) : (p.per_sample ? 1 : p.B);
-  v.I = p.channels_last ? 1 : p.S;
-  v.S = p.S;
-  v.channels_last = p.channels_last;
-  v.per_sample = p.per_sample;
+  static_cast<nk::ChannelView&>(v) = nk::channel_view_of(p);
   return v;
 }
 
