@@ -5,6 +5,7 @@ concatenated data, explicit batch loops, explicit dense and convolution layers).
 from __future__ import annotations
 
 import itertools
+import os
 import pickle
 
 import numpy as np
@@ -610,6 +611,9 @@ def test_column_moments_match_exact_sums(dtype, shape, order):
     assert (np.abs(m2 - ref_m2) <= bound).all()
 
 
+@pytest.mark.skipif(os.environ.get("NORMKIT_SANITIZER_RUN") == "1",
+                    reason="a C++ exception aborts under the sanitizer tier's preloaded libasan "
+                           "(tools/sanitize.sh); this test runs in the main tier")
 def test_column_moments_rejects_what_it_cannot_read():
     from normkit import _core
 
