@@ -369,12 +369,13 @@ template <class T> NK_INLINE Lines whole_lines(const T* out, int64_t n) {
 // A row that does not start and end on cache-line boundaries streams only when it is at least
 // this long. NumPy's allocator aligns data to 16 bytes, not 64, so `out=` arrays (and every row of
 // them) usually start mid-line; on a short row the ordinary stores of the edges, between the
-// streamed lines, cost more than streaming saves. Measured (Xeon, AVX-512, 1 thread, y 16 or 48
-// bytes past a line): channels-last BatchNorm (32, 56, 56, 64) forward, 256-byte rows, 7.5 and
-// 6.8 ms streamed, 3.8-4.1 ms not (y on a line boundary: 3.6 ms streamed). LayerNorm rows of
-// 4 KiB keep streaming their whole lines (3.9 ms either way; 4.7 ms with none streamed); rows
-// between 256 bytes and 2 KiB were within this machine's noise (+-15 %) either way.
-constexpr int64_t kMinPartialStreamBytes = 2048;
+// streamed lines, cost more than streaming saves. Measured (Xeon, AVX-512, 1 thread): channels-
+// last BatchNorm (32, 56, 56, 64) forward, 256-byte rows, y 16 or 48 bytes past a line: 7.5 and
+// 6.8 ms streamed, 3.8-4.1 ms not (y on a line boundary: 3.6 ms streamed). Rows from 512 bytes
+// on stream as before: for 784-byte planes (BatchNorm (256, 256, 14, 14)) and 800-byte rows
+// (LayerNorm (40000, 200)) the two choices were within this machine's run-to-run noise (10-15 %),
+// and LayerNorm's 4-KiB rows were slower unstreamed (4.7 against 3.9 ms).
+constexpr int64_t kMinPartialStreamBytes = 512;
 
 // The lines of out[0, n) to stream: whole_lines, or none when `stream` is false or the row is
 // partial and short (above).
