@@ -93,6 +93,26 @@ def test_small_outputs_bypass_the_cache(cache_limit):
     assert (after["hits"], after["misses"]) == (info["hits"], info["misses"])
 
 
+def test_outputs_larger_than_the_limit_come_from_numpy():
+    """A buffer the cache would not keep is not taken from it: the output is an ordinary NumPy
+    array (NumPy's allocator maps large arrays faster), correct, and the cache is not touched."""
+    old = nk.set_buffer_cache_limit(4 * MiB)  # below the 8 MiB output
+    try:
+        assert _core.empty((2048, 1024), np.dtype(np.float32)) is None
+        info = nk.buffer_cache_info()
+        x = _x(7)
+        for _ in range(2):
+            y = nk.layer_norm(x, 1024).y
+            assert isinstance(y.base, (np.ndarray, type(None)))  # not a cache capsule
+            np.testing.assert_allclose(y, ref.layer_norm(x, (1024,)).y, rtol=1e-5, atol=1e-5)
+            del y
+        after = nk.buffer_cache_info()
+        assert (after["hits"], after["misses"], after["cached_bytes"]) == (
+            info["hits"], info["misses"], 0)
+    finally:
+        nk.set_buffer_cache_limit(old)
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
 def test_empty_shapes_and_dtypes(dtype, cache_limit):
     for shape in [(0,), (3, 0, 5), (1 << 20,), (1024, 3, 700)]:

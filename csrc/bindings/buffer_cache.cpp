@@ -99,6 +99,12 @@ class BufferCache {
     for (void* q : drop) free_aligned(q);
   }
 
+  // Whether a freed buffer of `bytes` would be kept (it fits within the limit).
+  bool keeps(size_t bytes) {
+    std::lock_guard<std::mutex> lock(mu_);
+    return bytes <= limit_;
+  }
+
   size_t set_limit(size_t limit) {
     std::vector<void*> drop;
     size_t old;
@@ -167,6 +173,11 @@ py::object cached_empty(const py::dtype& dt, const std::vector<py::ssize_t>& sha
   if (nbytes < kMinBytes) return py::array(dt, shape);
   if (nbytes > SIZE_MAX - kRound) return py::none();
   const size_t bytes = (nbytes + kRound - 1) / kRound * kRound;
+  // A buffer the cache would not keep gains nothing from it: None sends the caller to NumPy's
+  // allocator, which asks for transparent huge pages on large arrays and so maps fresh memory
+  // faster (a 400 MB float32 output: 67 ms to first-touch from np.empty, 154 ms from this cache's
+  // 4-KiB pages; Xeon, THP in madvise mode). Cached buffers stay on 4-KiB pages (above).
+  if (!cache().keeps(bytes)) return py::none();
   // Failures return None instead of throwing: the caller then asks NumPy, which raises
   // MemoryError in Python (a C++ exception from a failed allocation is avoided on purpose).
   void* p = cache().acquire(bytes);
