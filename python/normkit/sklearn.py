@@ -445,6 +445,10 @@ class Standardizer(OneToOneFeatureMixin, TransformerMixin, BaseEstimator):
             self.n_samples_seen_ = count.copy()
 
     # -- transform ---------------------------------------------------------------------------
+    def _center_scale(self):
+        """(mean, scale) that the transforms apply; None for a step the flags turn off."""
+        return (self.mean_ if self.with_mean else None, self.scale_ if self.with_std else None)
+
     def _validated(self, X, copy, fn):
         check_is_fitted(self)
         copy = self.copy if copy is None else copy
@@ -486,9 +490,7 @@ class Standardizer(OneToOneFeatureMixin, TransformerMixin, BaseEstimator):
         original = X
         X = self._validate_fit_input(X, reset=True)
         self._accumulate(X, sample_weight, True)
-        mean = self.mean_ if self.with_mean else None
-        scale = self.scale_ if self.with_std else None
-        return _standardize(X, _output(X, original, self.copy), mean, scale,
+        return _standardize(X, _output(X, original, self.copy), *self._center_scale(),
                             _block_rows(X.shape[1]))
 
     def transform(self, X, copy=None):
@@ -518,9 +520,7 @@ class Standardizer(OneToOneFeatureMixin, TransformerMixin, BaseEstimator):
             ``X`` is sparse, complex or not numeric.
         """
         X, out = self._validated(X, copy, "transform")
-        mean = self.mean_ if self.with_mean else None
-        scale = self.scale_ if self.with_std else None
-        return _standardize(X, out, mean, scale, _block_rows(X.shape[1]))
+        return _standardize(X, out, *self._center_scale(), _block_rows(X.shape[1]))
 
     def inverse_transform(self, X, copy=None):
         """Undo :meth:`transform`: ``X * scale_ + mean_`` per feature.
@@ -550,9 +550,7 @@ class Standardizer(OneToOneFeatureMixin, TransformerMixin, BaseEstimator):
             ``X`` is sparse, complex or not numeric.
         """
         X, out = self._validated(X, copy, "inverse_transform")
-        mean = self.mean_ if self.with_mean else None
-        scale = self.scale_ if self.with_std else None
-        return _unstandardize(X, out, mean, scale, _block_rows(X.shape[1]))
+        return _unstandardize(X, out, *self._center_scale(), _block_rows(X.shape[1]))
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
