@@ -334,7 +334,7 @@ def test_bfloat16_channel_kernels_match_cpu(channels_last):
     ws = cp.empty(_cuda.workspace("channel_forward", "bfloat16", B, C, S, 0, channels_last), cp.uint8)
     s = cp.cuda.get_current_stream().ptr
     _cuda.channel_forward("bfloat16", gx.data.ptr, y.data.ptr, 0, 0, 0, 0, 1, 1, mean.data.ptr,
-                          rstd.data.ptr, B, C, S, 0, channels_last, True, 0.1, 1e-5, ws.data.ptr, s)
+                          rstd.data.ptr, B, C, S, 0, channels_last, True, 0.1, 1e-5, ws.data.ptr, s, 0)
     assert_close(cp.asnumpy(y).view(bf16), cpu.y)
     assert_close(mean, cpu.mean)
     assert_close(rstd, cpu.rstd)
@@ -348,3 +348,22 @@ def test_layer_norm_past_2_to_the_31_elements():
     for rows in (slice(0, 2), slice(M - 2, M)):
         xs = cp.asnumpy(x[rows])
         assert_all_close(tuple(a[rows] for a in r), nk.layer_norm(xs, N), np.float16)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("activation", ["relu", "silu"])
+@pytest.mark.parametrize("channel_axis", [1, -1])
+def test_fused_activations_match_cpu(dtype, activation, channel_axis):
+    shape = (4, 6, 5, 7) if channel_axis == 1 else (4, 5, 7, 6)
+    sd = _stat(dtype)
+    w, b = data(6, sd, seed=2), data(6, sd, seed=3)
+    x, dy = data(shape, dtype, offset=-1.0), data(shape, dtype, seed=1)
+    gx, gdy, gw, gb = to_gpu(x, dy, w, b)
+    for fwd, bwd, args in ((nk.batch_norm, nk.batch_norm_backward, ()),
+                           (nk.group_norm, nk.group_norm_backward, (3,))):
+        cpu = fwd(x, *args, w, b, channel_axis=channel_axis, activation=activation)
+        gpu = fwd(gx, *args, gw, gb, channel_axis=channel_axis, activation=activation)
+        assert_all_close(gpu, cpu, dtype)
+        kw = {"channel_axis": channel_axis, "activation": activation}
+        assert_all_close(bwd(gdy, gx, gpu.mean, gpu.rstd, gw, bias=gb, **kw),
+                         bwd(dy, x, cpu.mean, cpu.rstd, w, bias=b, **kw), dtype)

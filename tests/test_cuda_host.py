@@ -241,16 +241,16 @@ def test_module_rechecks_its_arguments():
         _cuda.row_forward("float32", 0, 0, 0, 0, 0, 0, 4, 0, 1e-5, 0)
     with pytest.raises(ValueError, match="eps must be >= 0"):
         _cuda.channel_forward("float32", 0, 0, 0, 0, 0, 0, 1, 1, 0, 0, 2, 3, 4, 0, False, True,
-                              0.1, -1.0, 0, 0)
+                              0.1, -1.0, 0, 0, 0)
     # an empty batch (CuPy gives empty arrays a null pointer): accepted, nothing launched
     _cuda.channel_forward("float32", 0, 0, 0, 0, 0, 0, 1, 1, 0, 0, 0, 4, 5, 2, False, True, 0.1,
-                          1e-5, 1, 0)
+                          1e-5, 1, 0, 0)
     with pytest.raises(ValueError, match="mean and rstd are required"):
         _cuda.channel_forward("float32", 0, 0, 0, 0, 0, 0, 1, 1, 0, 0, 2, 4, 5, 2, False, True,
-                              0.1, 1e-5, 1, 0)
+                              0.1, 1e-5, 1, 0, 0)
     with pytest.raises(ValueError, match="training=False requires"):
         _cuda.channel_forward("float32", 1, 1, 0, 0, 0, 0, 1, 1, 1, 1, 2, 3, 4, 0, False, False,
-                              0.1, 1e-5, 1, 0)
+                              0.1, 1e-5, 1, 0, 0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -539,6 +539,14 @@ class FakeCupy:
         return np.empty(shape, dtype).view(DevArray)
 
     @staticmethod
+    def ones(shape, dtype):
+        return np.ones(shape, dtype).view(DevArray)
+
+    @staticmethod
+    def zeros(shape, dtype):
+        return np.zeros(shape, dtype).view(DevArray)
+
+    @staticmethod
     def asarray(a):
         return np.asarray(a).view(DevArray)
 
@@ -607,7 +615,7 @@ class EmulatedCuda:
         return shape, nstats
 
     def channel_forward(self, dtype, x, y, w, b, rm, rv, rms, rvs, mean, rstd, B, C, S, groups,
-                        channels_last, training, momentum, eps, ws, stream):
+                        channels_last, training, momentum, eps, ws, stream, activation):
         self.streams.append(stream)
         assert ws != 0
         dt = storage_dtype(dtype)
@@ -616,10 +624,10 @@ class EmulatedCuda:
         _core.channel_norm_forward(
             at(x, shape, dt), channels_last, at(w, (C,), sd), at(b, (C,), sd),
             at(rm, (C,), sd, rms), at(rv, (C,), sd, rvs), training, momentum, eps,
-            at(y, shape, dt), at(mean, (ns,), sd), at(rstd, (ns,), sd), groups)
+            at(y, shape, dt), at(mean, (ns,), sd), at(rstd, (ns,), sd), groups, activation)
 
     def channel_backward(self, dtype, dy, x, mean, rstd, w, dx, dw, db, B, C, S, groups,
-                         channels_last, training, ws, stream):
+                         channels_last, training, ws, stream, b, activation):
         self.streams.append(stream)
         dt = storage_dtype(dtype)
         sd = F_stat(dt)
@@ -627,7 +635,7 @@ class EmulatedCuda:
         _core.channel_norm_backward(
             at(dy, shape, dt), at(x, shape, dt), channels_last, at(mean, (ns,), sd),
             at(rstd, (ns,), sd), at(w, (C,), sd), training, at(dx, shape, dt), at(dw, (C,), sd),
-            at(db, (C,), sd), groups)
+            at(db, (C,), sd), groups, at(b, (C,), sd), activation)
 
 
 def F_stat(dt):
@@ -682,6 +690,10 @@ def emulation_cases(dtype):
             cases.append(("batch_norm", (xx, c, None, np.zeros(C, sd), np.ones(C, sd)),
                           {**kw, "training": False}, dyy))
             cases.append(("group_norm", (xx, 2, c, c), kw, dyy))
+            # fused activations: the bias travels to the backward (absent: zeros)
+            cases.append(("batch_norm", (xx, c, c, np.zeros(C, sd), np.ones(C, sd)),
+                          {**kw, "activation": "relu"}, dyy))
+            cases.append(("group_norm", (xx, 2, c, None), {**kw, "activation": "silu"}, dyy))
             if xx.ndim > 2:
                 cases.append(("instance_norm", (xx, c, c, np.zeros(C, sd), np.ones(C, sd)), kw, dyy))
                 cases.append(("instance_norm", (xx, None, None, np.zeros(C, sd), np.ones(C, sd)),
@@ -701,7 +713,9 @@ def backward_args(name, args, kw, res, dy):
     if name == "rms_norm":
         return (dy, x, res.rstd, args[2] if len(args) > 2 else None), {}
     w = args[2] if name == "group_norm" else args[1]
-    bkw = {k: v for k, v in kw.items() if k in ("channel_axis", "training")}
+    bkw = {k: v for k, v in kw.items() if k in ("channel_axis", "training", "activation")}
+    if "activation" in kw:
+        bkw["bias"] = args[3] if name == "group_norm" else args[2]
     return (dy, x, res.mean, res.rstd, w), bkw
 
 

@@ -43,6 +43,15 @@ SCRIPT = textwrap.dedent(
             o = nk.group_norm(x, 2, w, b, channel_axis=ca)
             g = nk.group_norm_backward(dy, x, o.mean, o.rstd, w, channel_axis=ca)
             out.update({f"gn_{tag}_{name}_{i}": a for i, a in enumerate((*o, *g))})
+            for act in ("relu", "silu"):  # fused activations (exp's polynomial on blocks)
+                o = nk.batch_norm(x * 8, w, b, channel_axis=ca, activation=act)
+                g = nk.batch_norm_backward(dy, x * 8, o.mean, o.rstd, w, channel_axis=ca,
+                                           bias=b, activation=act)
+                out.update({f"bn_{act}_{tag}_{name}_{i}": a for i, a in enumerate((*o, *g))})
+                o = nk.group_norm(x, 2, w, b, channel_axis=ca, activation=act)
+                g = nk.group_norm_backward(dy, x, o.mean, o.rstd, w, channel_axis=ca, bias=b,
+                                           activation=act)
+                out.update({f"gn_{act}_{tag}_{name}_{i}": a for i, a in enumerate((*o, *g))})
         w = np.linspace(0.5, 1.5, xr.shape[1])
         dy = np.sin(xr.astype(np.float64)).astype(dt)
         o = nk.layer_norm(xr, xr.shape[1], w, w)

@@ -5,11 +5,22 @@
 #include <vector>
 
 #include "bindings/arrays.h"
+#include "core/activation.h"
 #include "cpu/kernels.h"
 
 namespace nk::bind {
 
 namespace {
+
+// activation: 0 none, 1 relu, 2 silu (core/activation.h); with one, weight and bias are required.
+void check_activation(int activation, const py::object& weight, const py::object& bias,
+                      const char* fn) {
+  check(activation >= kActNone && activation <= kActSilu,
+        std::string(fn) + ": activation must be 0 (none), 1 (relu) or 2 (silu), got " +
+            std::to_string(activation));
+  check(activation == kActNone || (!weight.is_none() && !bias.is_none()),
+        std::string(fn) + ": an activation needs weight and bias (pass ones and zeros)");
+}
 
 struct ChannelShape {
   int64_t B, C, S;
@@ -26,7 +37,7 @@ void channel_forward(const py::array& x, bool channels_last, const py::object& w
                      const py::object& bias, const py::object& running_mean,
                      const py::object& running_var, bool training, double momentum, double eps,
                      py::array& y, const py::object& mean, const py::object& rstd,
-                     int64_t groups) {
+                     int64_t groups, int activation) {
   const char* fn = "channel_norm_forward";
   const DType d = data_dtype(x, fn, "x");
   const ChannelShape s = channel_shape(x, channels_last, fn);
@@ -37,6 +48,7 @@ void channel_forward(const py::array& x, bool channels_last, const py::object& w
   check(!per_sample || running_mean.is_none() || groups == s.C,
         std::string(fn) + ": running statistics with per-sample groups need one group per channel");
   const int64_t n_stats = per_sample ? s.B * groups : s.C;
+  check_activation(activation, weight, bias, fn);
   check_rule(rules::eps(eps), fn);
   check_rule(rules::momentum(momentum), fn);
   check_rule(rules::running_pair(!running_mean.is_none(), !running_var.is_none()), fn);
@@ -68,6 +80,7 @@ void channel_forward(const py::array& x, bool channels_last, const py::object& w
     p.training = training;
     p.channels_last = channels_last;
     p.per_sample = per_sample;
+    p.activation = activation;
     {
       py::gil_scoped_release nogil;  // no Python objects touched here
       cpu::channel_norm_forward(p);
@@ -117,7 +130,8 @@ py::tuple column_moments(const py::array& x, bool rows_are_samples) {
 void channel_backward(const py::array& dy, const py::array& x, bool channels_last,
                       const py::object& mean, const py::object& rstd, const py::object& weight,
                       bool training, py::array& dx, const py::object& dweight,
-                      const py::object& dbias, int64_t groups) {
+                      const py::object& dbias, int64_t groups, const py::object& bias,
+                      int activation) {
   const char* fn = "channel_norm_backward";
   const DType d = data_dtype(x, fn, "x");
   const ChannelShape s = channel_shape(x, channels_last, fn);
@@ -125,6 +139,7 @@ void channel_backward(const py::array& dy, const py::array& x, bool channels_las
   check_rule(rules::groups_divide(s.C, groups), fn,
              " (C = " + std::to_string(s.C) + ", num_groups = " + std::to_string(groups) + ")");
   const int64_t n_stats = per_sample ? s.B * groups : s.C;
+  check_activation(activation, weight, bias, fn);
   dispatch_dtype(d, [&](auto tag) {
     using T = typename decltype(tag)::type;
     using A = acc_t<T>;
@@ -138,6 +153,8 @@ void channel_backward(const py::array& dy, const py::array& x, bool channels_las
     p.mean = acc_array<A>(mean, d, n_stats, false, fn, "mean");
     p.rstd = acc_array<A>(rstd, d, n_stats, false, fn, "rstd");
     p.weight = acc_array<A>(weight, d, s.C, false, fn, "weight");
+    p.bias = acc_array<A>(bias, d, s.C, false, fn, "bias");
+    p.activation = activation;
     p.dweight = acc_array<A>(dweight, d, s.C, true, fn, "dweight");
     p.dbias = acc_array<A>(dbias, d, s.C, true, fn, "dbias");
     check(p.mean && p.rstd && p.dweight && p.dbias,
@@ -163,15 +180,18 @@ void bind_channel_norm(py::module_& m) {
   m.def("channel_norm_forward", &channel_forward, py::arg("x"), py::arg("channels_last"),
         py::arg("weight"), py::arg("bias"), py::arg("running_mean"), py::arg("running_var"),
         py::arg("training"), py::arg("momentum"), py::arg("eps"), py::arg("y"), py::arg("mean"),
-        py::arg("rstd"), py::arg("groups") = 0,
+        py::arg("rstd"), py::arg("groups") = 0, py::arg("activation") = 0,
         "Channel view forward. groups=0: BatchNorm (statistics per channel, (C,)); groups=G > 0: "
         "GroupNorm (statistics per sample and group, (B, G)). Writes y, mean, rstd; updates "
-        "running statistics in place when training.");
+        "running statistics in place when training. activation: 0 none, 1 relu, 2 silu "
+        "(y = act(xhat * w + b); weight and bias then required).");
   m.def("channel_norm_backward", &channel_backward, py::arg("dy"), py::arg("x"),
         py::arg("channels_last"), py::arg("mean"), py::arg("rstd"), py::arg("weight"),
         py::arg("training"), py::arg("dx"), py::arg("dweight"), py::arg("dbias"),
-        py::arg("groups") = 0,
-        "Channel view backward (groups as in the forward). Writes dx, dweight, dbias in place.");
+        py::arg("groups") = 0, py::arg("bias") = py::none(), py::arg("activation") = 0,
+        "Channel view backward (groups as in the forward). Writes dx, dweight, dbias in place. "
+        "activation as in the forward (dy is then the gradient of the activation's output; "
+        "weight and bias required).");
 }
 
 }  // namespace nk::bind

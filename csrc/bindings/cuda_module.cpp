@@ -17,6 +17,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "core/activation.h"
 #include "core/dispatch.h"
 #include "core/rules.h"
 #include "cuda/kernels.h"
@@ -117,13 +118,22 @@ nk::cuda::ChannelView view_of(int64_t B, int64_t C, int64_t S, int64_t groups, b
   return nk::cuda::channel_view(p);
 }
 
+// activation: 0 none, 1 relu, 2 silu (core/activation.h); with one, weight and bias are required.
+void check_activation(int activation, uintptr_t weight, uintptr_t bias, const std::string& fn) {
+  check(activation >= nk::kActNone && activation <= nk::kActSilu,
+        fn + ": activation must be 0 (none), 1 (relu) or 2 (silu)");
+  check(activation == nk::kActNone || (weight && bias),
+        fn + ": an activation needs weight and bias");
+}
+
 void channel_forward(const std::string& dtype, uintptr_t x, uintptr_t y, uintptr_t weight,
                      uintptr_t bias, uintptr_t running_mean, uintptr_t running_var,
                      int64_t running_mean_stride, int64_t running_var_stride, uintptr_t mean,
                      uintptr_t rstd, int64_t B, int64_t C, int64_t S, int64_t groups,
                      bool channels_last, bool training, double momentum, double eps,
-                     uintptr_t workspace, uintptr_t stream) {
+                     uintptr_t workspace, uintptr_t stream, int activation) {
   const std::string fn = "_cuda.channel_forward";
+  check_activation(activation, weight, bias, fn);
   check_rule(nk::rules::eps(eps), fn);
   check_rule(nk::rules::momentum(momentum), fn);
   check_rule(nk::rules::running_pair(running_mean != 0, running_var != 0), fn);
@@ -153,6 +163,7 @@ void channel_forward(const std::string& dtype, uintptr_t x, uintptr_t y, uintptr
     p.eps = eps;
     p.momentum = momentum;
     p.training = training;
+    p.activation = activation;
     py::gil_scoped_release nogil;  // no Python objects touched here
     nk::cuda::channel_norm_forward(p, ptr<void>(workspace), stream);
   });
@@ -161,8 +172,10 @@ void channel_forward(const std::string& dtype, uintptr_t x, uintptr_t y, uintptr
 void channel_backward(const std::string& dtype, uintptr_t dy, uintptr_t x, uintptr_t mean,
                       uintptr_t rstd, uintptr_t weight, uintptr_t dx, uintptr_t dweight,
                       uintptr_t dbias, int64_t B, int64_t C, int64_t S, int64_t groups,
-                      bool channels_last, bool training, uintptr_t workspace, uintptr_t stream) {
+                      bool channels_last, bool training, uintptr_t workspace, uintptr_t stream,
+                      uintptr_t bias, int activation) {
   const std::string fn = "_cuda.channel_backward";
+  check_activation(activation, weight, bias, fn);
   check(workspace && ((dweight && dbias) || C == 0), fn + ": dweight, dbias and workspace are required");
   nk::dispatch_dtype(dtype_of(dtype), [&](auto tag) {
     using T = typename decltype(tag)::type;
@@ -179,6 +192,8 @@ void channel_backward(const std::string& dtype, uintptr_t dy, uintptr_t x, uintp
     p.dweight = ptr<A>(dweight);
     p.dbias = ptr<A>(dbias);
     p.training = training;
+    p.bias = ptr<const A>(bias);
+    p.activation = activation;
     py::gil_scoped_release nogil;  // no Python objects touched here
     nk::cuda::channel_norm_backward(p, ptr<void>(workspace), stream);
   });

@@ -71,6 +71,9 @@ template <class T> struct ChannelForwardParams {
   // (nothing normalized or written but mean, rstd, these and the running statistics).
   double* group_mean64 = nullptr;
   double* group_m2_64 = nullptr;
+  // Fused activation (core/activation.h): y = act(xhat * w + b). Anything but kActNone needs
+  // weight and bias set (the bindings pass ones / zeros for absent ones).
+  int activation = 0;
 };
 
 template <class T> struct ChannelBackwardParams {
@@ -86,6 +89,10 @@ template <class T> struct ChannelBackwardParams {
   bool training = true;  // false: statistics are constants
   bool channels_last = false;
   bool per_sample = false;
+  // The forward's activation; with one, dy is the gradient of act(z), z = xhat * w + b is
+  // recomputed from x, and weight and bias must both be set (as in the forward).
+  int activation = 0;
+  const acc_t<T>* bias = nullptr;    // (C,); read only with an activation
 };
 
 }  // namespace nk

@@ -77,6 +77,19 @@ template <class P> View view_of(const P& p) {
 
 inline size_t at(int64_t i) { return static_cast<size_t>(i); }
 
+// The forward's output act(xhat * w + b), and the backward's g = dy * act'(z) (dy itself
+// without an activation): core/activation.h on blocks or scalars of the compute type C.
+template <int kAct, class C, class V, class W, class B> NK_INLINE V output_of(V xh, W w, B b) {
+  return activate<kAct, BlockOps, C>(affine(xh, w, b));
+}
+template <int kAct, class C, class V, class W, class B>
+NK_INLINE V grad_of(V dy, [[maybe_unused]] V xh, [[maybe_unused]] W w, [[maybe_unused]] B b) {
+  if constexpr (kAct == kActNone)
+    return dy;
+  else
+    return activation_grad<kAct, BlockOps, C>(dy, affine(xh, w, b));
+}
+
 // Column sums over the rows [r0, r1) of a chunk: for every column j in [0, cols),
 //   a[j] += f(r, j).first,  b[j] += f(r, j).second,  rows added in order,
 // where f(r, j, width) gives a pair of double values or 8-double blocks (columns j .. j+7).
@@ -230,7 +243,7 @@ void export_moments(const ChannelForwardParams<T>& p, const std::vector<Moments<
   }
 }
 
-template <class T, bool kHasWeight, bool kHasBias>
+template <class T, bool kHasWeight, bool kHasBias, int kAct>
 void forward_planes(const ChannelForwardParams<T>& p, const View& v) {
   using C = compute_t<T>;
   const int64_t tasks = v.samples * v.G;
@@ -283,7 +296,7 @@ void forward_planes(const ChannelForwardParams<T>& p, const View& v) {
           const C b = kHasBias ? static_cast<C>(p.bias[c]) : C(0);
           const T* xp = p.x + v.offset(s, o, c);
           elementwise(v.I, p.y + v.offset(s, o, c), stream, [&](int64_t i, auto width) {
-            return affine(xhat_of(loadw(xp + i, width), st), w, b);
+            return output_of<kAct, C>(xhat_of(loadw(xp + i, width), st), w, b);
           });
         }
     }
@@ -410,7 +423,7 @@ template <class C, class A> std::vector<C> per_column(const View& v, const A* pa
 }
 
 // Forward, row traversal: statistics (steps 1-3), then normalize + affine and write y.
-template <class T, bool kHasWeight, bool kHasBias>
+template <class T, bool kHasWeight, bool kHasBias, int kAct>
 void forward_rows(const ChannelForwardParams<T>& p, const View& v) {
   using C = compute_t<T>;
   const int64_t cols = v.cols();
@@ -436,8 +449,9 @@ void forward_rows(const ChannelForwardParams<T>& p, const View& v) {
       const C* rs = scol.rstd.data() + base;
       const T* xr = p.x + r * cols;
       elementwise(cols, p.y + r * cols, stream, [&](int64_t j, auto w) {
-        return affine(xhat_of(loadw(xr + j, w), loadw(hi + j, w), loadw(lo + j, w), loadw(rs + j, w)),
-                      loadw(wcol.data() + j, w), loadw(bcol.data() + j, w));
+        return output_of<kAct, C>(
+            xhat_of(loadw(xr + j, w), loadw(hi + j, w), loadw(lo + j, w), loadw(rs + j, w)),
+            loadw(wcol.data() + j, w), loadw(bcol.data() + j, w));
       });
     }
     if (stream) stream_fence();
@@ -449,7 +463,7 @@ void forward_rows(const ChannelForwardParams<T>& p, const View& v) {
 // rows o and walk memory in order; each plane (o, c) gives a two-pass piece, the pieces of a
 // channel are merged in row order, and a second sweep normalizes. Assumptions: per_sample is
 // false (one sample block), 1 <= I < kPiece.
-template <class T, bool kHasWeight, bool kHasBias>
+template <class T, bool kHasWeight, bool kHasBias, int kAct>
 void forward_sample_planes(const ChannelForwardParams<T>& p, const View& v) {
   using C = compute_t<T>;
   // 1) stats
@@ -505,7 +519,7 @@ void forward_sample_planes(const ChannelForwardParams<T>& p, const View& v) {
         const T* xp = p.x + v.offset(0, o, c);
         const GroupStats<C>& sc = st[at(c)];
         elementwise(v.I, p.y + v.offset(0, o, c), stream, [&](int64_t i, auto width) {
-          return affine(xhat_of(loadw(xp + i, width), sc), w, b);
+          return output_of<kAct, C>(xhat_of(loadw(xp + i, width), sc), w, b);
         });
       }
     if (stream) stream_fence();
@@ -547,8 +561,35 @@ void write_param_grads(const ChannelBackwardParams<T>& p, const View& v, const s
   }
 }
 
+// A per-channel parameter as C; 0 when not needed (no activation: bias unread) or absent.
+template <int kAct, class A> NK_INLINE auto channel_param(const A* param, int64_t c) {
+  using C = compute_t<A>;
+  return kAct != kActNone && param ? static_cast<C>(param[c]) : C(0);
+}
+
+// dx of one plane of I elements (both plane traversals): the group's statistics st, the
+// channel's weight w and bias b, the group's coefficients c1, c2.
+template <int kAct, class T, class C = compute_t<T>>
+NK_INLINE void plane_grad(const ChannelBackwardParams<T>& p, const T* xp, const T* dyp, T* dxp,
+                          int64_t I, const GroupStats<C>& st, C w, C b, C c1, C c2, bool stream) {
+  if (!p.training && kAct == kActNone)  // x unread: a NaN in x does not reach dx
+    elementwise(I, dxp, stream, [&](int64_t i, auto width) {
+      return input_grad_const(loadw(dyp + i, width) * w, st.rstd);
+    });
+  else if (!p.training)
+    elementwise(I, dxp, stream, [&](int64_t i, auto width) {
+      const auto xh = xhat_of(loadw(xp + i, width), st);
+      return input_grad_const(grad_of<kAct, C>(loadw(dyp + i, width), xh, w, b) * w, st.rstd);
+    });
+  else
+    elementwise(I, dxp, stream, [&](int64_t i, auto width) {
+      const auto xh = xhat_of(loadw(xp + i, width), st);
+      return input_grad(grad_of<kAct, C>(loadw(dyp + i, width), xh, w, b) * w, xh, st.rstd, c1, c2);
+    });
+}
+
 // Backward, plane traversal. Assumptions as forward_planes.
-template <class T, bool kHasWeight>
+template <class T, bool kHasWeight, int kAct>
 void backward_planes(const ChannelBackwardParams<T>& p, const View& v) {
   using C = compute_t<T>;
   std::vector<double> s1(at(v.samples * v.C)), s2(at(v.samples * v.C));
@@ -561,13 +602,15 @@ void backward_planes(const ChannelBackwardParams<T>& p, const View& v) {
       // partial dweight, dbias: per channel, planes added in row order
       for (int64_t c = g * v.D; c < (g + 1) * v.D; ++c) {
         double sum_dy_xhat = 0.0, sum_dy = 0.0;
+        const C wc = channel_param<kAct>(p.weight, c), bc = channel_param<kAct>(p.bias, c);
         for (int64_t o = 0; o < v.O; ++o) {
           const T* xp = p.x + v.offset(s, o, c);
           const T* dyp = p.dy + v.offset(s, o, c);
           double a, b;
           lane_sum2(v.I, a, b, [&](int64_t i, auto w) {
-            const auto d = widen(loadw(dyp + i, w));
-            return two(d * widen(xhat_of(loadw(xp + i, w), st)), d);
+            const auto xh = xhat_of(loadw(xp + i, w), st);
+            const auto d = widen(grad_of<kAct, C>(loadw(dyp + i, w), xh, wc, bc));
+            return two(d * widen(xh), d);
           });
           sum_dy_xhat += a;
           sum_dy += b;
@@ -582,17 +625,9 @@ void backward_planes(const ChannelBackwardParams<T>& p, const View& v) {
       for (int64_t o = 0; o < v.O; ++o)
         for (int64_t c = g * v.D; c < (g + 1) * v.D; ++c) {
           const C w = kHasWeight ? static_cast<C>(p.weight[c]) : C(1);
-          const T* xp = p.x + v.offset(s, o, c);
-          const T* dyp = p.dy + v.offset(s, o, c);
-          if (!p.training)
-            elementwise(v.I, p.dx + v.offset(s, o, c), stream, [&](int64_t i, auto width) {
-              return input_grad_const(loadw(dyp + i, width) * w, st.rstd);
-            });
-          else
-            elementwise(v.I, p.dx + v.offset(s, o, c), stream, [&](int64_t i, auto width) {
-              return input_grad(loadw(dyp + i, width) * w, xhat_of(loadw(xp + i, width), st),
-                                st.rstd, c1, c2);
-            });
+          const C b = channel_param<kAct>(p.bias, c);
+          plane_grad<kAct>(p, p.x + v.offset(s, o, c), p.dy + v.offset(s, o, c),
+                           p.dx + v.offset(s, o, c), v.I, st, w, b, c1, c2, stream);
         }
     }
     if (stream) stream_fence();
@@ -601,7 +636,7 @@ void backward_planes(const ChannelBackwardParams<T>& p, const View& v) {
 }
 
 // Backward, row traversal. Assumptions as forward_rows.
-template <class T, bool kHasWeight>
+template <class T, bool kHasWeight, int kAct>
 void backward_rows(const ChannelBackwardParams<T>& p, const View& v) {
   using C = compute_t<T>;
   const int64_t cols = v.cols(), rpc = v.rows_per_chunk(), n_chunks = v.chunks();
@@ -610,6 +645,8 @@ void backward_rows(const ChannelBackwardParams<T>& p, const View& v) {
   for (int64_t t = 0; t < v.samples * v.G; ++t)
     st[at(t)] = make_group_stats<C>(static_cast<double>(p.mean[t]), static_cast<double>(p.rstd[t]));
   const ColumnStats<C> scol = column_stats(v, st);
+  const std::vector<C> wcol = per_column(v, kHasWeight ? p.weight : nullptr, C(1));
+  const std::vector<C> bcol = per_column(v, kAct != kActNone ? p.bias : nullptr, C(0));
   // partial dweight, dbias: per (sample, chunk) and column
   std::vector<double> partial(at(tasks * 2 * cols), 0.0);
   parallel_for(tasks, grain_for(std::min(v.O, rpc) * cols), [&](int64_t t0, int64_t t1) {
@@ -623,8 +660,9 @@ void backward_rows(const ChannelBackwardParams<T>& p, const View& v) {
       const int64_t r0 = k * rpc, r1 = r0 + v.chunk_rows(k);
       column_sums(r0, r1, cols, s_dy_xhat, s_dy, [&](int64_t r, int64_t j, auto w) {
         const int64_t off = v.offset(s, r, 0) + j;
-        const auto d = widen(loadw(p.dy + off, w));
         const auto xh = xhat_of(loadw(p.x + off, w), loadw(hi + j, w), loadw(lo + j, w), loadw(rs + j, w));
+        const auto d = widen(grad_of<kAct, C>(loadw(p.dy + off, w), xh, loadw(wcol.data() + j, w),
+                                              loadw(bcol.data() + j, w)));
         return two(d * widen(xh), d);
       });
     }
@@ -652,7 +690,6 @@ void backward_rows(const ChannelBackwardParams<T>& p, const View& v) {
         c2col[at(s * cols + j)] = c2;
       }
     }
-  const std::vector<C> wcol = per_column(v, kHasWeight ? p.weight : nullptr, C(1));
   // dx
   const bool stream = p.B * p.C * p.S * static_cast<int64_t>(sizeof(T)) >= kStreamBytes;
   parallel_for(v.samples * v.O, grain_for(cols), [&](int64_t r0, int64_t r1) {
@@ -665,16 +702,26 @@ void backward_rows(const ChannelBackwardParams<T>& p, const View& v) {
       const C* k2 = c2col.data() + base;
       const T* xr = p.x + r * cols;
       const T* dyr = p.dy + r * cols;
-      if (!p.training)
+      const auto xhat = [&](int64_t j, auto w) {
+        return xhat_of(loadw(xr + j, w), loadw(hi + j, w), loadw(lo + j, w), loadw(rs + j, w));
+      };
+      const auto g = [&](int64_t j, auto w, auto xh) {
+        return grad_of<kAct, C>(loadw(dyr + j, w), xh, loadw(wcol.data() + j, w),
+                                loadw(bcol.data() + j, w));
+      };
+      if (!p.training && kAct == kActNone)  // x unread: a NaN in x does not reach dx
         elementwise(cols, p.dx + r * cols, stream, [&](int64_t j, auto w) {
           return input_grad_const(loadw(dyr + j, w) * loadw(wcol.data() + j, w), loadw(rs + j, w));
         });
+      else if (!p.training)
+        elementwise(cols, p.dx + r * cols, stream, [&](int64_t j, auto w) {
+          return input_grad_const(g(j, w, xhat(j, w)) * loadw(wcol.data() + j, w), loadw(rs + j, w));
+        });
       else
         elementwise(cols, p.dx + r * cols, stream, [&](int64_t j, auto w) {
-          const auto rstd = loadw(rs + j, w);
-          return input_grad(loadw(dyr + j, w) * loadw(wcol.data() + j, w),
-                            xhat_of(loadw(xr + j, w), loadw(hi + j, w), loadw(lo + j, w), rstd),
-                            rstd, loadw(k1 + j, w), loadw(k2 + j, w));
+          const auto xh = xhat(j, w);
+          return input_grad(g(j, w, xh) * loadw(wcol.data() + j, w), xh, loadw(rs + j, w),
+                            loadw(k1 + j, w), loadw(k2 + j, w));
         });
     }
     if (stream) stream_fence();
@@ -682,7 +729,7 @@ void backward_rows(const ChannelBackwardParams<T>& p, const View& v) {
 }
 
 // Backward, sample-major plane traversal. Assumptions as forward_sample_planes.
-template <class T, bool kHasWeight>
+template <class T, bool kHasWeight, int kAct>
 void backward_sample_planes(const ChannelBackwardParams<T>& p, const View& v) {
   using C = compute_t<T>;
   std::vector<GroupStats<C>> st(at(v.C));
@@ -696,10 +743,12 @@ void backward_sample_planes(const ChannelBackwardParams<T>& p, const View& v) {
         const T* xp = p.x + v.offset(0, o, c);
         const T* dyp = p.dy + v.offset(0, o, c);
         const GroupStats<C>& sc = st[at(c)];
+        const C wc = channel_param<kAct>(p.weight, c), bc = channel_param<kAct>(p.bias, c);
         double* out = piece.data() + 2 * (o * v.C + c);
         lane_sum2(v.I, out[0], out[1], [&](int64_t i, auto w) {
-          const auto d = widen(loadw(dyp + i, w));
-          return two(d * widen(xhat_of(loadw(xp + i, w), sc)), d);
+          const auto xh = xhat_of(loadw(xp + i, w), sc);
+          const auto d = widen(grad_of<kAct, C>(loadw(dyp + i, w), xh, wc, bc));
+          return two(d * widen(xh), d);
         });
       }
   });
@@ -719,19 +768,10 @@ void backward_sample_planes(const ChannelBackwardParams<T>& p, const View& v) {
     for (int64_t o = o0; o < o1; ++o)
       for (int64_t c = 0; c < v.C; ++c) {
         const C w = kHasWeight ? static_cast<C>(p.weight[c]) : C(1);
-        const T* xp = p.x + v.offset(0, o, c);
-        const T* dyp = p.dy + v.offset(0, o, c);
-        const GroupStats<C>& sc = st[at(c)];
-        const C k1 = c1[at(c)], k2 = c2[at(c)];
-        if (!p.training)
-          elementwise(v.I, p.dx + v.offset(0, o, c), stream, [&](int64_t i, auto width) {
-            return input_grad_const(loadw(dyp + i, width) * w, sc.rstd);
-          });
-        else
-          elementwise(v.I, p.dx + v.offset(0, o, c), stream, [&](int64_t i, auto width) {
-            return input_grad(loadw(dyp + i, width) * w, xhat_of(loadw(xp + i, width), sc),
-                              sc.rstd, k1, k2);
-          });
+        const C b = channel_param<kAct>(p.bias, c);
+        plane_grad<kAct>(p, p.x + v.offset(0, o, c), p.dy + v.offset(0, o, c),
+                         p.dx + v.offset(0, o, c), v.I, st[at(c)], w, b, c1[at(c)], c2[at(c)],
+                         stream);
       }
     if (stream) stream_fence();
   });
@@ -763,31 +803,49 @@ bool use_sample_planes(const View& v) {
 template <class T> void channel_norm_forward(const ChannelForwardParams<T>& p) {
   const View v = view_of(p);
   if (v.C <= 0 || v.samples <= 0) return;
-  bool_switch(p.weight != nullptr, [&](auto has_w) {
-    bool_switch(p.bias != nullptr, [&](auto has_b) {
-      constexpr bool kW = decltype(has_w)::value, kB = decltype(has_b)::value;
-      if (use_sample_planes(v))
-        forward_sample_planes<T, kW, kB>(p, v);
-      else if (use_planes(v))
-        forward_planes<T, kW, kB>(p, v);
-      else
-        forward_rows<T, kW, kB>(p, v);
+  const auto run = [&](auto has_w, auto has_b, auto act) {
+    constexpr bool kW = decltype(has_w)::value, kB = decltype(has_b)::value;
+    constexpr int kA = decltype(act)::value;
+    if (use_sample_planes(v))
+      forward_sample_planes<T, kW, kB, kA>(p, v);
+    else if (use_planes(v))
+      forward_planes<T, kW, kB, kA>(p, v);
+    else
+      forward_rows<T, kW, kB, kA>(p, v);
+  };
+  using std::integral_constant;
+  using Yes = std::true_type;
+  if (p.activation == kActRelu)  // weight and bias set (params.h)
+    run(Yes{}, Yes{}, integral_constant<int, kActRelu>{});
+  else if (p.activation == kActSilu)
+    run(Yes{}, Yes{}, integral_constant<int, kActSilu>{});
+  else
+    bool_switch(p.weight != nullptr, [&](auto has_w) {
+      bool_switch(p.bias != nullptr,
+                  [&](auto has_b) { run(has_w, has_b, integral_constant<int, kActNone>{}); });
     });
-  });
 }
 
 template <class T> void channel_norm_backward(const ChannelBackwardParams<T>& p) {
   const View v = view_of(p);
   if (v.C <= 0) return;
-  bool_switch(p.weight != nullptr, [&](auto has_w) {
+  const auto run = [&](auto has_w, auto act) {
     constexpr bool kW = decltype(has_w)::value;
+    constexpr int kA = decltype(act)::value;
     if (use_sample_planes(v))
-      backward_sample_planes<T, kW>(p, v);
+      backward_sample_planes<T, kW, kA>(p, v);
     else if (use_planes(v))
-      backward_planes<T, kW>(p, v);
+      backward_planes<T, kW, kA>(p, v);
     else
-      backward_rows<T, kW>(p, v);
-  });
+      backward_rows<T, kW, kA>(p, v);
+  };
+  using std::integral_constant;
+  if (p.activation == kActRelu)  // weight and bias set (params.h)
+    run(std::true_type{}, integral_constant<int, kActRelu>{});
+  else if (p.activation == kActSilu)
+    run(std::true_type{}, integral_constant<int, kActSilu>{});
+  else
+    bool_switch(p.weight != nullptr, [&](auto has_w) { run(has_w, integral_constant<int, kActNone>{}); });
 }
 
 #define NK_INSTANTIATE(T)                                                  \

@@ -24,6 +24,7 @@
 #include <type_traits>
 #include <utility>
 
+#include "core/activation.h"
 #include "core/macros.h"
 #include "core/types.h"
 
@@ -171,6 +172,85 @@ template <class B> NK_INLINE B neg_zero() {
 #else
 constexpr int kBlock = 1;
 #endif
+
+// ---- the non-arithmetic steps of core/activation.h, for blocks as well as scalars ------------
+// where_pos(z, a, b): a where z > 0, else b (a, b blocks or scalars); zero_below(a, lim, v): 0
+// where a < lim, else v; scale_pow2(p, t): p * 2^n with n in t's low mantissa bits. On blocks
+// these are lane-wise bit selections, the same values as ScalarOps gives per element.
+#if defined(NK_HAVE_VECTOR_EXT)
+typedef uint64_t u64x2 __attribute__((vector_size(16)));
+typedef uint64_t u64x4 __attribute__((vector_size(32)));
+typedef uint64_t u64x8 __attribute__((vector_size(64)));
+template <class V> struct LaneBits;
+template <> struct LaneBits<f4> { using type = u32x4; };
+template <> struct LaneBits<f8v> { using type = u32x8; };
+template <> struct LaneBits<d2> { using type = u64x2; };
+template <> struct LaneBits<d4> { using type = u64x4; };
+template <> struct LaneBits<d8v> { using type = u64x8; };
+template <class V> struct IsPack : std::false_type {};
+template <class V, int K> struct IsPack<Pack<V, K>> : std::true_type {};
+#endif
+
+struct BlockOps {
+#if defined(NK_HAVE_VECTOR_EXT)
+ private:
+  template <class V, class A> static NK_INLINE V as_block(A a) {
+    if constexpr (std::is_same_v<A, V>)
+      return a;
+    else
+      return V{} + a;  // a scalar, broadcast (only 0 and 1 are passed)
+  }
+  template <int K, class A> static NK_INLINE auto part_of(const A& a) {
+    if constexpr (IsPack<A>::value)
+      return a.template part<K>();
+    else
+      return a;
+  }
+
+ public:
+  template <class V, class A, class B> static NK_INLINE V where_pos(V z, A a, B b) {
+    if constexpr (std::is_arithmetic_v<V>) {
+      return ScalarOps::where_pos(z, a, b);
+    } else if constexpr (IsPack<V>::value) {
+      return z.map([&](auto k) { return where_pos(z.template part<k>(), part_of<k>(a), part_of<k>(b)); });
+    } else {
+      using U = typename LaneBits<V>::type;
+      const U m = (U)(z > V{});
+      return (V)((m & (U)as_block<V>(a)) | (~m & (U)as_block<V>(b)));
+    }
+  }
+  template <class V, class L> static NK_INLINE V zero_below(V a, L lim, V v) {
+    if constexpr (std::is_arithmetic_v<V>) {
+      return ScalarOps::zero_below(a, lim, v);
+    } else if constexpr (IsPack<V>::value) {
+      return a.map([&](auto k) { return zero_below(a.template part<k>(), lim, v.template part<k>()); });
+    } else {
+      using U = typename LaneBits<V>::type;
+      return (V)(~(U)(a < V{} + lim) & (U)v);
+    }
+  }
+  template <class V> static NK_INLINE V scale_pow2(V p, V t) {
+    if constexpr (std::is_arithmetic_v<V>) {
+      return ScalarOps::scale_pow2(p, t);
+    } else if constexpr (IsPack<V>::value) {
+      return p.map([&](auto k) { return scale_pow2(p.template part<k>(), t.template part<k>()); });
+    } else {
+      using U = typename LaneBits<V>::type;
+      using K = ExpConst<std::remove_cv_t<std::remove_reference_t<decltype(p[0])>>>;
+      const U sb = ((U)t - K::kMagicBits + K::kBias) << K::kMantissa;
+      return p * (V)sb;
+    }
+  }
+#else
+  template <class V, class A, class B> static NK_INLINE V where_pos(V z, A a, B b) {
+    return ScalarOps::where_pos(z, a, b);
+  }
+  template <class V, class L> static NK_INLINE V zero_below(V a, L lim, V v) {
+    return ScalarOps::zero_below(a, lim, v);
+  }
+  template <class V> static NK_INLINE V scale_pow2(V p, V t) { return ScalarOps::scale_pow2(p, t); }
+#endif
+};
 
 // Two values returned together (the kernels' two-sum lambdas). A plain aggregate, not std::pair:
 // GCC 12 does not split a std::pair of Pack blocks into registers and copies it through the

@@ -21,6 +21,7 @@
 // Backward: per unit S1 = sum(dy * xhat), S2 = sum(dy) (partials + combine); dweight = sum_s S1,
 // dbias = sum_s S2 (sample order); per group c1 = sum_c w_c S1 / n, c2 = sum_c w_c S2 / n
 // (0 with training=False); dx = rstd * (w dy - c2 - xhat c1) elementwise.
+#include "core/activation.h"
 #include "core/dispatch.h"
 #include "core/norm_math.h"
 #include "cuda/check.h"
@@ -51,27 +52,46 @@ template <class T> struct MomentsOp {
   }
 };
 
-// Backward sums per unit: (sum dy * xhat, sum dy), with the unit's saved statistics.
+// g = dy * act'(z), z = xhat * w + b (core/activation.h); dy itself without an activation.
+template <class C>
+__device__ __forceinline__ C grad_of(int act, C dy, C xh, C w, C b) {
+  if (act == kActRelu) return activation_grad<kActRelu, ScalarOps, C>(dy, affine(xh, w, b));
+  if (act == kActSilu) return activation_grad<kActSilu, ScalarOps, C>(dy, affine(xh, w, b));
+  return dy;
+}
+
+// Backward sums per unit: (sum g * xhat, sum g), with the unit's saved statistics, g as grad_of.
 template <class T> struct GradOp {
   using A = acc_t<T>;
   using C = compute_t<T>;
   using Acc = SumPair<A>;
   using Total = SumPair<double>;
   using Merge = PairSum;
-  using Unit = GroupStats<C>;
+  struct Unit {
+    GroupStats<C> st;
+    C w, b;  // the channel's weight and bias (read with an activation only)
+  };
   const T* x;
   const T* dy;
   const A* mean;
   const A* rstd;
+  const A* weight;
+  const A* bias;
   int64_t G, D;
   bool per_sample;
+  int activation;
   __device__ __forceinline__ Unit unit(int64_t s, int64_t c) const {
     const int64_t t = per_sample ? s * G + c / D : c;
-    return make_group_stats<C>(static_cast<double>(mean[t]), static_cast<double>(rstd[t]));
+    Unit u;
+    u.st = make_group_stats<C>(static_cast<double>(mean[t]), static_cast<double>(rstd[t]));
+    u.w = activation ? static_cast<C>(weight[c]) : C(1);
+    u.b = activation ? static_cast<C>(bias[c]) : C(0);
+    return u;
   }
-  __device__ __forceinline__ void push(Acc& acc, const Unit& st, int64_t off) const {
-    const C d = load(dy[off]);
-    acc.a += d * xhat_of(load(x[off]), st);
+  __device__ __forceinline__ void push(Acc& acc, const Unit& u, int64_t off) const {
+    const C xh = xhat_of(load(x[off]), u.st);
+    const C d = grad_of(activation, C(load(dy[off])), xh, u.w, u.b);
+    acc.a += d * xh;
     acc.b += d;
   }
   __device__ __forceinline__ static Total widen(const Acc& a) {
@@ -200,7 +220,7 @@ __global__ void NK_BOUNDS(kBlock) update_running(ChannelForwardParams<T> p, int6
 }
 
 // 2) normalize + affine, 3) write y: one thread per element, grid-stride over the dense array.
-template <class T, bool kHasWeight, bool kHasBias>
+template <class T, bool kHasWeight, bool kHasBias, int kAct>
 __global__ void NK_BOUNDS(kBlock) normalize(ChannelView v, ChannelForwardParams<T> p,
                                                     const double* gstat) {
   using C = compute_t<T>;
@@ -209,8 +229,8 @@ __global__ void NK_BOUNDS(kBlock) normalize(ChannelView v, ChannelForwardParams<
     int64_t c, t;
     v.locate(e, c, t);
     const GroupStats<C> st = make_group_stats<C>(gstat[3 * t], gstat[3 * t + 1]);
-    p.y[e] = store<T>(affine(xhat_of(load(p.x[e]), st), param<kHasWeight>(p.weight, c, C(1)),
-                             param<kHasBias>(p.bias, c, C(0))));
+    p.y[e] = store<T>(activate<kAct, ScalarOps, C>(affine(
+        xhat_of(load(p.x[e]), st), param<kHasWeight>(p.weight, c, C(1)), param<kHasBias>(p.bias, c, C(0)))));
   });
 }
 
@@ -263,10 +283,19 @@ __global__ void NK_BOUNDS(kBlock) input_grads(ChannelView v, ChannelBackwardPara
     v.locate(e, c, t);
     const GroupStats<C> st =
         make_group_stats<C>(static_cast<double>(p.mean[t]), static_cast<double>(p.rstd[t]));
-    const C g = load(p.dy[e]) * param<kHasWeight>(p.weight, c, C(1));
-    p.dx[e] = store<T>(p.training ? input_grad(g, xhat_of(load(p.x[e]), st), st.rstd, coef[t].a,
-                                               coef[t].b)
-                                  : input_grad_const(g, st.rstd));
+    const C w = param<kHasWeight>(p.weight, c, C(1));
+    C g = load(p.dy[e]);
+    if (p.activation == kActNone) {
+      g = g * w;
+      p.dx[e] = store<T>(p.training ? input_grad(g, xhat_of(load(p.x[e]), st), st.rstd, coef[t].a,
+                                                 coef[t].b)
+                                    : input_grad_const(g, st.rstd));
+    } else {
+      const C xh = xhat_of(load(p.x[e]), st);
+      g = grad_of(p.activation, g, xh, w, static_cast<C>(p.bias[c])) * w;
+      p.dx[e] = store<T>(p.training ? input_grad(g, xh, st.rstd, coef[t].a, coef[t].b)
+                                    : input_grad_const(g, st.rstd));
+    }
   });
 }
 
@@ -317,13 +346,23 @@ void channel_norm_forward(const ChannelForwardParams<T>& p, void* workspace, uin
   }
   if (v.total() == 0) return;
   // 2) normalize + affine, 3) write y
-  bool_switch(p.weight != nullptr, [&](auto has_w) {
-    bool_switch(p.bias != nullptr, [&](auto has_b) {
-      normalize<T, decltype(has_w)::value, decltype(has_b)::value>
-          <<<blocks(v.total(), kBlock), kBlock, 0, s>>>(v, p, gstat);
-      NK_CUDA_LAUNCHED();
+  const auto launch = [&](auto has_w, auto has_b, auto act) {
+    normalize<T, decltype(has_w)::value, decltype(has_b)::value, decltype(act)::value>
+        <<<blocks(v.total(), kBlock), kBlock, 0, s>>>(v, p, gstat);
+    NK_CUDA_LAUNCHED();
+  };
+  using Relu = std::integral_constant<int, kActRelu>;
+  using Silu = std::integral_constant<int, kActSilu>;
+  if (p.activation == kActRelu)  // weight and bias set (params.h)
+    launch(std::true_type{}, std::true_type{}, Relu{});
+  else if (p.activation == kActSilu)
+    launch(std::true_type{}, std::true_type{}, Silu{});
+  else
+    bool_switch(p.weight != nullptr, [&](auto has_w) {
+      bool_switch(p.bias != nullptr, [&](auto has_b) {
+        launch(has_w, has_b, std::integral_constant<int, kActNone>{});
+      });
     });
-  });
 }
 
 template <class T>
@@ -341,7 +380,7 @@ void channel_norm_backward(const ChannelBackwardParams<T>& p, void* workspace, u
   auto* coef = reinterpret_cast<SumPair<C>*>(ws);
   // c1, c2 (and partial dweight, dbias): unit sums
   if (v.units() > 0)
-    reduce_units(v, GradOp<T>{p.x, p.dy, p.mean, p.rstd, v.G, v.D, v.per_sample}, partial, 1,
+    reduce_units(v, GradOp<T>{p.x, p.dy, p.mean, p.rstd, p.weight, p.bias, v.G, v.D, v.per_sample, p.activation}, partial, 1,
                  Store<SumPair<double>>{sums}, s);
   param_grads<T><<<blocks(v.C, kBlock), kBlock, 0, s>>>(p, v.samples, sums);
   NK_CUDA_LAUNCHED();

@@ -18,12 +18,12 @@ def channel_forward(
     dtype: str, x: int, y: int, weight: int, bias: int, running_mean: int, running_var: int,
     running_mean_stride: int, running_var_stride: int, mean: int, rstd: int, B: int, C: int,
     S: int, groups: int, channels_last: bool, training: bool, momentum: float, eps: float,
-    workspace: int, stream: int,
+    workspace: int, stream: int, activation: int,
 ) -> None: ...
 def channel_backward(
     dtype: str, dy: int, x: int, mean: int, rstd: int, weight: int, dx: int, dweight: int,
     dbias: int, B: int, C: int, S: int, groups: int, channels_last: bool, training: bool,
-    workspace: int, stream: int,
+    workspace: int, stream: int, bias: int, activation: int,
 ) -> None: ...
 def workspace(
     kind: str, dtype: str, a: int, b: int, S: int = 0, groups: int = 0, channels_last: bool = False

@@ -162,7 +162,7 @@ def _channel_forward(plan: P.ChannelPlan, x, weight, bias, rm, rv, out) -> NormO
     with L.device:
         x = L.x
         sd = plan.sd
-        w, b = L.param(weight, sd), L.param(bias, sd)
+        w, b = _affine_for(L, plan, L.param(weight, sd), L.param(bias, sd))
         rm, rv, out = L.arr_or_none(rm), L.arr_or_none(rv), L.arr_or_none(out)
         if plan.uses_running and bool((rv < 0).any()):
             P.negative_running_var(fn)
@@ -174,25 +174,35 @@ def _channel_forward(plan: P.ChannelPlan, x, weight, bias, rm, rv, out) -> NormO
         L.mod.channel_forward(
             x.dtype.name, _ptr(xd), _ptr(yd), _ptr(w), _ptr(b), _ptr(rm), _ptr(rv), _stride(rm),
             _stride(rv), _ptr(mean), _ptr(rstd), B, C, S, plan.groups, channels_last,
-            plan.training, plan.momentum, plan.eps, _ptr(ws), L.stream,
+            plan.training, plan.momentum, plan.eps, _ptr(ws), L.stream, plan.activation,
         )
         if copy_back is not None:
             L.xp.copyto(out, copy_back)
         return NormOutput(y, mean, rstd)
 
 
+def _affine_for(L: _Launch, plan: P.ChannelPlan, w, b):
+    """As functional._affine_for: ones / zeros for absent parameters with an activation."""
+    if plan.activation:
+        w = L.xp.ones(plan.C, plan.sd) if w is None else w
+        b = L.xp.zeros(plan.C, plan.sd) if b is None else b
+    return w, b
+
+
 def _stateful(fn, planner, x, weight, bias, running_mean, running_var, training, momentum, eps,
-              channel_axis, out) -> NormOutput:
+              channel_axis, out, activation=None) -> NormOutput:
     P.training_flag(training, fn)
     P.same_kind(fn, x, weight=weight, bias=bias, running_mean=running_mean,
                 running_var=running_var, out=out)
+    extra = {} if activation is None else {"activation": activation}
     plan = planner(fn, x, weight, bias, running_mean, running_var, training, momentum, eps,
-                   channel_axis, out)
+                   channel_axis, out, **extra)
     return _channel_forward(plan, x, weight, bias, running_mean, running_var, out)
 
 
 def batch_norm(*args) -> NormOutput:
-    """(x, weight, bias, running_mean, running_var, training, momentum, eps, channel_axis, out)"""
+    """(x, weight, bias, running_mean, running_var, training, momentum, eps, channel_axis, out,
+    activation)"""
     return _stateful("batch_norm", P.batch_norm, *args)
 
 
@@ -201,18 +211,20 @@ def instance_norm(*args) -> NormOutput:
     return _stateful("instance_norm", P.instance_norm, *args)
 
 
-def group_norm(x, num_groups, weight, bias, eps, channel_axis, out) -> NormOutput:
+def group_norm(x, num_groups, weight, bias, eps, channel_axis, out, activation=None) -> NormOutput:
     fn = "group_norm"
     P.same_kind(fn, x, weight=weight, bias=bias, out=out)
-    plan = P.group_norm(fn, x, num_groups, weight, bias, eps, channel_axis, out)
+    plan = P.group_norm(fn, x, num_groups, weight, bias, eps, channel_axis, out, activation)
     return _channel_forward(plan, x, weight, bias, None, None, out)
 
 
-def channel_backward(fn, kind, dy, x, mean, rstd, weight, training, channel_axis) -> NormGrads:
+def channel_backward(fn, kind, dy, x, mean, rstd, weight, training, channel_axis, bias=None,
+                     activation=None) -> NormGrads:
     if kind != "group":
         P.training_flag(training, fn)
-    P.same_kind(fn, x, dy=dy, mean=mean, rstd=rstd, weight=weight)
-    plan = P.channel_backward(fn, kind, dy, x, mean, rstd, weight, training, channel_axis)
+    P.same_kind(fn, x, dy=dy, mean=mean, rstd=rstd, weight=weight, bias=bias)
+    plan = P.channel_backward(fn, kind, dy, x, mean, rstd, weight, training, channel_axis, bias,
+                              activation)
     L = _Launch(fn, x)
     with L.device:
         x = L.x
@@ -220,7 +232,8 @@ def channel_backward(fn, kind, dy, x, mean, rstd, weight, training, channel_axis
         dy = L.arr_or_none(dy)
         if dy.dtype != x.dtype:
             dy = dy.astype(x.dtype)
-        mean, rstd, w = L.param(mean, sd), L.param(rstd, sd), L.param(weight, sd)
+        mean, rstd = L.param(mean, sd), L.param(rstd, sd)
+        w, b = _affine_for(L, plan, L.param(weight, sd), L.param(bias, sd))
         xd, channels_last, perm = _channel_view(L.xp, x, plan.ca)
         dyd = L.xp.ascontiguousarray(dy.transpose(perm)).reshape(xd.shape)
         dxd, dx, _ = _output(L, None, x, xd, perm)
@@ -230,7 +243,7 @@ def channel_backward(fn, kind, dy, x, mean, rstd, weight, training, channel_axis
         L.mod.channel_backward(
             x.dtype.name, _ptr(dyd), _ptr(xd), _ptr(mean), _ptr(rstd), _ptr(w), _ptr(dxd),
             _ptr(dweight), _ptr(dbias), B, C, S, plan.groups, channels_last, plan.training,
-            _ptr(ws), L.stream,
+            _ptr(ws), L.stream, _ptr(b), plan.activation,
         )
         return NormGrads(dx, dweight, dbias)
 

@@ -370,6 +370,22 @@ class ChannelPlan(NamedTuple):
     momentum: float
     updates_running: bool  # running statistics are written
     uses_running: bool  # running statistics are read as the statistics (eval mode)
+    activation: int = 0  # fused activation: ACTIVATIONS[name] (0: none)
+
+
+# Fused activations of batch_norm / group_norm, by name: the kernels' codes (core/activation.h).
+ACTIVATIONS = {"relu": 1, "silu": 2}
+
+
+def activation_code(act, fn: str) -> int:
+    """None -> 0, or the code of a named activation ("relu", "silu")."""
+    if act is None:
+        return 0
+    if not isinstance(act, str):
+        raise TypeError(f"{fn}: activation must be None, 'relu' or 'silu', got {act!r}")
+    if act not in ACTIVATIONS:
+        raise ValueError(f"{fn}: activation must be None, 'relu' or 'silu', got {act!r}")
+    return ACTIVATIONS[act]
 
 
 def _channel_input(x, fn: str, ca) -> Tuple[int, int, int, int, np.dtype]:
@@ -407,7 +423,7 @@ def _stateful(fn, x, weight, bias, rm, rv, training, momentum, eps, ca):
 
 
 def batch_norm(fn, x, weight, bias, rm, rv, training, momentum, eps, ca, out,
-               local_count: bool = True) -> ChannelPlan:
+               local_count: bool = True, activation=None) -> ChannelPlan:
     """``local_count=False``: the batch is split over ranks, so its count is checked later
     (:func:`per_channel_count` with ``over_ranks=True``)."""
     training, xa, ca, N, C, S, sd, has_running, m, e = _stateful(
@@ -417,9 +433,10 @@ def batch_norm(fn, x, weight, bias, rm, rv, training, momentum, eps, ca, out,
             per_channel_count(fn, N * S if C else 0, C, xa.shape)
     elif not has_running:
         raise ValueError(f"{fn}: training=False requires running_mean and running_var")
+    act = activation_code(activation, fn)
     out_array(arg(out), xa, fn)
     return ChannelPlan(fn, ca, N, C, S, sd, 0, (C,), training, e, m, training and has_running,
-                       not training)
+                       not training, act)
 
 
 def instance_norm(fn, x, weight, bias, rm, rv, training, momentum, eps, ca, out) -> ChannelPlan:
@@ -444,7 +461,7 @@ def instance_norm(fn, x, weight, bias, rm, rv, training, momentum, eps, ca, out)
                        training and has_running, not training)
 
 
-def group_norm(fn, x, G, weight, bias, eps, ca, out) -> ChannelPlan:
+def group_norm(fn, x, G, weight, bias, eps, ca, out, activation=None) -> ChannelPlan:
     xa = arg(x)
     ca, N, C, S, sd = _channel_input(xa, fn, ca)
     G = num_groups(G, C, fn)
@@ -453,12 +470,15 @@ def group_norm(fn, x, G, weight, bias, eps, ca, out) -> ChannelPlan:
     e = eps_value(eps, fn)
     if N and (C // G) * S == 0:
         raise ValueError(f"{fn}: empty reduction: x has shape {xa.shape}")
+    act = activation_code(activation, fn)
     out_array(arg(out), xa, fn)
-    return ChannelPlan(fn, ca, N, C, S, sd, G, (N, G), True, e, 0.0, False, False)
+    return ChannelPlan(fn, ca, N, C, S, sd, G, (N, G), True, e, 0.0, False, False, act)
 
 
-def channel_backward(fn, kind, dy, x, mean, rstd, weight, training, ca) -> ChannelPlan:
-    """kind: "batch", "instance" or "group" (the number of groups is ``mean.shape[1]``)."""
+def channel_backward(fn, kind, dy, x, mean, rstd, weight, training, ca, bias=None,
+                     activation=None) -> ChannelPlan:
+    """kind: "batch", "instance" or "group" (the number of groups is ``mean.shape[1]``).
+    ``bias`` and ``activation``: the forward's, for a fused activation (batch and group)."""
     training = True if kind == "group" else training_flag(training, fn)
     xa = arg(x)
     ca, N, C, S, sd = _channel_input(xa, fn, ca)
@@ -480,9 +500,11 @@ def channel_backward(fn, kind, dy, x, mean, rstd, weight, training, ca) -> Chann
             what = "(C,)"
     saved_stats(arg(mean), arg(rstd), fn, shape, what)
     vector(arg(weight), fn, "weight", (C,), "the number of channels")
+    vector(arg(bias), fn, "bias", (C,), "the number of channels")
+    act = activation_code(activation, fn)
     if kind == "batch" and training and C and xa.size == 0:
         raise ValueError(f"{fn}: empty reduction: x has shape {xa.shape}")
-    return ChannelPlan(fn, ca, N, C, S, sd, groups, shape, training, 0.0, 0.0, False, False)
+    return ChannelPlan(fn, ca, N, C, S, sd, groups, shape, training, 0.0, 0.0, False, False, act)
 
 
 # --------------------------------------------------------------------------------------------

@@ -214,6 +214,9 @@ class SyncBatchNorm(BatchNorm):
 
     def __init__(self, num_features, *, comm=None, **batch_norm_options):
         super().__init__(num_features, **batch_norm_options)
+        if self.activation is not None:
+            raise ValueError("SyncBatchNorm: a fused activation is not supported (apply it "
+                             "after the layer)")
         self.comm = _communicator(comm, "SyncBatchNorm")
         self._functional = functools.partial(sync_batch_norm, comm=self.comm)
         self._functional_backward = functools.partial(sync_batch_norm_backward, comm=self.comm)

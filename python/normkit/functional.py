@@ -217,6 +217,15 @@ def check_running(plan: P.ChannelPlan, x, w, b, rm, rv) -> None:
         P.negative_running_var(plan.fn)
 
 
+def _affine_for(plan: P.ChannelPlan, w, b):
+    """With a fused activation the kernels take weight and bias always: ones / zeros for
+    absent ones (the same values the kernels otherwise assume)."""
+    if plan.activation:
+        w = np.ones(plan.C, plan.sd) if w is None else w
+        b = np.zeros(plan.C, plan.sd) if b is None else b
+    return w, b
+
+
 def _channel_forward(plan: P.ChannelPlan, x, weight, bias, rm, rv, out) -> NormOutput:
     x = data_array(x, plan.fn)
     sd = plan.sd
@@ -230,9 +239,10 @@ def _channel_forward(plan: P.ChannelPlan, x, weight, bias, rm, rv, out) -> NormO
     rstd = np.empty(plan.stat_shape, sd)
     if mean.size or x.size:  # else nothing to compute (e.g. InstanceNorm with zero channels)
         rm_k, rv_k = _native_running(rm), _native_running(rv)
+        wk, bk = _affine_for(plan, w, b)
         _core.channel_norm_forward(
-            xp, channels_last, w, b, rm_k, rv_k, plan.training, plan.momentum, plan.eps, yp,
-            mean.reshape(-1), rstd.reshape(-1), plan.groups,
+            xp, channels_last, wk, bk, rm_k, rv_k, plan.training, plan.momentum, plan.eps, yp,
+            mean.reshape(-1), rstd.reshape(-1), plan.groups, plan.activation,
         )
         for r, r_k in ((rm, rm_k), (rv, rv_k)):
             if r is not r_k:
@@ -276,13 +286,14 @@ def _narrow(r: NormOutput, dtype: np.dtype, out: Optional[np.ndarray]) -> NormOu
     return NormOutput(y, mean, rstd)
 
 
-def _channel_backward(plan: P.ChannelPlan, dy, x, mean, rstd, weight) -> NormGrads:
+def _channel_backward(plan: P.ChannelPlan, dy, x, mean, rstd, weight, bias=None) -> NormGrads:
     x = data_array(x, plan.fn)
     dy = data_array(dy, plan.fn, "dy")
     if dy.dtype != x.dtype:
         dy = dy.astype(x.dtype)
     sd = plan.sd
     mean, rstd, w = param(mean, sd), param(rstd, sd), param(weight, sd)
+    w, b = _affine_for(plan, w, param(bias, sd))
     xp, channels_last, perm = _channel_view(x, plan.ca)
     dyp = _like_view(dy, perm, xp.shape)
     dxp, dx, _ = _output(None, x, xp, perm)
@@ -293,7 +304,7 @@ def _channel_backward(plan: P.ChannelPlan, dy, x, mean, rstd, weight) -> NormGra
     dbias = np.empty(C, sd)
     _core.channel_norm_backward(
         dyp, xp, channels_last, mean.reshape(-1), rstd.reshape(-1), w, plan.training, dxp,
-        dweight, dbias, plan.groups,
+        dweight, dbias, plan.groups, b, plan.activation,
     )
     return NormGrads(dx, dweight, dbias)
 
@@ -311,6 +322,7 @@ def batch_norm(
     eps: float = 1e-5,
     channel_axis: int = 1,
     out: Optional[np.ndarray] = None,
+    activation: Optional[str] = None,
 ) -> NormOutput:
     """Batch normalization: statistics per channel over every other axis.
 
@@ -333,6 +345,9 @@ def batch_norm(
     channel_axis : {1, -1}
     out : ndarray, optional
         Receives y (x's shape and dtype; may be x itself or overlap it).
+    activation : {None, 'relu', 'silu'}
+        Fused activation: ``y = act(xhat * weight + bias)`` in the same pass over memory. Its
+        backward is :func:`batch_norm_backward` with the same ``activation`` and ``bias``.
 
     Returns
     -------
@@ -356,23 +371,25 @@ def batch_norm(
         P.positional_running("batch_norm", args)
     if type(x) is not np.ndarray and P.is_device(x):
         return _cuda.batch_norm(x, weight, bias, running_mean, running_var, training, momentum,
-                                eps, channel_axis, out)
-    r = _batch_fast(x, weight, bias, running_mean, running_var, training, momentum, eps,
-                    channel_axis, out)
-    if r is not None:
-        return r
+                                eps, channel_axis, out, activation)
+    if activation is None:
+        r = _batch_fast(x, weight, bias, running_mean, running_var, training, momentum, eps,
+                        channel_axis, out)
+        if r is not None:
+            return r
     fn = "batch_norm"
     P.training_flag(training, fn)
     a = _host_args(fn, x=x, weight=weight, bias=bias, out=out)
     P.same_kind(fn, a["x"], running_mean=running_mean, running_var=running_var)
     plan = P.batch_norm(fn, a["x"], a["weight"], a["bias"], running_mean, running_var, training,
-                        momentum, eps, channel_axis, a["out"])
+                        momentum, eps, channel_axis, a["out"], activation=activation)
     return _channel_forward(plan, a["x"], a["weight"], a["bias"], running_mean, running_var,
                             a["out"])
 
 
 def batch_norm_backward(
-    dy, x, mean, rstd, weight=None, *, training: bool = True, channel_axis: int = 1
+    dy, x, mean, rstd, weight=None, *, training: bool = True, channel_axis: int = 1, bias=None,
+    activation: Optional[str] = None,
 ) -> NormGrads:
     """Gradients of :func:`batch_norm`.
 
@@ -388,6 +405,12 @@ def batch_norm_backward(
     training : bool
         False treats the statistics as constants (``dx = dy * weight * rstd``).
     channel_axis : {1, -1}
+    bias : array_like of shape ``(C,)``, optional
+        The forward's bias; read only with an ``activation``.
+    activation : {None, 'relu', 'silu'}
+        The forward's fused activation: ``dy`` is then the gradient of its output, and the
+        pre-activation ``xhat * weight + bias`` is recomputed from x and the statistics (ReLU's
+        derivative is taken as 0 where it is exactly 0).
 
     Returns
     -------
@@ -404,19 +427,22 @@ def batch_norm_backward(
     """
     if P.is_device(x):
         return _cuda.channel_backward("batch_norm_backward", "batch", dy, x, mean, rstd, weight,
-                                      training, channel_axis)
-    r = _batch_backward_fast(dy, x, mean, rstd, weight, training, channel_axis)
-    if r is not None:
-        return r
+                                      training, channel_axis, bias, activation)
+    if activation is None and bias is None:
+        r = _batch_backward_fast(dy, x, mean, rstd, weight, training, channel_axis)
+        if r is not None:
+            return r
     return _channel_backward_host("batch_norm_backward", "batch", dy, x, mean, rstd, weight,
-                                  training, channel_axis)
+                                  training, channel_axis, bias, activation)
 
 
-def _channel_backward_host(fn, kind, dy, x, mean, rstd, weight, training, channel_axis):
-    a = _host_args(fn, dy=dy, x=x, mean=mean, rstd=rstd, weight=weight)
+def _channel_backward_host(fn, kind, dy, x, mean, rstd, weight, training, channel_axis,
+                           bias=None, activation=None):
+    a = _host_args(fn, dy=dy, x=x, mean=mean, rstd=rstd, weight=weight, bias=bias)
     plan = P.channel_backward(fn, kind, a["dy"], a["x"], a["mean"], a["rstd"], a["weight"],
-                              training, channel_axis)
-    return _channel_backward(plan, a["dy"], a["x"], a["mean"], a["rstd"], a["weight"])
+                              training, channel_axis, a["bias"], activation)
+    return _channel_backward(plan, a["dy"], a["x"], a["mean"], a["rstd"], a["weight"],
+                             a["bias"])
 
 
 def group_norm(
@@ -428,6 +454,7 @@ def group_norm(
     eps: float = 1e-5,
     channel_axis: int = 1,
     out: Optional[np.ndarray] = None,
+    activation: Optional[str] = None,
 ) -> NormOutput:
     """Group normalization: per sample, statistics over each group of ``C / num_groups``
     channels and all spatial positions.
@@ -442,6 +469,9 @@ def group_norm(
     eps : float >= 0
     channel_axis : {1, -1}
     out : ndarray, optional
+    activation : {None, 'relu', 'silu'}
+        Fused activation, as in :func:`batch_norm` (GroupNorm + SiLU is the diffusion U-Net's
+        block).
 
     Returns
     -------
@@ -457,16 +487,18 @@ def group_norm(
         a bad ``out``.
     """
     if P.is_device(x):
-        return _cuda.group_norm(x, num_groups, weight, bias, eps, channel_axis, out)
+        return _cuda.group_norm(x, num_groups, weight, bias, eps, channel_axis, out, activation)
     fn = "group_norm"
     a = _host_args(fn, x=x, weight=weight, bias=bias, out=out)
     plan = P.group_norm(fn, a["x"], num_groups, a["weight"], a["bias"], eps, channel_axis,
-                        a["out"])
+                        a["out"], activation)
     return _channel_forward(plan, a["x"], a["weight"], a["bias"], None, None, a["out"])
 
 
-def group_norm_backward(dy, x, mean, rstd, weight=None, *, channel_axis: int = 1) -> NormGrads:
-    """Gradients of :func:`group_norm`; the number of groups is ``mean.shape[1]``.
+def group_norm_backward(dy, x, mean, rstd, weight=None, *, channel_axis: int = 1, bias=None,
+                        activation: Optional[str] = None) -> NormGrads:
+    """Gradients of :func:`group_norm`; the number of groups is ``mean.shape[1]``. ``bias``
+    and ``activation``: the forward's, as in :func:`batch_norm_backward`.
 
     Returns
     -------
@@ -480,9 +512,9 @@ def group_norm_backward(dy, x, mean, rstd, weight=None, *, channel_axis: int = 1
     """
     if P.is_device(x):
         return _cuda.channel_backward("group_norm_backward", "group", dy, x, mean, rstd, weight,
-                                      True, channel_axis)
+                                      True, channel_axis, bias, activation)
     return _channel_backward_host("group_norm_backward", "group", dy, x, mean, rstd, weight,
-                                  True, channel_axis)
+                                  True, channel_axis, bias, activation)
 
 
 @hide_varargs

@@ -323,6 +323,16 @@ class _RunningStatsNorm(_Norm):
     _state_names = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
     _functional = staticmethod(F.batch_norm)
     _functional_backward = staticmethod(F.batch_norm_backward)
+    activation: Optional[str] = None  # fused activation (BatchNorm's option)
+
+    def _act(self) -> dict:
+        """The forward's activation keyword, when the layer has one."""
+        return {} if self.activation is None else {"activation": self.activation}
+
+    def _act_backward(self) -> dict:
+        """The backward's activation and bias keywords, when the layer has an activation."""
+        return {} if self.activation is None else {"activation": self.activation,
+                                                   "bias": self.bias}
 
     def __init__(self, num_features, eps, momentum, affine, track_running_stats, channel_axis, dtype):
         super().__init__()
@@ -417,6 +427,7 @@ class _RunningStatsNorm(_Norm):
             momentum=0.0 if momentum is None else momentum,
             eps=self.eps,
             channel_axis=self.channel_axis,
+            **self._act(),
         )
         if update:
             self.num_batches_tracked += 1
@@ -452,7 +463,8 @@ class _RunningStatsNorm(_Norm):
         """
         x, mean, rstd, use_batch = self._saved_context()
         grads = self._functional_backward(
-            dy, x, mean, rstd, self.weight, training=use_batch, channel_axis=self.channel_axis
+            dy, x, mean, rstd, self.weight, training=use_batch, channel_axis=self.channel_axis,
+            **self._act_backward()
         )
         return self._set_grads(grads)
 
@@ -460,6 +472,7 @@ class _RunningStatsNorm(_Norm):
         return (
             f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
             f"track_running_stats={self.track_running_stats}, channel_axis={self.channel_axis}"
+            + ("" if self.activation is None else f", activation={self.activation!r}")
         )
 
 
@@ -551,9 +564,11 @@ class BatchNorm(_RunningStatsNorm):
 
     def __init__(self, num_features, *, eps=1e-5, momentum=0.1, affine=True,
                  track_running_stats=True, channel_axis=1, dtype=np.float32, renorm=False,
-                 renorm_clipping=None, virtual_batch_size=None):
+                 renorm_clipping=None, virtual_batch_size=None, activation=None):
         super().__init__(num_features, eps, momentum, affine, track_running_stats, channel_axis, dtype)
         fn = "BatchNorm"
+        P.activation_code(activation, fn)
+        self.activation = activation
         self.renorm = P.training_flag(renorm, f"{fn}: renorm")
         self.renorm_clipping = _renorm_clipping(renorm_clipping, fn)
         if renorm_clipping is not None and not self.renorm:
@@ -565,6 +580,9 @@ class BatchNorm(_RunningStatsNorm):
                                    _positive_int(virtual_batch_size, f"{fn}: virtual_batch_size"))
         if self.renorm and self.virtual_batch_size is not None:
             raise ValueError(f"{fn}: renorm and virtual_batch_size cannot be combined")
+        if self.renorm and activation is not None:
+            raise ValueError(f"{fn}: renorm and activation cannot be combined (the r, d "
+                             "correction applies before the activation)")
 
     # -- batch renormalization (Ioffe, 2017) and ghost batches (Hoffer et al., 2017) --------
     def forward(self, x):
@@ -598,7 +616,7 @@ class BatchNorm(_RunningStatsNorm):
         db = np.zeros(self.num_features)
         for sl, mean, rstd in pieces:
             g = F.batch_norm_backward(dy[sl], x[sl], mean, rstd, self.weight, training=True,
-                                      channel_axis=self.channel_axis)
+                                      channel_axis=self.channel_axis, **self._act_backward())
             dx[sl] = g.dx
             dw += g.dweight
             db += g.dbias
@@ -673,7 +691,7 @@ class BatchNorm(_RunningStatsNorm):
                              running_mean=self.running_mean if update else None,
                              running_var=self.running_var if update else None, training=True,
                              momentum=0.0 if momentum is None else momentum, eps=self.eps,
-                             channel_axis=self.channel_axis, out=y[sl])
+                             channel_axis=self.channel_axis, out=y[sl], **self._act())
             pieces.append((sl, r.mean, r.rstd))
         if update:
             self.num_batches_tracked += 1
@@ -859,8 +877,10 @@ class GroupNorm(_Norm):
     _state_names = ("weight", "bias")
 
     def __init__(self, num_groups, num_channels, *, eps=1e-5, affine=True, channel_axis=1,
-                 dtype=np.float32):
+                 dtype=np.float32, activation=None):
         super().__init__()
+        P.activation_code(activation, "GroupNorm")
+        self.activation = activation
         self.num_groups = _positive_int(num_groups, "GroupNorm: num_groups")
         self.num_channels = _positive_int(num_channels, "GroupNorm: num_channels")
         if self.num_channels % self.num_groups:
@@ -898,7 +918,7 @@ class GroupNorm(_Norm):
             reduction.
         """
         r = F.group_norm(x, self.num_groups, self.weight, self.bias, eps=self.eps,
-                         channel_axis=self.channel_axis)
+                         channel_axis=self.channel_axis, activation=self.activation)
         self._saved = (np.asarray(x), r.mean, r.rstd)
         return r.y
 
@@ -927,12 +947,14 @@ class GroupNorm(_Norm):
         """
         x, mean, rstd = self._saved_context()
         return self._set_grads(
-            F.group_norm_backward(dy, x, mean, rstd, self.weight, channel_axis=self.channel_axis)
+            F.group_norm_backward(dy, x, mean, rstd, self.weight, channel_axis=self.channel_axis,
+                                  bias=self.bias, activation=self.activation)
         )
 
     def extra_repr(self) -> str:
+        act = "" if self.activation is None else f", activation={self.activation!r}"
         return (f"{self.num_groups}, {self.num_channels}, eps={self.eps}, affine={self.affine}, "
-                f"channel_axis={self.channel_axis}")
+                f"channel_axis={self.channel_axis}{act}")
 
 
 class _RowNorm(_Norm):
