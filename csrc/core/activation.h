@@ -31,6 +31,11 @@ namespace nk {
 
 enum Activation : int { kActNone = 0, kActRelu = 1, kActSilu = 2 };
 
+// 1/k! for k = 0..13 (double; rounded to float where float needs them).
+constexpr double kInvFactorial[14] = {
+    1.0, 1.0, 1.0 / 2, 1.0 / 6, 1.0 / 24, 1.0 / 120, 1.0 / 720, 1.0 / 5040, 1.0 / 40320,
+    1.0 / 362880, 1.0 / 3628800, 1.0 / 39916800, 1.0 / 479001600, 1.0 / 6227020800.0};
+
 // The constants of exp_nonpos per element type.
 template <class E> struct ExpConst;
 template <> struct ExpConst<float> {
@@ -87,9 +92,9 @@ template <class Ops, class E, class V> NK_HOST_DEVICE NK_INLINE V exp_nonpos(V a
   const V t = a * K::kLog2e + K::kMagic;
   const V n = t - K::kMagic;
   const V r = (a - n * K::kLn2Hi) - n * K::kLn2Lo;
-  // Horner: 1 + r (1 + r/2 (1 + r/3 (... (1 + r/d))))
-  V p = r * (E(1) / E(K::kDegree)) + E(1);
-  for (int k = K::kDegree - 1; k >= 1; --k) p = p * r * (E(1) / E(k)) + E(1);
+  // Horner on the Taylor coefficients 1/k!, each rounded to E: one multiply and one add a term
+  V p = r * E(kInvFactorial[K::kDegree]) + E(kInvFactorial[K::kDegree - 1]);
+  for (int k = K::kDegree - 2; k >= 0; --k) p = p * r + E(kInvFactorial[k]);
   return Ops::zero_below(a, K::kLowest, Ops::scale_pow2(p, t));
 }
 

@@ -243,65 +243,96 @@ void export_moments(const ChannelForwardParams<T>& p, const std::vector<Moments<
   }
 }
 
+// Moments of group (s, g) in the plane traversal: exact two passes over a group that fits in
+// cache (shifted sums per plane for float/half/bfloat16), else pieces of at most kPiece
+// elements merged with Chan's formula. Zero moments in evaluation mode (not needed).
+template <class T> Moments<double> plane_group_moments(const ChannelForwardParams<T>& p, const View& v,
+                                                       int64_t s, int64_t g) {
+  Moments<double> m;
+  if (p.training && v.group_size() <= kTwoPassElements && kShiftedStats<T>) {
+    // shifted sums per plane (in pieces of at most kShiftPiece), merged in plane order
+    for (int64_t o = 0; o < v.O; ++o)
+      for (int64_t c = g * v.D; c < (g + 1) * v.D; ++c)
+        welford_merge(m, shifted_moments(p.x + v.offset(s, o, c), v.I));
+  } else if (p.training && v.group_size() <= kTwoPassElements) {
+    // two passes over the whole group; plane sums added in plane order
+    const auto over_planes = [&](auto&& term) {
+      double total = 0.0;
+      for (int64_t o = 0; o < v.O; ++o)
+        for (int64_t c = g * v.D; c < (g + 1) * v.D; ++c) {
+          const T* plane = p.x + v.offset(s, o, c);
+          total += lane_sum(v.I, [&](int64_t i, auto w) { return term(loadw(plane + i, w)); });
+        }
+      return total;
+    };
+    const double mean =
+        over_planes([](auto xv) { return widen(xv); }) / static_cast<double>(v.group_size());
+    const double m2 = over_planes([&](auto xv) {
+      const auto d = widen(xv) - mean;
+      return d * d;
+    });
+    m = moments_from_two_pass(v.group_size(), mean, m2);
+  } else if (p.training) {
+    for (int64_t o = 0; o < v.O; ++o)
+      for (int64_t c = g * v.D; c < (g + 1) * v.D; ++c) {
+        const T* plane = p.x + v.offset(s, o, c);
+        for (int64_t i = 0; i < v.I; i += kPiece)
+          welford_merge(m, piece_moments(plane + i, std::min(kPiece, v.I - i)));
+      }
+  }
+  return m;
+}
+
+// Normalize + affine (+ activation) and write y for the planes of group (s, g).
+template <class T, bool kHasWeight, bool kHasBias, int kAct>
+void plane_group_apply(const ChannelForwardParams<T>& p, const View& v, int64_t s, int64_t g,
+                       const GroupStats<compute_t<T>>& st, bool stream) {
+  using C = compute_t<T>;
+  for (int64_t o = 0; o < v.O; ++o)
+    for (int64_t c = g * v.D; c < (g + 1) * v.D; ++c) {
+      const C w = kHasWeight ? static_cast<C>(p.weight[c]) : C(1);
+      const C b = kHasBias ? static_cast<C>(p.bias[c]) : C(0);
+      const T* xp = p.x + v.offset(s, o, c);
+      elementwise(v.I, p.y + v.offset(s, o, c), stream, [&](int64_t i, auto width) {
+        return output_of<kAct, C>(xhat_of(loadw(xp + i, width), st), w, b);
+      });
+    }
+}
+
+// Forward, plane traversal: threads own groups. Without an activation each group is normalized
+// right after its statistics, while it is still in cache (x read once from memory). With one,
+// the apply step is compute-bound (SiLU's exp) and would stall each thread between its groups'
+// memory-bound statistics passes, so all statistics come first and the apply is a second sweep
+// that the prefetchers overlap with the arithmetic: GroupNorm (32, 256, 28, 28) + SiLU, float32,
+// 1 thread, Xeon AVX-512, 2026-12-07: 9.0 ms fused per group, 6.2-6.3 ms in two sweeps (the
+// activation alone costs about 4 ms there: 8-lane exp and a division per element).
 template <class T, bool kHasWeight, bool kHasBias, int kAct>
 void forward_planes(const ChannelForwardParams<T>& p, const View& v) {
   using C = compute_t<T>;
   const int64_t tasks = v.samples * v.G;
   std::vector<Moments<double>> gm(at(tasks));
   const bool stream = p.B * p.C * p.S * static_cast<int64_t>(sizeof(T)) >= kStreamBytes;
+  constexpr bool kSweeps = kAct != kActNone;
   // Assumptions: I >= 1; each thread owns whole groups, so nothing is shared while it runs.
   parallel_for(tasks, grain_for(v.group_size()), [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
-      const int64_t s = t / v.G, g = t % v.G;
-      // 1) stats
-      Moments<double> m;
-      if (p.training && v.group_size() <= kTwoPassElements && kShiftedStats<T>) {
-        // shifted sums per plane (in pieces of at most kShiftPiece), merged in plane order
-        for (int64_t o = 0; o < v.O; ++o)
-          for (int64_t c = g * v.D; c < (g + 1) * v.D; ++c)
-            welford_merge(m, shifted_moments(p.x + v.offset(s, o, c), v.I));
-      } else if (p.training && v.group_size() <= kTwoPassElements) {
-        // two passes over the whole group; plane sums added in plane order
-        const auto over_planes = [&](auto&& term) {
-          double total = 0.0;
-          for (int64_t o = 0; o < v.O; ++o)
-            for (int64_t c = g * v.D; c < (g + 1) * v.D; ++c) {
-              const T* plane = p.x + v.offset(s, o, c);
-              total += lane_sum(v.I, [&](int64_t i, auto w) { return term(loadw(plane + i, w)); });
-            }
-          return total;
-        };
-        const double mean =
-            over_planes([](auto xv) { return widen(xv); }) / static_cast<double>(v.group_size());
-        const double m2 = over_planes([&](auto xv) {
-          const auto d = widen(xv) - mean;
-          return d * d;
-        });
-        m = moments_from_two_pass(v.group_size(), mean, m2);
-      } else if (p.training) {
-        for (int64_t o = 0; o < v.O; ++o)
-          for (int64_t c = g * v.D; c < (g + 1) * v.D; ++c) {
-            const T* plane = p.x + v.offset(s, o, c);
-            for (int64_t i = 0; i < v.I; i += kPiece)
-              welford_merge(m, piece_moments(plane + i, std::min(kPiece, v.I - i)));
-          }
+      gm[at(t)] = plane_group_moments(p, v, t / v.G, t % v.G);
+      if constexpr (!kSweeps) {
+        const GroupStats<C> st = finish_group(p, t, gm[at(t)]);
+        if (p.y) plane_group_apply<T, kHasWeight, kHasBias, kAct>(p, v, t / v.G, t % v.G, st, stream);
       }
-      gm[at(t)] = m;
-      const GroupStats<C> st = finish_group(p, t, m);
-      if (!p.y) continue;  // statistics only
-      // 2) normalize + affine, 3) write y
-      for (int64_t o = 0; o < v.O; ++o)
-        for (int64_t c = g * v.D; c < (g + 1) * v.D; ++c) {
-          const C w = kHasWeight ? static_cast<C>(p.weight[c]) : C(1);
-          const C b = kHasBias ? static_cast<C>(p.bias[c]) : C(0);
-          const T* xp = p.x + v.offset(s, o, c);
-          elementwise(v.I, p.y + v.offset(s, o, c), stream, [&](int64_t i, auto width) {
-            return output_of<kAct, C>(xhat_of(loadw(xp + i, width), st), w, b);
-          });
-        }
     }
-    if (stream) stream_fence();
+    if (stream && !kSweeps) stream_fence();
   });
+  if constexpr (kSweeps) {
+    const std::vector<GroupStats<C>> st = finish_groups(p, gm);
+    if (p.y)
+      parallel_for(tasks, grain_for(v.group_size()), [&](int64_t t0, int64_t t1) {
+        for (int64_t t = t0; t < t1; ++t)
+          plane_group_apply<T, kHasWeight, kHasBias, kAct>(p, v, t / v.G, t % v.G, st[at(t)], stream);
+        if (stream) stream_fence();
+      });
+  }
   update_running(p, v, gm);
   export_moments(p, gm);
 }

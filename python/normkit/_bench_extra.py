@@ -1,7 +1,9 @@
-"""Benchmarks beyond the kernel table of ``normkit._bench``: the fused residual add + norm
-against PyTorch's eager pair, and the scikit-learn ``Standardizer`` against ``StandardScaler``.
+"""Benchmarks beyond the kernel table of ``normkit._bench``: the fused residual add + norm and
+the fused norm + activation (BatchNorm + ReLU, GroupNorm + SiLU) against PyTorch's eager pairs,
+and the scikit-learn ``Standardizer`` against ``StandardScaler``.
 
-Run by ``python -m normkit bench`` (full run, or ``--only add_layer_norm,add_rms_norm,standardize``)
+Run by ``python -m normkit bench`` (full run, or
+``--only add_layer_norm,add_rms_norm,bn_relu,gn_silu,standardize``)
 after the kernel table. Same method as the table: every contender is checked against a plain
 reference first, then timed interleaved (A B C A B C ...), medians reported; outputs are
 preallocated where the API allows it. Never asserts on time.
@@ -15,7 +17,11 @@ from typing import Callable, Dict, List, Sequence
 
 import numpy as np
 
-EXTRA_NAMES = ("add_layer_norm", "add_rms_norm", "standardize")
+EXTRA_NAMES = ("add_layer_norm", "add_rms_norm", "bn_relu", "gn_silu", "standardize")
+# name: (functional, shape, num_groups or None, activation); BENCH.md's BatchNorm and GroupNorm
+# shapes, float32, training-mode forward.
+ACT_CASES = {"bn_relu": ("batch_norm", (32, 64, 56, 56), None, "relu"),
+             "gn_silu": ("group_norm", (32, 256, 28, 28), 32, "silu")}
 FUSED_SHAPES = (((8192, 1024), 1024), ((4096, 4096), 4096), ((512, 768), 768))
 STANDARDIZE_SHAPE = (1_000_000, 100)
 
@@ -89,6 +95,66 @@ def fused_rows(nk, torch, name: str, threads: Sequence[int], reps: int,
     return rows
 
 
+def _numpy_norm_act(x, groups, act: str, w, b, eps=1e-5):
+    """Training-mode BatchNorm (groups None) or GroupNorm, then the activation, in float64."""
+    xf = x.astype(np.float64)
+    N, C = x.shape[:2]
+    v = xf.reshape(N, groups, -1) if groups else xf.transpose(1, 0, 2, 3).reshape(C, -1)
+    z = (v - v.mean(-1, keepdims=True)) / np.sqrt(v.var(-1, keepdims=True) + eps)
+    z = z.reshape(x.shape) if groups else z.reshape(C, N, *x.shape[2:]).transpose(1, 0, 2, 3)
+    z = z * w.reshape(1, C, 1, 1) + b.reshape(1, C, 1, 1)
+    y = np.maximum(z, 0.0) if act == "relu" else z / (1.0 + np.exp(-z))
+    return y.astype(x.dtype)
+
+
+def fused_act_rows(nk, torch, name: str, threads: Sequence[int], reps: int,
+                   copy_bw: Dict[int, float]) -> List[dict]:
+    """``nk.batch_norm``/``group_norm`` with ``activation=`` (out=) against PyTorch's eager
+    norm followed by its in-place activation (``relu_``/``silu`` with inplace=True), and NumPy.
+    Byte model: read x once, write y (2 n sizeof), the least any implementation must move."""
+    fn, shape, groups, act = ACT_CASES[name]
+    rng = np.random.default_rng(1234)
+    x = rng.standard_normal(shape).astype(np.float32)
+    C = shape[1]
+    w = (1 + 0.1 * rng.standard_normal(C)).astype(np.float32)
+    b = (0.1 * rng.standard_normal(C)).astype(np.float32)
+    y = np.empty_like(x)
+    norm = getattr(nk, fn)
+    gargs = (groups,) if groups else ()
+    want = _numpy_norm_act(x, groups, act, w, b)
+    norm(x, *gargs, w, b, out=y, activation=act)
+    if np.abs(y - want).max() > 1e-4:
+        raise AssertionError(f"{name}: wrong result, not timed")
+    rows = []
+    for nt in threads:
+        nk.set_num_threads(nt)
+        fns = {"normkit": lambda: norm(x, *gargs, w, b, out=y, activation=act),
+               "numpy": lambda: _numpy_norm_act(x, groups, act, w, b)}
+        if torch is not None:
+            torch.set_num_threads(nt)
+            F = torch.nn.functional
+            tx, tw, tb = torch.from_numpy(x), torch.from_numpy(w), torch.from_numpy(b)
+
+            def run_torch():
+                with torch.no_grad():
+                    if groups:
+                        z = F.group_norm(tx, groups, tw, tb, 1e-5)
+                    else:
+                        z = F.batch_norm(tx, None, None, tw, tb, True, 0.1, 1e-5)
+                    return torch.relu_(z) if act == "relu" else F.silu(z, inplace=True)
+
+            if np.abs(run_torch().numpy() - want).max() > 1e-4:
+                raise AssertionError(f"torch {name}: unexpected result")
+            fns["torch"] = run_torch
+        med = _interleaved(fns, reps)
+        gbps = 2 * x.nbytes / med["normkit"] / 1e9
+        rows.append({"name": name, "shape": shape, "threads": nt, "normkit_ms": med["normkit"] * 1e3,
+                     "other": "torch eager pair", "other_ms": med.get("torch", float("nan")) * 1e3,
+                     "numpy_ms": med["numpy"] * 1e3, "gbps": gbps,
+                     "pct_copy": 100 * gbps / copy_bw[nt] if nt in copy_bw else None})
+    return rows
+
+
 def standardize_rows(nk, threads: Sequence[int], reps: int) -> List[dict]:
     """``normkit.sklearn.Standardizer`` fit + transform against scikit-learn's StandardScaler
     on (1,000,000, 100) float32 (scikit-learn's own threads follow the thread count too)."""
@@ -125,6 +191,8 @@ def run_extra(nk, torch, names: Sequence[str], threads: Sequence[int], copy_bw, 
         for name in names:
             if name == "standardize":
                 rows += standardize_rows(nk, threads, max(3, reps // 2))
+            elif name in ACT_CASES:
+                rows += fused_act_rows(nk, torch, name, threads, reps, copy_bw)
             else:
                 rows += fused_rows(nk, torch, name, threads, reps, copy_bw)
     finally:
@@ -132,8 +200,9 @@ def run_extra(nk, torch, names: Sequence[str], threads: Sequence[int], copy_bw, 
         if torch is not None:
             torch.set_num_threads(threads0)
     if rows:
-        print("\nfused residual add + norm (byte model: read x and residual, write h and y) and "
-              "the scikit-learn Standardizer (fit + transform):", file=out)
+        print("\nfused residual add + norm (byte model: read x and residual, write h and y), "
+              "fused norm + activation (read x, write y) and the scikit-learn Standardizer "
+              "(fit + transform):", file=out)
         print(f"{'workload':<16} {'shape':>16} {'thr':>3} {'normkit ms':>10} {'other ms':>9} "
               f"{'vs other':>8} {'numpy ms':>9} {'vs numpy':>8} {'% copy':>6}  other", file=out)
         for r in rows:
