@@ -86,13 +86,17 @@ def fused_rows(nk, torch, name: str, threads: Sequence[int], reps: int,
                 if np.abs(run_torch().numpy() - want_y).max() > 1e-4:
                     raise AssertionError(f"torch {name} {shape}: unexpected result")
                 fns["torch"] = run_torch
-            med = _interleaved(fns, reps)
-            gbps = 4 * x.nbytes / med["normkit"] / 1e9
-            rows.append({"name": name, "shape": shape, "threads": nt, "normkit_ms": med["normkit"] * 1e3,
-                         "other": "torch eager pair", "other_ms": med.get("torch", float("nan")) * 1e3,
-                         "numpy_ms": med["numpy"] * 1e3, "gbps": gbps,
-                         "pct_copy": 100 * gbps / copy_bw[nt] if nt in copy_bw else None})
+            rows.append(_pair_row(name, shape, nt, _interleaved(fns, reps), 4 * x.nbytes, copy_bw))
     return rows
+
+
+def _pair_row(name, shape, nt, med, nbytes, copy_bw) -> dict:
+    """A table row against PyTorch's eager pair; ``nbytes`` is the byte model's traffic."""
+    gbps = nbytes / med["normkit"] / 1e9
+    return {"name": name, "shape": shape, "threads": nt, "normkit_ms": med["normkit"] * 1e3,
+            "other": "torch eager pair", "other_ms": med.get("torch", float("nan")) * 1e3,
+            "numpy_ms": med["numpy"] * 1e3, "gbps": gbps,
+            "pct_copy": 100 * gbps / copy_bw[nt] if nt in copy_bw else None}
 
 
 def _numpy_norm_act(x, groups, act: str, w, b, eps=1e-5):
@@ -146,12 +150,7 @@ def fused_act_rows(nk, torch, name: str, threads: Sequence[int], reps: int,
             if np.abs(run_torch().numpy() - want).max() > 1e-4:
                 raise AssertionError(f"torch {name}: unexpected result")
             fns["torch"] = run_torch
-        med = _interleaved(fns, reps)
-        gbps = 2 * x.nbytes / med["normkit"] / 1e9
-        rows.append({"name": name, "shape": shape, "threads": nt, "normkit_ms": med["normkit"] * 1e3,
-                     "other": "torch eager pair", "other_ms": med.get("torch", float("nan")) * 1e3,
-                     "numpy_ms": med["numpy"] * 1e3, "gbps": gbps,
-                     "pct_copy": 100 * gbps / copy_bw[nt] if nt in copy_bw else None})
+        rows.append(_pair_row(name, shape, nt, _interleaved(fns, reps), 2 * x.nbytes, copy_bw))
     return rows
 
 
