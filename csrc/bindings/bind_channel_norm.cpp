@@ -37,7 +37,8 @@ void channel_forward(const py::array& x, bool channels_last, const py::object& w
                      const py::object& bias, const py::object& running_mean,
                      const py::object& running_var, bool training, double momentum, double eps,
                      py::array& y, const py::object& mean, const py::object& rstd,
-                     int64_t groups, int activation) {
+                     int64_t groups, int activation, const py::object& omega,
+                     const py::object& moments) {
   const char* fn = "channel_norm_forward";
   const DType d = data_dtype(x, fn, "x");
   const ChannelShape s = channel_shape(x, channels_last, fn);
@@ -49,6 +50,10 @@ void channel_forward(const py::array& x, bool channels_last, const py::object& w
         std::string(fn) + ": running statistics with per-sample groups need one group per channel");
   const int64_t n_stats = per_sample ? s.B * groups : s.C;
   check_activation(activation, weight, bias, fn);
+  check(omega.is_none() == moments.is_none(), std::string(fn) + ": omega and moments go together");
+  check(omega.is_none() || (training && running_mean.is_none() && activation == kActNone),
+        std::string(fn) + ": weighted statistics need training=True, no running statistics and "
+                          "no activation");
   check_rule(rules::eps(eps), fn);
   check_rule(rules::momentum(momentum), fn);
   check_rule(rules::running_pair(!running_mean.is_none(), !running_var.is_none()), fn);
@@ -81,6 +86,12 @@ void channel_forward(const py::array& x, bool channels_last, const py::object& w
     p.channels_last = channels_last;
     p.per_sample = per_sample;
     p.activation = activation;
+    p.omega = acc_array<A>(omega, d, s.B * s.S, false, fn, "omega");
+    if (double* m = acc_array<double>(moments, DType::kFloat64, 3 * n_stats, true, fn, "moments")) {
+      p.group_w64 = m;
+      p.group_mean64 = m + n_stats;
+      p.group_m2_64 = m + 2 * n_stats;
+    }
     {
       py::gil_scoped_release nogil;  // no Python objects touched here
       cpu::channel_norm_forward(p);
@@ -131,7 +142,7 @@ void channel_backward(const py::array& dy, const py::array& x, bool channels_las
                       const py::object& mean, const py::object& rstd, const py::object& weight,
                       bool training, py::array& dx, const py::object& dweight,
                       const py::object& dbias, int64_t groups, const py::object& bias,
-                      int activation) {
+                      int activation, const py::object& omega, const py::object& group_w) {
   const char* fn = "channel_norm_backward";
   const DType d = data_dtype(x, fn, "x");
   const ChannelShape s = channel_shape(x, channels_last, fn);
@@ -140,6 +151,9 @@ void channel_backward(const py::array& dy, const py::array& x, bool channels_las
              " (C = " + std::to_string(s.C) + ", num_groups = " + std::to_string(groups) + ")");
   const int64_t n_stats = per_sample ? s.B * groups : s.C;
   check_activation(activation, weight, bias, fn);
+  check(omega.is_none() == group_w.is_none(), std::string(fn) + ": omega and group_w go together");
+  check(omega.is_none() || (training && activation == kActNone),
+        std::string(fn) + ": weighted statistics need training=True and no activation");
   dispatch_dtype(d, [&](auto tag) {
     using T = typename decltype(tag)::type;
     using A = acc_t<T>;
@@ -155,6 +169,8 @@ void channel_backward(const py::array& dy, const py::array& x, bool channels_las
     p.weight = acc_array<A>(weight, d, s.C, false, fn, "weight");
     p.bias = acc_array<A>(bias, d, s.C, false, fn, "bias");
     p.activation = activation;
+    p.omega = acc_array<A>(omega, d, s.B * s.S, false, fn, "omega");
+    p.group_w = acc_array<double>(group_w, DType::kFloat64, n_stats, false, fn, "group_w");
     p.dweight = acc_array<A>(dweight, d, s.C, true, fn, "dweight");
     p.dbias = acc_array<A>(dbias, d, s.C, true, fn, "dbias");
     check(p.mean && p.rstd && p.dweight && p.dbias,
@@ -181,17 +197,22 @@ void bind_channel_norm(py::module_& m) {
         py::arg("weight"), py::arg("bias"), py::arg("running_mean"), py::arg("running_var"),
         py::arg("training"), py::arg("momentum"), py::arg("eps"), py::arg("y"), py::arg("mean"),
         py::arg("rstd"), py::arg("groups") = 0, py::arg("activation") = 0,
+        py::arg("omega") = py::none(), py::arg("moments") = py::none(),
         "Channel view forward. groups=0: BatchNorm (statistics per channel, (C,)); groups=G > 0: "
         "GroupNorm (statistics per sample and group, (B, G)). Writes y, mean, rstd; updates "
         "running statistics in place when training. activation: 0 none, 1 relu, 2 silu "
-        "(y = act(xhat * w + b); weight and bias then required).");
+        "(y = act(xhat * w + b); weight and bias then required). omega: (B * S,) weight per "
+        "position (statistics dtype), shared by the channels: weighted statistics, whose "
+        "(total weight, mean, M2) per group are written to moments, float64 (3 * n_stats,).");
   m.def("channel_norm_backward", &channel_backward, py::arg("dy"), py::arg("x"),
         py::arg("channels_last"), py::arg("mean"), py::arg("rstd"), py::arg("weight"),
         py::arg("training"), py::arg("dx"), py::arg("dweight"), py::arg("dbias"),
         py::arg("groups") = 0, py::arg("bias") = py::none(), py::arg("activation") = 0,
+        py::arg("omega") = py::none(), py::arg("group_w") = py::none(),
         "Channel view backward (groups as in the forward). Writes dx, dweight, dbias in place. "
         "activation as in the forward (dy is then the gradient of the activation's output; "
-        "weight and bias required).");
+        "weight and bias required). omega, group_w: the forward's weights and each group's total "
+        "weight, for weighted statistics.");
 }
 
 }  // namespace nk::bind

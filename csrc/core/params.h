@@ -74,6 +74,14 @@ template <class T> struct ChannelForwardParams {
   // Fused activation (core/activation.h): y = act(xhat * w + b). Anything but kActNone needs
   // weight and bias set (the bindings pass ones / zeros for absent ones).
   int activation = 0;
+  // CPU only, training only: weighted statistics (mask= / sample_weight=). omega holds one
+  // weight >= 0 per position, shared by the channels, laid out [sample][O][I] of the channel
+  // view (core/channel_view.h): (B, S) for every op and layout. Each group's statistics are
+  // its weighted mean and variance; y is computed at every position. Needs group_mean64,
+  // group_m2_64 and group_w64 (out: the total weight per group); running statistics unset
+  // (the caller updates them from these) and no activation.
+  const acc_t<T>* omega = nullptr;
+  double* group_w64 = nullptr;
 };
 
 template <class T> struct ChannelBackwardParams {
@@ -93,6 +101,10 @@ template <class T> struct ChannelBackwardParams {
   // recomputed from x, and weight and bias must both be set (as in the forward).
   int activation = 0;
   const acc_t<T>* bias = nullptr;    // (C,); read only with an activation
+  // Weighted statistics (as in the forward): omega per position, and each group's total weight
+  // (group_w, samples * G); the statistics' gradient then reaches x in proportion to its weight.
+  const acc_t<T>* omega = nullptr;
+  const double* group_w = nullptr;
 };
 
 }  // namespace nk

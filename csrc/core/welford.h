@@ -58,6 +58,38 @@ template <class A> NK_HOST_DEVICE NK_INLINE void welford_merge(Moments<A>& a, co
   a.count = n;
 }
 
+// Weighted moments (weights >= 0): total weight w, weighted mean, and m2 = sum w_i (x_i - mean)^2.
+template <class A> struct WeightedMoments {
+  A w = A(0);
+  A mean = A(0);
+  A m2 = A(0);
+};
+
+// Chan's merge with real weights in place of counts: a <- a U b.
+template <class A>
+NK_HOST_DEVICE NK_INLINE void weighted_merge(WeightedMoments<A>& a, const WeightedMoments<A>& b) {
+  if (!(b.w > A(0))) return;
+  if (!(a.w > A(0))) {
+    a = b;
+    return;
+  }
+  const A w = a.w + b.w;
+  const A wb = b.w / w;
+  chan_merge(a.mean, a.m2, b.mean, b.m2, wb, a.w * wb);
+  a.w = w;
+}
+
+// A piece from its sums shifted by k: w = sum of weights, s1 = sum w (x - k), s2 = sum w (x - k)^2.
+template <class A> NK_HOST_DEVICE NK_INLINE WeightedMoments<A> weighted_from_shifted(A w, A k, A s1, A s2) {
+  WeightedMoments<A> m;
+  if (!(w > A(0))) return m;
+  m.w = w;
+  m.mean = k + s1 / w;
+  const A m2 = s2 - s1 * (s1 / w);
+  m.m2 = m2 > A(0) ? m2 : A(0);  // rounding can leave a tiny negative value
+  return m;
+}
+
 // A piece from its two-pass sums: count, sum of values, sum of squared deviations from sum/count.
 template <class A> NK_HOST_DEVICE NK_INLINE Moments<A> moments_from_two_pass(int64_t count, A mean, A m2) {
   Moments<A> m;

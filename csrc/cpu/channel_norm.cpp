@@ -453,21 +453,13 @@ template <class C, class A> std::vector<C> per_column(const View& v, const A* pa
   return col;
 }
 
-// Forward, row traversal: statistics (steps 1-3), then normalize + affine and write y.
+// Normalize + affine (+ activation) and write y, row by row with per-column statistics (the row
+// traversal's apply step): st holds the statistics of every group (s * G + g).
 template <class T, bool kHasWeight, bool kHasBias, int kAct>
-void forward_rows(const ChannelForwardParams<T>& p, const View& v) {
+void apply_rows(const ChannelForwardParams<T>& p, const View& v,
+                const std::vector<GroupStats<compute_t<T>>>& st) {
   using C = compute_t<T>;
   const int64_t cols = v.cols();
-  std::vector<Moments<double>> gm(at(v.samples * v.G));
-  if (p.training) {
-    std::vector<double> partial = chunk_moments(p, v);
-    merge_chunks(v, partial);
-    gm = group_moments(v, partial);
-  }
-  const std::vector<GroupStats<C>> st = finish_groups(p, gm);
-  update_running(p, v, gm);
-  export_moments(p, gm);
-  if (!p.y) return;  // statistics only
   const ColumnStats<C> scol = column_stats(v, st);
   const std::vector<C> wcol = per_column(v, kHasWeight ? p.weight : nullptr, C(1));
   const std::vector<C> bcol = per_column(v, kHasBias ? p.bias : nullptr, C(0));
@@ -487,6 +479,21 @@ void forward_rows(const ChannelForwardParams<T>& p, const View& v) {
     }
     if (stream) stream_fence();
   });
+}
+
+// Forward, row traversal: statistics (steps 1-3), then normalize + affine and write y.
+template <class T, bool kHasWeight, bool kHasBias, int kAct>
+void forward_rows(const ChannelForwardParams<T>& p, const View& v) {
+  std::vector<Moments<double>> gm(at(v.samples * v.G));
+  if (p.training) {
+    std::vector<double> partial = chunk_moments(p, v);
+    merge_chunks(v, partial);
+    gm = group_moments(v, partial);
+  }
+  const auto st = finish_groups(p, gm);
+  update_running(p, v, gm);
+  export_moments(p, gm);
+  if (p.y) apply_rows<T, kHasWeight, kHasBias, kAct>(p, v, st);  // else statistics only
 }
 
 // Forward, sample-major plane traversal (BatchNorm with short planes: reading a channel's planes
@@ -808,6 +815,266 @@ void backward_sample_planes(const ChannelBackwardParams<T>& p, const View& v) {
   });
 }
 
+// ---- weighted statistics: mask= and sample_weight= (issue 15) ------------------------------
+// omega (params.h) gives each position (sample s, row o, i) a weight >= 0 shared by the
+// channels. A group's statistics are W = sum omega, mean = sum omega x / W and
+// var = sum omega (x - mean)^2 / W; y is computed at every position. Tasks are (sample, piece
+// of rows) with at most kShiftPiece elements of a channel per piece; each (piece, channel) is
+// one pass of shifted sums in double (shift: the piece's first element of the channel; a zero
+// weight excludes its element, even a NaN), and the pieces are merged in a fixed order with
+// Chan's formula in its weighted form (core/welford.h). Backward: with g = dy * w,
+// dx = rstd * (g - omega * (c2 + xhat * c1)), c1 = sum(g xhat) / W, c2 = sum(g) / W over the
+// whole group (every position's y depends on the statistics; only weighted ones shape them).
+
+// Rows per piece: pieces hold at most kShiftPiece elements of a channel (whole planes at least).
+inline int64_t weighted_rows_per_piece(const View& v) {
+  return std::max<int64_t>(1, kShiftPiece / std::max<int64_t>(1, v.I));
+}
+
+// Moments of every (sample, piece, channel), laid out [s][piece][c].
+template <class T>
+std::vector<WeightedMoments<double>> weighted_piece_moments(const ChannelForwardParams<T>& p, const View& v) {
+  using A = acc_t<T>;
+  const int64_t rpp = weighted_rows_per_piece(v), pieces = (v.O + rpp - 1) / rpp;
+  std::vector<WeightedMoments<double>> part(at(v.samples * pieces * v.C));
+  parallel_for(v.samples * pieces, grain_for(std::min(v.O, rpp) * v.C * v.I), [&](int64_t t0, int64_t t1) {
+    std::vector<double> shift(at(v.C)), s1(at(v.C)), s2(at(v.C));
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t s = t / pieces, r0 = (t % pieces) * rpp, r1 = std::min(v.O, r0 + rpp);
+      const A* om0 = p.omega + (s * v.O + r0) * v.I;
+      double w = 0.0;
+      int64_t first = -1;  // the first weighted position: its values are the shifts
+      for (int64_t e = 0; e < (r1 - r0) * v.I; ++e) {
+        w += static_cast<double>(om0[e]);
+        if (first < 0 && om0[e] > A(0)) first = e;
+      }
+      WeightedMoments<double>* out = part.data() + t * v.C;
+      if (first < 0 && v.I <= kShiftPiece) continue;  // nothing weighted: empty moments
+      if (v.I == 1) {  // channels innermost: one weight per row, columns summed together
+        const T* x0 = p.x + v.offset(s, r0 + first, 0);
+        for (int64_t c = 0; c < v.C; ++c) shift[at(c)] = widen(loadw(x0 + c, Width<1>{}));
+        std::fill(s1.begin(), s1.end(), 0.0);
+        std::fill(s2.begin(), s2.end(), 0.0);
+        for (int64_t r = r0; r < r1; ++r) {
+          const double om = static_cast<double>(p.omega[s * v.O + r]);
+          if (!(om > 0.0)) continue;  // excluded, whatever x holds
+          const T* xr = p.x + v.offset(s, r, 0);
+          for_blocks(v.C, [&](int64_t j, auto wd) {
+            const auto d = widen(loadw(xr + j, wd)) - loadw(shift.data() + j, wd);
+            add_to(s1.data() + j, d * om);
+            add_to(s2.data() + j, d * d * om);
+          });
+        }
+        for (int64_t c = 0; c < v.C; ++c)
+          out[c] = weighted_from_shifted(w, shift[at(c)], s1[at(c)], s2[at(c)]);
+        continue;
+      }
+      for (int64_t c = 0; c < v.C; ++c) {
+        WeightedMoments<double> m;
+        for (int64_t i0 = 0; i0 < v.I; i0 += kShiftPiece) {  // pieces of one plane when I is long
+          const int64_t len = std::min(kShiftPiece, v.I - i0);
+          int64_t f = first;  // (r - r0) * I + i of the piece's first weighted position
+          if (v.I > kShiftPiece) {
+            f = -1;
+            for (int64_t i = 0; i < len && f < 0; ++i)
+              if (om0[i0 + i] > A(0)) f = i0 + i;
+            if (f < 0) continue;
+          }
+          const double k = widen(loadw(p.x + v.offset(s, r0 + f / v.I, c) + f % v.I, Width<1>{}));
+          double a = 0.0, b = 0.0, wp = 0.0;
+          for (int64_t r = r0; r < r1; ++r) {
+            const T* xp = p.x + v.offset(s, r, c) + i0;
+            const A* om = p.omega + (s * v.O + r) * v.I + i0;
+            double ra, rb;
+            lane_sum2(len, ra, rb, [&](int64_t i, auto wd) {
+              const auto o = widen(loadw(om + i, wd));
+              const auto d = BlockOps::where_pos(o, widen(loadw(xp + i, wd)) - k, 0.0);
+              return two(o * d, o * d * d);
+            });
+            a += ra;
+            b += rb;
+          }
+          if (v.I > kShiftPiece)
+            for (int64_t r = r0; r < r1; ++r)
+              for (int64_t i = 0; i < len; ++i) wp += static_cast<double>(om0[(r - r0) * v.I + i0 + i]);
+          weighted_merge(m, weighted_from_shifted(v.I > kShiftPiece ? wp : w, k, a, b));
+        }
+        out[c] = m;
+      }
+    }
+  });
+  return part;
+}
+
+// Per group (s * G + g): the pieces of its sample in order, each piece's channels in order.
+template <class T>
+std::vector<WeightedMoments<double>> weighted_group_moments(const ChannelForwardParams<T>& p, const View& v) {
+  const std::vector<WeightedMoments<double>> part = weighted_piece_moments(p, v);
+  const int64_t rpp = weighted_rows_per_piece(v), pieces = (v.O + rpp - 1) / rpp;
+  std::vector<WeightedMoments<double>> gm(at(v.samples * v.G));
+  for (int64_t t = 0; t < v.samples * v.G; ++t) {
+    const int64_t s = t / v.G, g = t % v.G;
+    for (int64_t k = 0; k < pieces; ++k)
+      for (int64_t c = g * v.D; c < (g + 1) * v.D; ++c)
+        weighted_merge(gm[at(t)], part[at((s * pieces + k) * v.C + c)]);
+  }
+  return gm;
+}
+
+// Forward with weighted statistics (training only; see params.h): statistics, then y.
+template <class T, bool kHasWeight, bool kHasBias>
+void forward_weighted(const ChannelForwardParams<T>& p, const View& v) {
+  using C = compute_t<T>;
+  const std::vector<WeightedMoments<double>> gm = weighted_group_moments(p, v);
+  std::vector<GroupStats<C>> st(gm.size());
+  for (size_t t = 0; t < gm.size(); ++t) {
+    const double var = gm[t].w > 0.0 ? gm[t].m2 / gm[t].w : 0.0;
+    st[t] = write_group(p, static_cast<int64_t>(t), gm[t].mean, rstd_from_var(var, p.eps));
+    p.group_w64[t] = gm[t].w;
+    p.group_mean64[t] = gm[t].mean;
+    p.group_m2_64[t] = gm[t].m2;
+  }
+  if (!p.y) return;
+  if (v.I == 1) {
+    apply_rows<T, kHasWeight, kHasBias, kActNone>(p, v, st);
+    return;
+  }
+  const bool stream = p.B * p.C * p.S * static_cast<int64_t>(sizeof(T)) >= kStreamBytes;
+  parallel_for(v.samples * v.O, grain_for(v.C * v.I), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t s = r / v.O, o = r % v.O;
+      for (int64_t c = 0; c < v.C; ++c) {
+        const C w = kHasWeight ? static_cast<C>(p.weight[c]) : C(1);
+        const C b = kHasBias ? static_cast<C>(p.bias[c]) : C(0);
+        const T* xp = p.x + v.offset(s, o, c);
+        const GroupStats<C>& sc = st[at(s * v.G + c / v.D)];
+        elementwise(v.I, p.y + v.offset(s, o, c), stream, [&](int64_t i, auto width) {
+          return affine(xhat_of(loadw(xp + i, width), sc), w, b);
+        });
+      }
+    }
+    if (stream) stream_fence();
+  });
+}
+
+// Backward with weighted statistics (training only). S1 = sum(dy xhat), S2 = sum(dy) per (sample,
+// channel) over every position, in row order; then dx with the weights.
+template <class T, bool kHasWeight>
+void backward_weighted(const ChannelBackwardParams<T>& p, const View& v) {
+  using C = compute_t<T>;
+  using A = acc_t<T>;
+  std::vector<GroupStats<C>> st(at(v.samples * v.G));
+  for (int64_t t = 0; t < v.samples * v.G; ++t)
+    st[at(t)] = make_group_stats<C>(static_cast<double>(p.mean[t]), static_cast<double>(p.rstd[t]));
+  std::vector<double> s1(at(v.samples * v.C), 0.0), s2(at(v.samples * v.C), 0.0);
+  const ColumnStats<C> scol = column_stats(v, st);  // used when I == 1
+  if (v.I == 1) {  // per column over fixed chunks of rows, chunks added in order
+    const int64_t rpc = v.rows_per_chunk(), n_chunks = v.chunks();
+    std::vector<double> partial(at(v.samples * n_chunks * 2 * v.C), 0.0);
+    parallel_for(v.samples * n_chunks, grain_for(std::min(v.O, rpc) * v.C), [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t s = t / n_chunks, r0 = (t % n_chunks) * rpc;
+        const C* hi = scol.hi.data() + s * v.C;
+        const C* lo = scol.lo.data() + s * v.C;
+        const C* rs = scol.rstd.data() + s * v.C;
+        double* a = partial.data() + t * 2 * v.C;
+        column_sums(r0, std::min(v.O, r0 + rpc), v.C, a, a + v.C, [&](int64_t r, int64_t j, auto w) {
+          const int64_t off = v.offset(s, r, 0) + j;
+          const auto d = widen(loadw(p.dy + off, w));
+          return two(d * widen(xhat_of(loadw(p.x + off, w), loadw(hi + j, w), loadw(lo + j, w),
+                                       loadw(rs + j, w))), d);
+        });
+      }
+    });
+    for (int64_t t = 0; t < v.samples * n_chunks; ++t)
+      for (int64_t c = 0; c < v.C; ++c) {
+        s1[at((t / n_chunks) * v.C + c)] += partial[at(t * 2 * v.C + c)];
+        s2[at((t / n_chunks) * v.C + c)] += partial[at(t * 2 * v.C + v.C + c)];
+      }
+  } else {
+    parallel_for(v.samples * v.C, grain_for(v.O * v.I), [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t s = t / v.C, c = t % v.C;
+        const GroupStats<C>& sc = st[at(s * v.G + c / v.D)];
+        for (int64_t o = 0; o < v.O; ++o) {
+          const T* xp = p.x + v.offset(s, o, c);
+          const T* dyp = p.dy + v.offset(s, o, c);
+          double a, b;
+          lane_sum2(v.I, a, b, [&](int64_t i, auto w) {
+            const auto d = widen(loadw(dyp + i, w));
+            return two(d * widen(xhat_of(loadw(xp + i, w), sc)), d);
+          });
+          s1[at(t)] += a;
+          s2[at(t)] += b;
+        }
+      }
+    });
+  }
+  write_param_grads(p, v, s1, s2);
+  // c1, c2 per group, with the group's total weight in place of its count
+  std::vector<C> c1(at(v.samples * v.G)), c2(at(v.samples * v.G));
+  for (int64_t t = 0; t < v.samples * v.G; ++t) {
+    const int64_t s = t / v.G, g = t % v.G;
+    double a = 0.0, b = 0.0;
+    for (int64_t c = g * v.D; c < (g + 1) * v.D; ++c) {
+      const double w = p.weight ? static_cast<double>(p.weight[c]) : 1.0;
+      a += w * s1[at(s * v.C + c)];
+      b += w * s2[at(s * v.C + c)];
+    }
+    const double W = p.group_w[t] > 0.0 ? p.group_w[t] : 1.0;
+    c1[at(t)] = static_cast<C>(a / W);
+    c2[at(t)] = static_cast<C>(b / W);
+  }
+  const bool stream = p.B * p.C * p.S * static_cast<int64_t>(sizeof(T)) >= kStreamBytes;
+  if (v.I == 1) {  // rows of C channels with per-column statistics, one weight per row
+    std::vector<C> k1(at(v.samples * v.C)), k2(at(v.samples * v.C));
+    for (int64_t j = 0; j < v.samples * v.C; ++j) {
+      k1[at(j)] = c1[at((j / v.C) * v.G + (j % v.C) / v.D)];
+      k2[at(j)] = c2[at((j / v.C) * v.G + (j % v.C) / v.D)];
+    }
+    const std::vector<C> wcol = per_column(v, kHasWeight ? p.weight : nullptr, C(1));
+    parallel_for(v.samples * v.O, grain_for(v.C), [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t base = (r / v.O) * v.C;
+        const C om = static_cast<C>(p.omega[r]);
+        const C* hi = scol.hi.data() + base;
+        const C* lo = scol.lo.data() + base;
+        const C* rs = scol.rstd.data() + base;
+        const T* xr = p.x + r * v.C;
+        const T* dyr = p.dy + r * v.C;
+        elementwise(v.C, p.dx + r * v.C, stream, [&](int64_t j, auto w) {
+          const auto rstd = loadw(rs + j, w);
+          return input_grad(loadw(dyr + j, w) * loadw(wcol.data() + j, w),
+                            xhat_of(loadw(xr + j, w), loadw(hi + j, w), loadw(lo + j, w), rstd), rstd,
+                            loadw(k1.data() + base + j, w) * om, loadw(k2.data() + base + j, w) * om);
+        });
+      }
+      if (stream) stream_fence();
+    });
+    return;
+  }
+  parallel_for(v.samples * v.O, grain_for(v.C * v.I), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t s = r / v.O, o = r % v.O;
+      const A* om = p.omega + (s * v.O + o) * v.I;
+      for (int64_t c = 0; c < v.C; ++c) {
+        const int64_t t = s * v.G + c / v.D;
+        const C w = kHasWeight ? static_cast<C>(p.weight[c]) : C(1);
+        const T* xp = p.x + v.offset(s, o, c);
+        const T* dyp = p.dy + v.offset(s, o, c);
+        const GroupStats<C>& sc = st[at(t)];
+        const C k1 = c1[at(t)], k2 = c2[at(t)];
+        elementwise(v.I, p.dx + v.offset(s, o, c), stream, [&](int64_t i, auto width) {
+          const auto wo = loadw(om + i, width);
+          return input_grad(loadw(dyp + i, width) * w, xhat_of(loadw(xp + i, width), sc), sc.rstd,
+                            wo * k1, wo * k2);
+        });
+      }
+    }
+    if (stream) stream_fence();
+  });
+}
+
 // The traversal for a view (see the file header); depends on the shape only. Each of the three
 // earns its code: BENCH.md's float32 workloads, forward / backward ms, 1 thread, Xeon AVX-512,
 // 2026-12-06, with each traversal forced in turn (a temporary switch, not kept; run-to-run noise
@@ -846,6 +1113,14 @@ template <class T> void channel_norm_forward(const ChannelForwardParams<T>& p) {
   };
   using std::integral_constant;
   using Yes = std::true_type;
+  if (p.omega && p.training) {  // weighted statistics (params.h)
+    bool_switch(p.weight != nullptr, [&](auto has_w) {
+      bool_switch(p.bias != nullptr, [&](auto has_b) {
+        forward_weighted<T, decltype(has_w)::value, decltype(has_b)::value>(p, v);
+      });
+    });
+    return;
+  }
   if (p.activation == kActRelu)  // weight and bias set (params.h)
     run(Yes{}, Yes{}, integral_constant<int, kActRelu>{});
   else if (p.activation == kActSilu)
@@ -871,6 +1146,11 @@ template <class T> void channel_norm_backward(const ChannelBackwardParams<T>& p)
       backward_rows<T, kW, kA>(p, v);
   };
   using std::integral_constant;
+  if (p.omega && p.training) {  // weighted statistics (params.h)
+    bool_switch(p.weight != nullptr,
+                [&](auto has_w) { backward_weighted<T, decltype(has_w)::value>(p, v); });
+    return;
+  }
   if (p.activation == kActRelu)  // weight and bias set (params.h)
     run(std::true_type{}, integral_constant<int, kActRelu>{});
   else if (p.activation == kActSilu)

@@ -16,13 +16,15 @@ def channel_norm_forward(
     x: np.ndarray, channels_last: bool, weight: Optional[np.ndarray], bias: Optional[np.ndarray],
     running_mean: Optional[np.ndarray], running_var: Optional[np.ndarray], training: bool,
     momentum: float, eps: float, y: np.ndarray, mean: np.ndarray, rstd: np.ndarray,
-    groups: int = 0, activation: int = 0,
+    groups: int = 0, activation: int = 0, omega: Optional[np.ndarray] = None,
+    moments: Optional[np.ndarray] = None,
 ) -> None: ...
 def column_moments(x: np.ndarray, rows_are_samples: bool) -> Tuple[np.ndarray, np.ndarray]: ...
 def channel_norm_backward(
     dy: np.ndarray, x: np.ndarray, channels_last: bool, mean: np.ndarray, rstd: np.ndarray,
     weight: Optional[np.ndarray], training: bool, dx: np.ndarray, dweight: np.ndarray,
     dbias: np.ndarray, groups: int = 0, bias: Optional[np.ndarray] = None, activation: int = 0,
+    omega: Optional[np.ndarray] = None, group_w: Optional[np.ndarray] = None,
 ) -> None: ...
 def set_num_threads(n: int) -> None: ...
 def get_num_threads() -> int: ...

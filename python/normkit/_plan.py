@@ -388,6 +388,42 @@ def activation_code(act, fn: str) -> int:
     return ACTIVATIONS[act]
 
 
+def spatial_shape(x, ca: int) -> Tuple[int, ...]:
+    """x's shape without the batch and channel axes."""
+    return tuple(x.shape[2:]) if ca == 1 else tuple(x.shape[1:-1])
+
+
+def position_weights(fn: str, xa, ca: int, mask, sample_weight, activation: int) -> None:
+    """Static rules of ``mask=`` (boolean, broadcastable to x's shape without the channel axis,
+    ``(N, *spatial)``) and ``sample_weight=`` (real, ``(N,)``); values are checked later."""
+    if mask is None and sample_weight is None:
+        return
+    if is_device(mask) or is_device(sample_weight) or on_device(xa):
+        raise TypeError(f"{fn}: mask and sample_weight take host (NumPy) arrays only")
+    if activation:
+        raise ValueError(f"{fn}: mask/sample_weight cannot be combined with an activation yet")
+    target = (xa.shape[0], *spatial_shape(xa, ca))
+    if mask is not None:
+        m = arg(mask)
+        if m.dtype != np.bool_:
+            raise TypeError(f"{fn}: mask must be a boolean array, got dtype {m.dtype}")
+        try:
+            np.broadcast_shapes(m.shape, target)
+            ok = len(m.shape) <= len(target)
+        except ValueError:
+            ok = False
+        if not ok or np.broadcast_shapes(m.shape, target) != target:
+            raise ValueError(f"{fn}: mask has shape {m.shape}, which does not broadcast to x's "
+                             f"shape without the channel axis, {target}")
+    if sample_weight is not None:
+        w = arg(sample_weight)
+        if w.dtype.kind not in "fiu":
+            raise TypeError(f"{fn}: sample_weight must be real numbers, got dtype {w.dtype}")
+        if w.shape != (xa.shape[0],):
+            raise ValueError(f"{fn}: sample_weight has shape {w.shape} but (N,) = "
+                             f"{(xa.shape[0],)} is required")
+
+
 def _channel_input(x, fn: str, ca) -> Tuple[int, int, int, int, np.dtype]:
     data_dtype(x, fn)
     if x.ndim < 2:

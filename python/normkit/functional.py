@@ -226,13 +226,69 @@ def _affine_for(plan: P.ChannelPlan, w, b):
     return w, b
 
 
-def _channel_forward(plan: P.ChannelPlan, x, weight, bias, rm, rv, out) -> NormOutput:
+class _Weights:
+    """Position weights of a weighted call (mask= / sample_weight=): omega (N, S) in float64,
+    shared by the channels, and what the statistics need of it."""
+
+    def __init__(self, plan: P.ChannelPlan, omega: np.ndarray):
+        self.omega = omega
+        per_sample = omega.sum(axis=1)
+        if plan.groups:  # GroupNorm / InstanceNorm: (N, G) groups of C / G channels each
+            D = plan.C // plan.groups
+            self.group_w = np.repeat(per_sample * D, plan.groups)
+            self.count = np.repeat((omega > 0).sum(axis=1), plan.groups)
+        else:  # BatchNorm: every channel over the whole batch
+            self.group_w = np.full(plan.C, per_sample.sum())
+            self.count = np.full(plan.C, int((omega > 0).sum()))
+        self.sq = (omega * omega).sum(axis=1)  # per sample, for the unbiased correction
+
+
+def position_weights(plan: P.ChannelPlan, x, mask, sample_weight) -> Optional[_Weights]:
+    """The weights of a training-mode call with ``mask``/``sample_weight``, checked; None when
+    there are none or every weight is 1 (then the unweighted kernels run: the same bits)."""
+    if (mask is None and sample_weight is None) or not plan.training:
+        return None
+    fn, N, S = plan.fn, plan.N, plan.S
+    omega = np.ones((N, S))
+    if mask is not None:
+        omega = np.broadcast_to(mask, (N, *P.spatial_shape(x, plan.ca))).reshape(N, S).astype(np.float64)
+    if sample_weight is not None:
+        sw = np.asarray(sample_weight, np.float64)
+        if not np.all(np.isfinite(sw)) or np.any(sw < 0):
+            raise ValueError(f"{fn}: sample_weight must be finite and >= 0")
+        omega = omega * sw[:, None]
+    if np.all(omega == 1.0):
+        return None
+    wts = _Weights(plan, omega)
+    need = 1 if plan.fn.startswith("group_norm") else 2  # BatchNorm / InstanceNorm: > 1 value
+    if plan.C and np.any(wts.count < need):
+        what = "a weighted value" if need == 1 else "more than one weighted value"
+        raise ValueError(f"{fn}: mask/sample_weight leave a statistic without {what} "
+                         "(every group needs one; BatchNorm and InstanceNorm more than one)")
+    return wts
+
+
+def _weighted_running(plan: P.ChannelPlan, wts: _Weights, moments: np.ndarray, rm, rv) -> None:
+    """Running statistics from the weighted moments: the weighted mean and the unbiased
+    weighted variance with reliability weights, M2 / (W - sum(w^2) / W) (README)."""
+    n = moments.size // 3
+    W, mean, m2 = moments[:n], moments[n:2 * n], moments[2 * n:]
+    if plan.groups:  # InstanceNorm: per (sample, channel), then averaged over the batch
+        sq = np.repeat(wts.sq, plan.C)
+        var_u = (m2 / (W - sq / W)).reshape(plan.N, plan.C)
+        P.update_running(rm, rv, mean.reshape(plan.N, plan.C).mean(axis=0), var_u.mean(axis=0),
+                         plan.momentum)
+    else:
+        P.update_running(rm, rv, mean, m2 / (W - wts.sq.sum() / W), plan.momentum)
+
+
+def _channel_forward(plan: P.ChannelPlan, x, weight, bias, rm, rv, out, wts=None) -> NormOutput:
     x = data_array(x, plan.fn)
     sd = plan.sd
     w, b = param(weight, sd), param(bias, sd)
     check_running(plan, x, w, b, rm, rv)
     if x.dtype != np.float64 and plan.eps < _TINY_EPS:
-        return _channel_forward_wide(plan, x, w, b, rm, rv, out)
+        return _channel_forward_wide(plan, x, w, b, rm, rv, out, wts)
     xp, channels_last, perm = _channel_view(x, plan.ca)
     yp, y, copy_back = _output(out, x, xp, perm, (w, b, rm, rv))
     mean = np.empty(plan.stat_shape, sd)
@@ -240,12 +296,19 @@ def _channel_forward(plan: P.ChannelPlan, x, weight, bias, rm, rv, out) -> NormO
     if mean.size or x.size:  # else nothing to compute (e.g. InstanceNorm with zero channels)
         rm_k, rv_k = _native_running(rm), _native_running(rv)
         wk, bk = _affine_for(plan, w, b)
+        omega = moments = None
+        if wts is not None:  # running statistics are updated here, from the weighted moments
+            omega = wts.omega.astype(sd).reshape(-1)
+            moments = np.empty(3 * mean.size)
+            rm_k = rv_k = None
         _core.channel_norm_forward(
             xp, channels_last, wk, bk, rm_k, rv_k, plan.training, plan.momentum, plan.eps, yp,
-            mean.reshape(-1), rstd.reshape(-1), plan.groups, plan.activation,
+            mean.reshape(-1), rstd.reshape(-1), plan.groups, plan.activation, omega, moments,
         )
+        if wts is not None and rm is not None:
+            _weighted_running(plan, wts, moments, rm, rv)
         for r, r_k in ((rm, rm_k), (rv, rv_k)):
-            if r is not r_k:
+            if r_k is not None and r is not r_k:
                 np.copyto(r, r_k)
     if copy_back is not None:
         np.copyto(out, copy_back)
@@ -261,11 +324,12 @@ def _channel_forward(plan: P.ChannelPlan, x, weight, bias, rm, rv, out) -> NormO
 _TINY_EPS = 2.0 ** -250
 
 
-def _channel_forward_wide(plan, x, w, b, rm, rv, out) -> NormOutput:
+def _channel_forward_wide(plan, x, w, b, rm, rv, out, wts=None) -> NormOutput:
     f64 = np.dtype(np.float64)
     wide = lambda v: None if v is None else v.astype(f64)  # noqa: E731
     rm64, rv64 = wide(rm), wide(rv)
-    r = _channel_forward(plan._replace(sd=f64), x.astype(f64), wide(w), wide(b), rm64, rv64, None)
+    r = _channel_forward(plan._replace(sd=f64), x.astype(f64), wide(w), wide(b), rm64, rv64, None,
+                         wts)
     for dst, src in ((rm, rm64), (rv, rv64)):
         if dst is not None:
             np.copyto(dst, src, casting="unsafe")
@@ -286,7 +350,8 @@ def _narrow(r: NormOutput, dtype: np.dtype, out: Optional[np.ndarray]) -> NormOu
     return NormOutput(y, mean, rstd)
 
 
-def _channel_backward(plan: P.ChannelPlan, dy, x, mean, rstd, weight, bias=None) -> NormGrads:
+def _channel_backward(plan: P.ChannelPlan, dy, x, mean, rstd, weight, bias=None,
+                      wts=None) -> NormGrads:
     x = data_array(x, plan.fn)
     dy = data_array(dy, plan.fn, "dy")
     if dy.dtype != x.dtype:
@@ -302,9 +367,12 @@ def _channel_backward(plan: P.ChannelPlan, dy, x, mean, rstd, weight, bias=None)
         return NormGrads(dx, np.zeros(C, sd), np.zeros(C, sd))
     dweight = np.empty(C, sd)
     dbias = np.empty(C, sd)
+    omega = group_w = None
+    if wts is not None:
+        omega, group_w = wts.omega.astype(sd).reshape(-1), wts.group_w
     _core.channel_norm_backward(
         dyp, xp, channels_last, mean.reshape(-1), rstd.reshape(-1), w, plan.training, dxp,
-        dweight, dbias, plan.groups, b, plan.activation,
+        dweight, dbias, plan.groups, b, plan.activation, omega, group_w,
     )
     return NormGrads(dx, dweight, dbias)
 
@@ -323,6 +391,8 @@ def batch_norm(
     channel_axis: int = 1,
     out: Optional[np.ndarray] = None,
     activation: Optional[str] = None,
+    mask=None,
+    sample_weight=None,
 ) -> NormOutput:
     """Batch normalization: statistics per channel over every other axis.
 
@@ -348,6 +418,14 @@ def batch_norm(
     activation : {None, 'relu', 'silu'}
         Fused activation: ``y = act(xhat * weight + bias)`` in the same pass over memory. Its
         backward is :func:`batch_norm_backward` with the same ``activation`` and ``bias``.
+    mask : array_like of bool, optional
+        Broadcastable to x's shape without the channel axis, ``(N, *spatial)``: the training
+        statistics use only the positions where it is True (padding excluded); y is computed at
+        every position from them. Ignored with ``training=False``. Pass the same mask to the
+        backward.
+    sample_weight : array_like of shape ``(N,)``, optional
+        Real weights >= 0 per sample: weighted training statistics (with ``mask``, the product).
+        Running statistics get the weighted mean and the unbiased weighted variance (README).
 
     Returns
     -------
@@ -369,27 +447,37 @@ def batch_norm(
     """
     if args:
         P.positional_running("batch_norm", args)
+    weighted = mask is not None or sample_weight is not None
     if type(x) is not np.ndarray and P.is_device(x):
+        _host_only_weights("batch_norm", weighted)
         return _cuda.batch_norm(x, weight, bias, running_mean, running_var, training, momentum,
                                 eps, channel_axis, out, activation)
-    if activation is None:
+    if activation is None and not weighted:
         r = _batch_fast(x, weight, bias, running_mean, running_var, training, momentum, eps,
                         channel_axis, out)
         if r is not None:
             return r
     fn = "batch_norm"
     P.training_flag(training, fn)
-    a = _host_args(fn, x=x, weight=weight, bias=bias, out=out)
+    a = _host_args(fn, x=x, weight=weight, bias=bias, out=out, mask=mask,
+                   sample_weight=sample_weight)
     P.same_kind(fn, a["x"], running_mean=running_mean, running_var=running_var)
     plan = P.batch_norm(fn, a["x"], a["weight"], a["bias"], running_mean, running_var, training,
                         momentum, eps, channel_axis, a["out"], activation=activation)
+    P.position_weights(fn, a["x"], plan.ca, a["mask"], a["sample_weight"], plan.activation)
+    wts = position_weights(plan, a["x"], a["mask"], a["sample_weight"])
     return _channel_forward(plan, a["x"], a["weight"], a["bias"], running_mean, running_var,
-                            a["out"])
+                            a["out"], wts)
+
+
+def _host_only_weights(fn: str, weighted: bool) -> None:
+    if weighted:
+        raise TypeError(f"{fn}: mask and sample_weight take host (NumPy) arrays only")
 
 
 def batch_norm_backward(
     dy, x, mean, rstd, weight=None, *, training: bool = True, channel_axis: int = 1, bias=None,
-    activation: Optional[str] = None,
+    activation: Optional[str] = None, mask=None, sample_weight=None,
 ) -> NormGrads:
     """Gradients of :func:`batch_norm`.
 
@@ -411,6 +499,9 @@ def batch_norm_backward(
         The forward's fused activation: ``dy`` is then the gradient of its output, and the
         pre-activation ``xhat * weight + bias`` is recomputed from x and the statistics (ReLU's
         derivative is taken as 0 where it is exactly 0).
+    mask, sample_weight : optional
+        The forward's (weighted statistics): the statistics' gradient reaches each position in
+        proportion to its weight.
 
     Returns
     -------
@@ -425,24 +516,29 @@ def batch_norm_backward(
     ValueError
         Shapes that do not match x, ``channel_axis`` not 1/-1, an empty reduction.
     """
+    weighted = mask is not None or sample_weight is not None
     if P.is_device(x):
+        _host_only_weights("batch_norm_backward", weighted)
         return _cuda.channel_backward("batch_norm_backward", "batch", dy, x, mean, rstd, weight,
                                       training, channel_axis, bias, activation)
-    if activation is None and bias is None:
+    if activation is None and bias is None and not weighted:
         r = _batch_backward_fast(dy, x, mean, rstd, weight, training, channel_axis)
         if r is not None:
             return r
     return _channel_backward_host("batch_norm_backward", "batch", dy, x, mean, rstd, weight,
-                                  training, channel_axis, bias, activation)
+                                  training, channel_axis, bias, activation, mask, sample_weight)
 
 
 def _channel_backward_host(fn, kind, dy, x, mean, rstd, weight, training, channel_axis,
-                           bias=None, activation=None):
-    a = _host_args(fn, dy=dy, x=x, mean=mean, rstd=rstd, weight=weight, bias=bias)
+                           bias=None, activation=None, mask=None, sample_weight=None):
+    a = _host_args(fn, dy=dy, x=x, mean=mean, rstd=rstd, weight=weight, bias=bias, mask=mask,
+                   sample_weight=sample_weight)
     plan = P.channel_backward(fn, kind, a["dy"], a["x"], a["mean"], a["rstd"], a["weight"],
                               training, channel_axis, a["bias"], activation)
+    P.position_weights(fn, a["x"], plan.ca, a["mask"], a["sample_weight"], plan.activation)
+    wts = position_weights(plan._replace(N=a["x"].shape[0]), a["x"], a["mask"], a["sample_weight"])
     return _channel_backward(plan, a["dy"], a["x"], a["mean"], a["rstd"], a["weight"],
-                             a["bias"])
+                             a["bias"], wts)
 
 
 def group_norm(
@@ -455,6 +551,7 @@ def group_norm(
     channel_axis: int = 1,
     out: Optional[np.ndarray] = None,
     activation: Optional[str] = None,
+    mask=None,
 ) -> NormOutput:
     """Group normalization: per sample, statistics over each group of ``C / num_groups``
     channels and all spatial positions.
@@ -472,6 +569,9 @@ def group_norm(
     activation : {None, 'relu', 'silu'}
         Fused activation, as in :func:`batch_norm` (GroupNorm + SiLU is the diffusion U-Net's
         block).
+    mask : array_like of bool, optional
+        As in :func:`batch_norm`: ``(N, *spatial)`` or broadcastable to it; each sample's
+        statistics use only its positions where it is True. Pass it to the backward too.
 
     Returns
     -------
@@ -487,18 +587,21 @@ def group_norm(
         a bad ``out``.
     """
     if P.is_device(x):
+        _host_only_weights("group_norm", mask is not None)
         return _cuda.group_norm(x, num_groups, weight, bias, eps, channel_axis, out, activation)
     fn = "group_norm"
-    a = _host_args(fn, x=x, weight=weight, bias=bias, out=out)
+    a = _host_args(fn, x=x, weight=weight, bias=bias, out=out, mask=mask)
     plan = P.group_norm(fn, a["x"], num_groups, a["weight"], a["bias"], eps, channel_axis,
                         a["out"], activation)
-    return _channel_forward(plan, a["x"], a["weight"], a["bias"], None, None, a["out"])
+    P.position_weights(fn, a["x"], plan.ca, a["mask"], None, plan.activation)
+    wts = position_weights(plan, a["x"], a["mask"], None)
+    return _channel_forward(plan, a["x"], a["weight"], a["bias"], None, None, a["out"], wts)
 
 
 def group_norm_backward(dy, x, mean, rstd, weight=None, *, channel_axis: int = 1, bias=None,
-                        activation: Optional[str] = None) -> NormGrads:
-    """Gradients of :func:`group_norm`; the number of groups is ``mean.shape[1]``. ``bias``
-    and ``activation``: the forward's, as in :func:`batch_norm_backward`.
+                        activation: Optional[str] = None, mask=None) -> NormGrads:
+    """Gradients of :func:`group_norm`; the number of groups is ``mean.shape[1]``. ``bias``,
+    ``activation`` and ``mask``: the forward's, as in :func:`batch_norm_backward`.
 
     Returns
     -------
@@ -511,10 +614,11 @@ def group_norm_backward(dy, x, mean, rstd, weight=None, *, channel_axis: int = 1
         As :func:`batch_norm_backward`.
     """
     if P.is_device(x):
+        _host_only_weights("group_norm_backward", mask is not None)
         return _cuda.channel_backward("group_norm_backward", "group", dy, x, mean, rstd, weight,
                                       True, channel_axis, bias, activation)
     return _channel_backward_host("group_norm_backward", "group", dy, x, mean, rstd, weight,
-                                  True, channel_axis, bias, activation)
+                                  True, channel_axis, bias, activation, mask)
 
 
 @hide_varargs
@@ -530,9 +634,11 @@ def instance_norm(
     eps: float = 1e-5,
     channel_axis: int = 1,
     out: Optional[np.ndarray] = None,
+    mask=None,
 ) -> NormOutput:
     """Instance normalization: per sample and channel, statistics over the spatial axes
-    (GroupNorm with one group per channel).
+    (GroupNorm with one group per channel). ``mask``: as in :func:`group_norm` (training mode;
+    running statistics get the masked per-instance statistics).
 
     Parameters
     ----------
@@ -559,23 +665,26 @@ def instance_norm(
     if args:
         P.positional_running("instance_norm", args)
     if P.is_device(x):
+        _host_only_weights("instance_norm", mask is not None)
         return _cuda.instance_norm(x, weight, bias, running_mean, running_var, training, momentum,
                                    eps, channel_axis, out)
     fn = "instance_norm"
     P.training_flag(training, fn)
-    a = _host_args(fn, x=x, weight=weight, bias=bias, out=out)
+    a = _host_args(fn, x=x, weight=weight, bias=bias, out=out, mask=mask)
     P.same_kind(fn, a["x"], running_mean=running_mean, running_var=running_var)
     plan = P.instance_norm(fn, a["x"], a["weight"], a["bias"], running_mean, running_var,
                            training, momentum, eps, channel_axis, a["out"])
+    P.position_weights(fn, a["x"], plan.ca, a["mask"], None, plan.activation)
+    wts = position_weights(plan, a["x"], a["mask"], None)
     return _channel_forward(plan, a["x"], a["weight"], a["bias"], running_mean, running_var,
-                            a["out"])
+                            a["out"], wts)
 
 
 def instance_norm_backward(
-    dy, x, mean, rstd, weight=None, *, training: bool = True, channel_axis: int = 1
+    dy, x, mean, rstd, weight=None, *, training: bool = True, channel_axis: int = 1, mask=None
 ) -> NormGrads:
     """Gradients of :func:`instance_norm`. training=True: mean/rstd ``(N, C)``; training=False:
-    the running statistics used, ``(C,)``, held constant.
+    the running statistics used, ``(C,)``, held constant. ``mask``: the forward's.
 
     Returns
     -------
@@ -588,10 +697,11 @@ def instance_norm_backward(
         As :func:`batch_norm_backward`.
     """
     if P.is_device(x):
+        _host_only_weights("instance_norm_backward", mask is not None)
         return _cuda.channel_backward("instance_norm_backward", "instance", dy, x, mean, rstd,
                                       weight, training, channel_axis)
     return _channel_backward_host("instance_norm_backward", "instance", dy, x, mean, rstd,
-                                  weight, training, channel_axis)
+                                  weight, training, channel_axis, None, None, mask)
 
 
 # --------------------------------------------------------------------------------------------

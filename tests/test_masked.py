@@ -1,0 +1,281 @@
+"""Masked and weighted statistics (mask= on batch_norm / instance_norm / group_norm,
+sample_weight= on batch_norm; issue 15): forward and backward against a float64 reference
+written here with NumPy, finite differences, every dtype and both layouts, the bit-identity
+rules (all-true mask, all-one weights), running statistics, and the argument errors."""
+
+import numpy as np
+import pytest
+
+import normkit as nk
+from conftest import AVAILABLE_DTYPES, assert_close, dtype_name, randn, stats_dtype
+from helpers import assert_raises_nothing_written
+
+
+def _ncs(x, ca):
+    """x as (N, C, S) float64, channels on axis 1."""
+    x = np.asarray(x, np.float64)
+    if ca == -1:
+        x = np.moveaxis(x, -1, 1)
+    return x.reshape(x.shape[0], x.shape[1], -1)
+
+
+def _from_ncs(a, shape, ca):
+    if ca == -1:
+        s = (shape[0], shape[-1], *shape[1:-1])
+        return np.moveaxis(a.reshape(s), 1, -1)
+    return a.reshape(shape)
+
+
+def ref_forward(x, omega, groups, w, b, ca, eps=1e-5):
+    """Weighted statistics per group, plainly. omega (N, S); groups None = BatchNorm."""
+    xs = _ncs(x, ca)
+    N, C, S = xs.shape
+    om = np.broadcast_to(omega[:, None, :], (N, C, S))
+    if groups is None:
+        W = om.sum(axis=(0, 2))
+        mean = (om * xs).sum(axis=(0, 2)) / W
+        var = (om * (xs - mean[None, :, None]) ** 2).sum(axis=(0, 2)) / W
+        m, v = mean[None, :, None], var[None, :, None]
+    else:
+        D = C // groups
+        xg, og = xs.reshape(N, groups, D * S), om.reshape(N, groups, D * S)
+        W = og.sum(axis=-1)
+        mean = (og * xg).sum(axis=-1) / W
+        var = (og * (xg - mean[..., None]) ** 2).sum(axis=-1) / W
+        m = np.repeat(mean, D, axis=1)[..., None]
+        v = np.repeat(var, D, axis=1)[..., None]
+    rstd = 1.0 / np.sqrt(v + eps)
+    xhat = (xs - m) * rstd
+    y = xhat * w[None, :, None] + b[None, :, None]
+    return _from_ncs(y, np.shape(x), ca), mean, 1.0 / np.sqrt(var + eps), xhat, rstd, W
+
+
+def ref_backward(dy, x, omega, groups, w, b, ca):
+    """dx = rstd * (g - omega * (c2 + xhat * c1)) with g = dy * w and c1 = sum(g xhat) / W,
+    c2 = sum(g) / W over each group, derived by hand from the weighted statistics."""
+    _, _, _, xhat, rstd, W = ref_forward(x, omega, groups, w, b, ca)
+    g = _ncs(dy, ca)
+    N, C, S = g.shape
+    gw = g * w[None, :, None]
+    om = np.broadcast_to(omega[:, None, :], (N, C, S))
+    if groups is None:
+        c1 = ((gw * xhat).sum(axis=(0, 2)) / W)[None, :, None]
+        c2 = (gw.sum(axis=(0, 2)) / W)[None, :, None]
+    else:
+        D = C // groups
+        c1 = np.repeat((gw * xhat).reshape(N, groups, -1).sum(-1) / W, D, axis=1)[..., None]
+        c2 = np.repeat(gw.reshape(N, groups, -1).sum(-1) / W, D, axis=1)[..., None]
+    dx = rstd * (gw - om * (c2 + xhat * c1))
+    return (_from_ncs(dx, np.shape(x), ca), (g * xhat).sum(axis=(0, 2)), g.sum(axis=(0, 2)))
+
+
+OPS = {"batch": None, "instance": "C", "group": 2}
+
+
+def _forward(op, x, w, b, ca, mask=None, sample_weight=None, **kw):
+    if op == "batch":
+        return nk.batch_norm(x, w, b, channel_axis=ca, mask=mask, sample_weight=sample_weight, **kw)
+    if op == "instance":
+        return nk.instance_norm(x, w, b, channel_axis=ca, mask=mask, **kw)
+    return nk.group_norm(x, 2, w, b, channel_axis=ca, mask=mask, **kw)
+
+
+def _backward(op, dy, x, o, w, ca, mask=None, sample_weight=None):
+    if op == "batch":
+        return nk.batch_norm_backward(dy, x, o.mean, o.rstd, w, channel_axis=ca, mask=mask,
+                                      sample_weight=sample_weight)
+    if op == "instance":
+        return nk.instance_norm_backward(dy, x, o.mean, o.rstd, w, channel_axis=ca, mask=mask)
+    return nk.group_norm_backward(dy, x, o.mean, o.rstd, w, channel_axis=ca, mask=mask)
+
+
+def _groups(op, C):
+    return None if op == "batch" else (C if op == "instance" else 2)
+
+
+def _omega(mask, sw, N, spatial):
+    om = np.ones((N, int(np.prod(spatial))))
+    if mask is not None:
+        om = np.broadcast_to(mask, (N, *spatial)).reshape(N, -1).astype(np.float64)
+    if sw is not None:
+        om = om * np.asarray(sw, np.float64)[:, None]
+    return om
+
+
+# planes longer than the shift piece (4100), short planes, channels innermost
+SHAPES = [(5, 4, 6, 7), (12, 4, 3), (3, 2, 4100), (40, 6)]
+
+
+# sample_weight is a batch_norm option only
+CASES = [(op, kind) for op in sorted(OPS) for kind in ("mask", "broadcast_mask")] + [
+    ("batch", "weights"), ("batch", "both")]
+
+
+@pytest.mark.parametrize("op, kind", CASES)
+@pytest.mark.parametrize("dtype", AVAILABLE_DTYPES, ids=dtype_name)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("ca", [1, -1])
+def test_matches_the_float64_reference(op, kind, dtype, shape, ca, rng):
+    if op != "batch" and len(shape) == 2:  # per-sample statistics need spatial positions
+        shape = (shape[0], shape[1], 16)
+    if ca == -1:  # the same (N, C, *spatial) problem, channels last
+        shape = (shape[0], *shape[2:], shape[1])
+    x = randn(rng, shape, dtype, loc=3.0, scale=2.0)
+    C = shape[1 if ca == 1 else -1]
+    N = shape[0]
+    spatial = shape[2:] if ca == 1 else shape[1:-1]
+    mask = sw = None
+    if kind in ("mask", "both"):
+        mask = rng.random((N, *spatial)) < 0.6
+        mask.reshape(N, -1)[:, :2] = True  # every sample keeps two positions
+    elif kind == "broadcast_mask":  # one mask for every sample: (*spatial,), broadcast over N
+        mask = rng.random(spatial if spatial else (N,)) < 0.6  # (no spatial axes: per sample)
+        mask.reshape(-1)[:2] = True
+    if kind in ("weights", "both"):
+        sw = rng.random(N) * 2
+    sd = stats_dtype(dtype)
+    w, b = randn(rng, (C,), sd, loc=1.0), randn(rng, (C,), sd)
+    o = _forward(op, x, w, b, ca, mask, sw)
+    om = _omega(mask, sw, N, spatial)
+    groups = _groups(op, C)
+    y, mean, rstd, *_ = ref_forward(x, om, groups, np.float64(w), np.float64(b), ca)
+    assert_close(o.y, y, dtype, what="y")
+    assert_close(o.mean.reshape(-1), mean.reshape(-1), sd, what="mean")
+    assert_close(o.rstd.reshape(-1), rstd.reshape(-1), sd, what="rstd")
+    dy = randn(rng, shape, dtype)
+    g = _backward(op, dy, x, o, w, ca, mask, sw)
+    dx, dw, db = ref_backward(dy, x, om, groups, np.float64(w), np.float64(b), ca)
+    assert_close(g.dx, dx, dtype, what="dx")
+    assert_close(g.dweight, dw, sd, what="dweight")
+    assert_close(g.dbias, db, sd, what="dbias")
+
+
+@pytest.mark.parametrize("op", sorted(OPS))
+@pytest.mark.parametrize("ca", [1, -1])
+def test_gradients_match_finite_differences(op, ca, rng):
+    shape = (6, 4, 9) if ca == 1 else (6, 9, 4)
+    x = rng.standard_normal(shape) + 0.5
+    w, b = rng.standard_normal(4) + 1.0, rng.standard_normal(4)
+    mask = rng.random((6, 9)) < 0.6
+    mask[:, :2] = True
+    sw = rng.random(6) + 0.1 if op == "batch" else None
+    r = rng.standard_normal(shape)
+    o = _forward(op, x, w, b, ca, mask, sw)
+    g = _backward(op, r, x, o, w, ca, mask, sw)
+    h = 1e-6
+    for name, a, analytic in (("x", x, g.dx), ("weight", w, g.dweight), ("bias", b, g.dbias)):
+        for _ in range(8):
+            i = tuple(rng.integers(0, s) for s in a.shape)
+            old = a[i]
+            a[i] = old + h
+            lp = float(np.sum(_forward(op, x, w, b, ca, mask, sw).y * r))
+            a[i] = old - h
+            lm = float(np.sum(_forward(op, x, w, b, ca, mask, sw).y * r))
+            a[i] = old
+            num = (lp - lm) / (2 * h)
+            assert abs(num - analytic[i]) <= 1e-5 * max(1.0, abs(num)), (name, i, num, analytic[i])
+
+
+@pytest.mark.parametrize("op", sorted(OPS))
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=dtype_name)
+def test_all_true_mask_and_unit_weights_are_the_unmasked_result_bit_for_bit(op, dtype, rng):
+    x = randn(rng, (8, 4, 5, 5), dtype)
+    w, b = randn(rng, (4,), stats_dtype(dtype), loc=1.0), randn(rng, (4,), stats_dtype(dtype))
+    plain = _forward(op, x, w, b, 1)
+    dy = randn(rng, x.shape, dtype)
+    gp = _backward(op, dy, x, plain, w, 1)
+    variants = [{"mask": np.ones((8, 5, 5), bool)}, {"mask": np.ones((8, 1, 1), bool)}]
+    if op == "batch":
+        variants += [{"sample_weight": np.ones(8)}, {"sample_weight": np.ones(8, np.float32),
+                                                     "mask": np.ones((8, 5, 5), bool)}]
+    for kw in variants:
+        o = _forward(op, x, w, b, 1, **kw)
+        for a, c in zip(o, plain):
+            np.testing.assert_array_equal(a, c)
+        for a, c in zip(_backward(op, dy, x, o, w, 1, **kw), gp):
+            np.testing.assert_array_equal(a, c)
+
+
+def test_masked_positions_do_not_reach_the_statistics(rng):
+    x = rng.standard_normal((4, 3, 10)).astype(np.float32)
+    mask = np.ones((4, 10), bool)
+    mask[:, 7:] = False
+    poisoned = x.copy()
+    poisoned[:, :, 7:] = np.nan  # padding may hold anything
+    a = nk.batch_norm(x, mask=mask)
+    p = nk.batch_norm(poisoned, mask=mask)
+    np.testing.assert_array_equal(a.mean, p.mean)
+    np.testing.assert_array_equal(a.rstd, p.rstd)
+    np.testing.assert_array_equal(a.y[:, :, :7], p.y[:, :, :7])
+    g = nk.group_norm(poisoned, 3, mask=mask)
+    assert np.isfinite(g.mean).all() and np.isfinite(g.y[:, :, :7]).all()
+
+
+def test_running_statistics_use_the_weighted_batch_statistics(rng):
+    x = rng.standard_normal((6, 3, 8)) * 2 + 1
+    mask = rng.random((6, 8)) < 0.5
+    mask[:, 0] = True
+    rm, rv = np.zeros(3), np.ones(3)
+    nk.batch_norm(x, running_mean=rm, running_var=rv, momentum=0.25, mask=mask)
+    sel = np.moveaxis(x, 1, -1)[mask]  # (count, C)
+    np.testing.assert_allclose(rm, 0.25 * sel.mean(axis=0), rtol=1e-12)
+    np.testing.assert_allclose(rv, 0.75 + 0.25 * sel.var(axis=0, ddof=1), rtol=1e-12)
+    # sample weights: reliability weights, M2 / (W - sum(w^2) / W)
+    sw = rng.random(6) + 0.2
+    rm, rv = np.zeros(3), np.zeros(3)
+    nk.batch_norm(x, running_mean=rm, running_var=rv, momentum=1.0, sample_weight=sw)
+    om = np.broadcast_to(sw[:, None, None], x.shape)
+    W, Q = om.sum(axis=(0, 2)), (om * om).sum(axis=(0, 2))
+    mean = (om * x).sum(axis=(0, 2)) / W
+    m2 = (om * (x - mean[None, :, None]) ** 2).sum(axis=(0, 2))
+    np.testing.assert_allclose(rm, mean, rtol=1e-12)
+    np.testing.assert_allclose(rv, m2 / (W - Q / W), rtol=1e-12)
+    # instance norm: batch averages of the masked per-instance statistics
+    rm, rv = np.zeros(3), np.zeros(3)
+    nk.instance_norm(x, running_mean=rm, running_var=rv, momentum=1.0, mask=mask)
+    means = [[x[n, c][mask[n]].mean() for c in range(3)] for n in range(6)]
+    vars_ = [[x[n, c][mask[n]].var(ddof=1) for c in range(3)] for n in range(6)]
+    np.testing.assert_allclose(rm, np.mean(means, axis=0), rtol=1e-12)
+    np.testing.assert_allclose(rv, np.mean(vars_, axis=0), rtol=1e-12)
+
+
+def test_evaluation_mode_ignores_the_mask(rng):
+    x = rng.standard_normal((4, 3, 5))
+    rm, rv = rng.standard_normal(3), rng.random(3) + 0.5
+    a = nk.batch_norm(x, running_mean=rm, running_var=rv, training=False)
+    b = nk.batch_norm(x, running_mean=rm, running_var=rv, training=False,
+                      mask=np.zeros((4, 5), bool))
+    np.testing.assert_array_equal(a.y, b.y)
+
+
+def test_errors_write_nothing(rng):
+    x = rng.standard_normal((4, 3, 5)).astype(np.float32)
+    out = np.full_like(x, 7.0)
+    rm, rv = np.zeros(3, np.float32), np.ones(3, np.float32)
+    kw = {"out": out, "running_mean": rm, "running_var": rv}
+    assert_raises_nothing_written(TypeError, "boolean", nk.batch_norm, x,
+                                  mask=np.ones((4, 5)), **kw)
+    assert_raises_nothing_written(ValueError, "does not broadcast", nk.batch_norm, x,
+                                  mask=np.ones((4, 3, 5), bool), **kw)
+    assert_raises_nothing_written(ValueError, "does not broadcast", nk.batch_norm, x,
+                                  mask=np.ones((5,), bool).reshape(1, 5)[:, :4], **kw)
+    none = np.zeros((4, 5), bool)
+    assert_raises_nothing_written(ValueError, "more than one weighted value", nk.batch_norm, x,
+                                  mask=none, **kw)
+    one = none.copy()
+    one[2, 3] = True
+    assert_raises_nothing_written(ValueError, "more than one weighted value", nk.batch_norm, x,
+                                  mask=one, **kw)
+    assert_raises_nothing_written(ValueError, "a weighted value", nk.group_norm, x, 3,
+                                  mask=np.array([[True] * 5] * 3 + [[False] * 5]), out=out)
+    for bad in (np.array([1.0, -1.0, 1.0, 1.0]), np.array([1.0, np.nan, 1.0, 1.0])):
+        assert_raises_nothing_written(ValueError, "finite and >= 0", nk.batch_norm, x,
+                                      sample_weight=bad, **kw)
+    assert_raises_nothing_written(ValueError, r"\(N,\)", nk.batch_norm, x,
+                                  sample_weight=np.ones(5), **kw)
+    assert_raises_nothing_written(TypeError, "real numbers", nk.batch_norm, x,
+                                  sample_weight=np.ones(4, complex), **kw)
+    assert_raises_nothing_written(ValueError, "activation", nk.batch_norm, x,
+                                  mask=np.ones((4, 5), bool), activation="relu", **kw)
+    with pytest.raises(TypeError):
+        nk.group_norm(x, 3, sample_weight=np.ones(4))  # a batch_norm option only
