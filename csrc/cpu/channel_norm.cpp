@@ -77,6 +77,9 @@ template <class P> View view_of(const P& p) {
 
 inline size_t at(int64_t i) { return static_cast<size_t>(i); }
 
+bool use_planes(const View& v);  // the traversal choices, defined with their measurements below
+bool use_sample_planes(const View& v);
+
 // The forward's output act(xhat * w + b), and the backward's g = dy * act'(z) (dy itself
 // without an activation): core/activation.h on blocks or scalars of the compute type C.
 template <int kAct, class C, class V, class W, class B> NK_INLINE V output_of(V xh, W w, B b) {
@@ -921,10 +924,112 @@ std::vector<WeightedMoments<double>> weighted_group_moments(const ChannelForward
   return gm;
 }
 
+// The plane traversal's weighted moments need, per row (s, o) and piece q of kShiftPiece
+// elements of a plane, the piece's total weight and its first weighted position (the shift).
+struct WeightedPiece {
+  double w = 0.0;
+  int64_t first = -1;  // index within the plane; -1: nothing weighted
+};
+
+template <class T> std::vector<WeightedPiece> weighted_pieces(const ChannelForwardParams<T>& p, const View& v) {
+  const int64_t q_per_row = (v.I + kShiftPiece - 1) / kShiftPiece;
+  std::vector<WeightedPiece> info(at(v.samples * v.O * q_per_row));
+  parallel_for(v.samples * v.O, grain_for(v.I), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r)
+      for (int64_t q = 0; q < q_per_row; ++q) {
+        WeightedPiece& wp = info[at(r * q_per_row + q)];
+        const acc_t<T>* om = p.omega + r * v.I;
+        for (int64_t i = q * kShiftPiece; i < std::min(v.I, (q + 1) * kShiftPiece); ++i) {
+          wp.w += static_cast<double>(om[i]);
+          if (wp.first < 0 && om[i] > acc_t<T>(0)) wp.first = i;
+        }
+      }
+  });
+  return info;
+}
+
+// Whether every weight is 0 or 1 (a mask): the sums then need no multiplications.
+template <class T> bool weights_are_binary(const ChannelForwardParams<T>& p, const View& v) {
+  const int64_t n = v.samples * v.O * v.I;
+  bool binary = true;
+  for (int64_t e = 0; e < n && binary; ++e) binary = p.omega[e] == acc_t<T>(0) || p.omega[e] == acc_t<T>(1);
+  return binary;
+}
+
+// Weighted moments of group (s, g) in the plane traversal: per plane piece, shifted sums; the
+// pieces merged in plane order. kBinary (0/1 weights): an excluded element is replaced by the
+// shift, an element of x (exact in the compute type), so it adds exactly 0 to both sums, and
+// nothing is multiplied by a weight: the same sums as with the weights, at the cost of the
+// unweighted kernel plus one compare and one select per block.
+template <bool kBinary, class T>
+WeightedMoments<double> weighted_plane_moments(const ChannelForwardParams<T>& p, const View& v,
+                                               const std::vector<WeightedPiece>& info, int64_t s,
+                                               int64_t g) {
+  using C = compute_t<T>;
+  const int64_t q_per_row = (v.I + kShiftPiece - 1) / kShiftPiece;
+  WeightedMoments<double> m;
+  for (int64_t o = 0; o < v.O; ++o) {
+    const acc_t<T>* om = p.omega + (s * v.O + o) * v.I;
+    for (int64_t c = g * v.D; c < (g + 1) * v.D; ++c) {
+      const T* xp = p.x + v.offset(s, o, c);
+      for (int64_t q = 0; q < q_per_row; ++q) {
+        const WeightedPiece& wp = info[at((s * v.O + o) * q_per_row + q)];
+        if (wp.first < 0) continue;
+        const int64_t i0 = q * kShiftPiece, len = std::min(kShiftPiece, v.I - i0);
+        const C kc = loadw(xp + wp.first, Width<1>{});
+        const double k = widen(kc);
+        double a, b;
+        if constexpr (kBinary) {
+          lane_sum2(len, a, b, [&](int64_t i, auto wd) {
+            const auto d = widen(BlockOps::where_pos(loadw(om + i0 + i, wd), loadw(xp + i0 + i, wd), kc)) - k;
+            return two(d, d * d);
+          });
+        } else {
+          lane_sum2(len, a, b, [&](int64_t i, auto wd) {
+            const auto ow = widen(loadw(om + i0 + i, wd));
+            const auto d = BlockOps::where_pos(ow, widen(loadw(xp + i0 + i, wd)) - k, 0.0);
+            return two(ow * d, ow * d * d);
+          });
+        }
+        weighted_merge(m, weighted_from_shifted(wp.w, k, a, b));
+      }
+    }
+  }
+  return m;
+}
+
+// Forward with weighted statistics, plane traversal: threads own groups; each group's statistics
+// and then its y, while the group is still in cache (as forward_planes).
+template <class T, bool kHasWeight, bool kHasBias>
+void forward_weighted_planes(const ChannelForwardParams<T>& p, const View& v) {
+  using C = compute_t<T>;
+  const std::vector<WeightedPiece> info = weighted_pieces(p, v);
+  const bool binary = weights_are_binary(p, v);
+  const bool stream = p.B * p.C * p.S * static_cast<int64_t>(sizeof(T)) >= kStreamBytes;
+  parallel_for(v.samples * v.G, grain_for(v.group_size()), [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const WeightedMoments<double> m =
+          binary ? weighted_plane_moments<true>(p, v, info, t / v.G, t % v.G)
+                 : weighted_plane_moments<false>(p, v, info, t / v.G, t % v.G);
+      const double var = m.w > 0.0 ? m.m2 / m.w : 0.0;
+      const GroupStats<C> st = write_group(p, t, m.mean, rstd_from_var(var, p.eps));
+      p.group_w64[t] = m.w;
+      p.group_mean64[t] = m.mean;
+      p.group_m2_64[t] = m.m2;
+      if (p.y) plane_group_apply<T, kHasWeight, kHasBias, kActNone>(p, v, t / v.G, t % v.G, st, stream);
+    }
+    if (stream) stream_fence();
+  });
+}
+
 // Forward with weighted statistics (training only; see params.h): statistics, then y.
 template <class T, bool kHasWeight, bool kHasBias>
 void forward_weighted(const ChannelForwardParams<T>& p, const View& v) {
   using C = compute_t<T>;
+  if (v.I > 1 && use_planes(v) && !use_sample_planes(v)) {
+    forward_weighted_planes<T, kHasWeight, kHasBias>(p, v);
+    return;
+  }
   const std::vector<WeightedMoments<double>> gm = weighted_group_moments(p, v);
   std::vector<GroupStats<C>> st(gm.size());
   for (size_t t = 0; t < gm.size(); ++t) {
@@ -957,12 +1062,69 @@ void forward_weighted(const ChannelForwardParams<T>& p, const View& v) {
   });
 }
 
+// Backward with weighted statistics, plane traversal: threads own groups; each group's sums,
+// then its dx, while the group is in cache (as backward_planes).
+template <class T, bool kHasWeight>
+void backward_weighted_planes(const ChannelBackwardParams<T>& p, const View& v) {
+  using C = compute_t<T>;
+  std::vector<double> s1(at(v.samples * v.C)), s2(at(v.samples * v.C));
+  const bool stream = p.B * p.C * p.S * static_cast<int64_t>(sizeof(T)) >= kStreamBytes;
+  parallel_for(v.samples * v.G, grain_for(v.group_size()), [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t s = t / v.G, g = t % v.G;
+      const GroupStats<C> st =
+          make_group_stats<C>(static_cast<double>(p.mean[t]), static_cast<double>(p.rstd[t]));
+      double a = 0.0, b = 0.0;  // sum over the group's channels of w * S1, w * S2
+      for (int64_t c = g * v.D; c < (g + 1) * v.D; ++c) {
+        double sum_dy_xhat = 0.0, sum_dy = 0.0;
+        for (int64_t o = 0; o < v.O; ++o) {
+          const T* xp = p.x + v.offset(s, o, c);
+          const T* dyp = p.dy + v.offset(s, o, c);
+          double pa, pb;
+          lane_sum2(v.I, pa, pb, [&](int64_t i, auto w) {
+            const auto d = widen(loadw(dyp + i, w));
+            return two(d * widen(xhat_of(loadw(xp + i, w), st)), d);
+          });
+          sum_dy_xhat += pa;
+          sum_dy += pb;
+        }
+        s1[at(s * v.C + c)] = sum_dy_xhat;
+        s2[at(s * v.C + c)] = sum_dy;
+        const double w = p.weight ? static_cast<double>(p.weight[c]) : 1.0;
+        a += w * sum_dy_xhat;
+        b += w * sum_dy;
+      }
+      const double W = p.group_w[t] > 0.0 ? p.group_w[t] : 1.0;
+      const C c1 = static_cast<C>(a / W), c2 = static_cast<C>(b / W);
+      for (int64_t o = 0; o < v.O; ++o) {
+        const acc_t<T>* om = p.omega + (s * v.O + o) * v.I;
+        for (int64_t c = g * v.D; c < (g + 1) * v.D; ++c) {
+          const C w = kHasWeight ? static_cast<C>(p.weight[c]) : C(1);
+          const T* xp = p.x + v.offset(s, o, c);
+          const T* dyp = p.dy + v.offset(s, o, c);
+          elementwise(v.I, p.dx + v.offset(s, o, c), stream, [&](int64_t i, auto width) {
+            const auto wo = loadw(om + i, width);
+            return input_grad(loadw(dyp + i, width) * w, xhat_of(loadw(xp + i, width), st),
+                              st.rstd, wo * c1, wo * c2);
+          });
+        }
+      }
+    }
+    if (stream) stream_fence();
+  });
+  write_param_grads(p, v, s1, s2);
+}
+
 // Backward with weighted statistics (training only). S1 = sum(dy xhat), S2 = sum(dy) per (sample,
 // channel) over every position, in row order; then dx with the weights.
 template <class T, bool kHasWeight>
 void backward_weighted(const ChannelBackwardParams<T>& p, const View& v) {
   using C = compute_t<T>;
   using A = acc_t<T>;
+  if (v.I > 1 && use_planes(v) && !use_sample_planes(v)) {
+    backward_weighted_planes<T, kHasWeight>(p, v);
+    return;
+  }
   std::vector<GroupStats<C>> st(at(v.samples * v.G));
   for (int64_t t = 0; t < v.samples * v.G; ++t)
     st[at(t)] = make_group_stats<C>(static_cast<double>(p.mean[t]), static_cast<double>(p.rstd[t]));

@@ -17,7 +17,11 @@ from typing import Callable, Dict, List, Sequence
 
 import numpy as np
 
-EXTRA_NAMES = ("add_layer_norm", "add_rms_norm", "bn_relu", "gn_silu", "standardize")
+EXTRA_NAMES = ("add_layer_norm", "add_rms_norm", "bn_relu", "gn_silu", "masked_bn", "standardize")
+# masked BatchNorm against the unmasked call on the same data (training forward + backward):
+# (shape, channel_axis); 80 % of the positions kept, a padding-like random mask
+MASKED_SHAPES = (((32, 64, 56, 56), 1), ((32, 56, 56, 64), -1), ((64, 256, 512), 1),
+                 ((4096, 1024), 1))
 # name: (functional, shape, num_groups or None, activation); BENCH.md's BatchNorm and GroupNorm
 # shapes, float32, training-mode forward.
 ACT_CASES = {"bn_relu": ("batch_norm", (32, 64, 56, 56), None, "relu"),
@@ -154,6 +158,42 @@ def fused_act_rows(nk, torch, name: str, threads: Sequence[int], reps: int,
     return rows
 
 
+def masked_rows(nk, threads: Sequence[int], reps: int) -> List[dict]:
+    """``batch_norm(mask=)`` and its backward against the same calls without a mask, float32,
+    interleaved in one process ("other" is the unmasked call). The mask is checked first:
+    the masked statistics must match NumPy's over the kept positions."""
+    rng = np.random.default_rng(1234)
+    rows = []
+    for shape, ca in MASKED_SHAPES:
+        x = rng.standard_normal(shape).astype(np.float32)
+        dy = rng.standard_normal(shape).astype(np.float32)
+        spatial = shape[2:] if ca == 1 else shape[1:-1]
+        mask = rng.random((shape[0], *spatial)) < 0.8
+        y = np.empty_like(x)
+        o = nk.batch_norm(x, channel_axis=ca, mask=mask)
+        kept = np.moveaxis(x, ca, -1)[mask].astype(np.float64)
+        if np.abs(o.mean - kept.mean(axis=0)).max() > 1e-5:
+            raise AssertionError(f"masked_bn {shape}: wrong statistics, not timed")
+        op = nk.batch_norm(x, channel_axis=ca)
+        for nt in threads:
+            nk.set_num_threads(nt)
+            for d in ("fwd", "bwd"):
+                if d == "fwd":
+                    fns = {"normkit": lambda: nk.batch_norm(x, channel_axis=ca, out=y, mask=mask),
+                           "plain": lambda: nk.batch_norm(x, channel_axis=ca, out=y)}
+                else:
+                    fns = {"normkit": lambda: nk.batch_norm_backward(
+                               dy, x, o.mean, o.rstd, channel_axis=ca, mask=mask),
+                           "plain": lambda: nk.batch_norm_backward(dy, x, op.mean, op.rstd,
+                                                                   channel_axis=ca)}
+                med = _interleaved(fns, reps)
+                rows.append({"name": f"masked_bn {d}", "shape": shape, "threads": nt,
+                             "normkit_ms": med["normkit"] * 1e3, "other": "unmasked batch_norm",
+                             "other_ms": med["plain"] * 1e3, "numpy_ms": None, "gbps": None,
+                             "pct_copy": None})
+    return rows
+
+
 def standardize_rows(nk, threads: Sequence[int], reps: int) -> List[dict]:
     """``normkit.sklearn.Standardizer`` fit + transform against scikit-learn's StandardScaler
     on (1,000,000, 100) float32 (scikit-learn's own threads follow the thread count too)."""
@@ -190,6 +230,8 @@ def run_extra(nk, torch, names: Sequence[str], threads: Sequence[int], copy_bw, 
         for name in names:
             if name == "standardize":
                 rows += standardize_rows(nk, threads, max(3, reps // 2))
+            elif name == "masked_bn":
+                rows += masked_rows(nk, threads, reps)
             elif name in ACT_CASES:
                 rows += fused_act_rows(nk, torch, name, threads, reps, copy_bw)
             else:

@@ -227,20 +227,19 @@ def _affine_for(plan: P.ChannelPlan, w, b):
 
 
 class _Weights:
-    """Position weights of a weighted call (mask= / sample_weight=): omega (N, S) in float64,
-    shared by the channels, and what the statistics need of it."""
+    """Position weights of a weighted call (mask= / sample_weight=): omega (N * S,) in the
+    statistics dtype, shared by the channels, and what the statistics need of it, per sample
+    (total weight, weighted positions, sum of squared weights), in float64."""
 
-    def __init__(self, plan: P.ChannelPlan, omega: np.ndarray):
-        self.omega = omega
-        per_sample = omega.sum(axis=1)
+    def __init__(self, plan: P.ChannelPlan, omega, w, count, sq):
+        self.omega, self.sq = omega, sq
         if plan.groups:  # GroupNorm / InstanceNorm: (N, G) groups of C / G channels each
             D = plan.C // plan.groups
-            self.group_w = np.repeat(per_sample * D, plan.groups)
-            self.count = np.repeat((omega > 0).sum(axis=1), plan.groups)
+            self.group_w = np.repeat(w * D, plan.groups)
+            self.count = np.repeat(count, plan.groups)
         else:  # BatchNorm: every channel over the whole batch
-            self.group_w = np.full(plan.C, per_sample.sum())
-            self.count = np.full(plan.C, int((omega > 0).sum()))
-        self.sq = (omega * omega).sum(axis=1)  # per sample, for the unbiased correction
+            self.group_w = np.full(plan.C, w.sum())
+            self.count = np.full(plan.C, count.sum())
 
 
 def position_weights(plan: P.ChannelPlan, x, mask, sample_weight) -> Optional[_Weights]:
@@ -249,17 +248,23 @@ def position_weights(plan: P.ChannelPlan, x, mask, sample_weight) -> Optional[_W
     if (mask is None and sample_weight is None) or not plan.training:
         return None
     fn, N, S = plan.fn, plan.N, plan.S
-    omega = np.ones((N, S))
+    m = None
     if mask is not None:
-        omega = np.broadcast_to(mask, (N, *P.spatial_shape(x, plan.ca))).reshape(N, S).astype(np.float64)
-    if sample_weight is not None:
+        m = np.broadcast_to(mask, (N, *P.spatial_shape(x, plan.ca))).reshape(N, S)
+    if sample_weight is None:  # a mask: 0/1 weights, counted without converting
+        if m.all():
+            return None
+        count = np.count_nonzero(m, axis=1).astype(np.float64)
+        wts = _Weights(plan, m.astype(plan.sd).reshape(-1), count, count, count)
+    else:
         sw = np.asarray(sample_weight, np.float64)
         if not np.all(np.isfinite(sw)) or np.any(sw < 0):
             raise ValueError(f"{fn}: sample_weight must be finite and >= 0")
-        omega = omega * sw[:, None]
-    if np.all(omega == 1.0):
-        return None
-    wts = _Weights(plan, omega)
+        omega = np.broadcast_to(sw[:, None], (N, S)) if m is None else m * sw[:, None]
+        if np.all(omega == 1.0):
+            return None
+        wts = _Weights(plan, np.ascontiguousarray(omega, plan.sd).reshape(-1), omega.sum(axis=1),
+                       np.count_nonzero(omega, axis=1), (omega * omega).sum(axis=1))
     need = 1 if plan.fn.startswith("group_norm") else 2  # BatchNorm / InstanceNorm: > 1 value
     if plan.C and np.any(wts.count < need):
         what = "a weighted value" if need == 1 else "more than one weighted value"
@@ -298,7 +303,7 @@ def _channel_forward(plan: P.ChannelPlan, x, weight, bias, rm, rv, out, wts=None
         wk, bk = _affine_for(plan, w, b)
         omega = moments = None
         if wts is not None:  # running statistics are updated here, from the weighted moments
-            omega = wts.omega.astype(sd).reshape(-1)
+            omega = wts.omega if wts.omega.dtype == sd else wts.omega.astype(sd)
             moments = np.empty(3 * mean.size)
             rm_k = rv_k = None
         _core.channel_norm_forward(
@@ -369,7 +374,8 @@ def _channel_backward(plan: P.ChannelPlan, dy, x, mean, rstd, weight, bias=None,
     dbias = np.empty(C, sd)
     omega = group_w = None
     if wts is not None:
-        omega, group_w = wts.omega.astype(sd).reshape(-1), wts.group_w
+        omega = wts.omega if wts.omega.dtype == sd else wts.omega.astype(sd)
+        group_w = wts.group_w
     _core.channel_norm_backward(
         dyp, xp, channels_last, mean.reshape(-1), rstd.reshape(-1), w, plan.training, dxp,
         dweight, dbias, plan.groups, b, plan.activation, omega, group_w,
