@@ -629,6 +629,29 @@ NK_INLINE void plane_grad(const ChannelBackwardParams<T>& p, const T* xp, const 
     });
 }
 
+// S1 = sum(g xhat) and S2 = sum(g) of channel c of sample s over its planes, added in row order
+// (g = dy, or dy * act'(z) with an activation: grad_of).
+template <int kAct, class T, class C = compute_t<T>>
+void plane_channel_sums(const ChannelBackwardParams<T>& p, const View& v, int64_t s, int64_t c,
+                        const GroupStats<C>& st, double& s1, double& s2) {
+  const C wc = channel_param<kAct>(p.weight, c), bc = channel_param<kAct>(p.bias, c);
+  double sum_dy_xhat = 0.0, sum_dy = 0.0;
+  for (int64_t o = 0; o < v.O; ++o) {
+    const T* xp = p.x + v.offset(s, o, c);
+    const T* dyp = p.dy + v.offset(s, o, c);
+    double a, b;
+    lane_sum2(v.I, a, b, [&](int64_t i, auto w) {
+      const auto xh = xhat_of(loadw(xp + i, w), st);
+      const auto d = widen(grad_of<kAct, C>(loadw(dyp + i, w), xh, wc, bc));
+      return two(d * widen(xh), d);
+    });
+    sum_dy_xhat += a;
+    sum_dy += b;
+  }
+  s1 = sum_dy_xhat;
+  s2 = sum_dy;
+}
+
 // Backward, plane traversal. Assumptions as forward_planes.
 template <class T, bool kHasWeight, int kAct>
 void backward_planes(const ChannelBackwardParams<T>& p, const View& v) {
@@ -641,24 +664,8 @@ void backward_planes(const ChannelBackwardParams<T>& p, const View& v) {
       const GroupStats<C> st =
           make_group_stats<C>(static_cast<double>(p.mean[t]), static_cast<double>(p.rstd[t]));
       // partial dweight, dbias: per channel, planes added in row order
-      for (int64_t c = g * v.D; c < (g + 1) * v.D; ++c) {
-        double sum_dy_xhat = 0.0, sum_dy = 0.0;
-        const C wc = channel_param<kAct>(p.weight, c), bc = channel_param<kAct>(p.bias, c);
-        for (int64_t o = 0; o < v.O; ++o) {
-          const T* xp = p.x + v.offset(s, o, c);
-          const T* dyp = p.dy + v.offset(s, o, c);
-          double a, b;
-          lane_sum2(v.I, a, b, [&](int64_t i, auto w) {
-            const auto xh = xhat_of(loadw(xp + i, w), st);
-            const auto d = widen(grad_of<kAct, C>(loadw(dyp + i, w), xh, wc, bc));
-            return two(d * widen(xh), d);
-          });
-          sum_dy_xhat += a;
-          sum_dy += b;
-        }
-        s1[at(s * v.C + c)] = sum_dy_xhat;
-        s2[at(s * v.C + c)] = sum_dy;
-      }
+      for (int64_t c = g * v.D; c < (g + 1) * v.D; ++c)
+        plane_channel_sums<kAct>(p, v, s, c, st, s1[at(s * v.C + c)], s2[at(s * v.C + c)]);
       // c1, c2
       C c1, c2;
       group_coefficients(p, v, s1.data() + s * v.C, s2.data() + s * v.C, g, c1, c2);
@@ -1076,20 +1083,9 @@ void backward_weighted_planes(const ChannelBackwardParams<T>& p, const View& v) 
           make_group_stats<C>(static_cast<double>(p.mean[t]), static_cast<double>(p.rstd[t]));
       double a = 0.0, b = 0.0;  // sum over the group's channels of w * S1, w * S2
       for (int64_t c = g * v.D; c < (g + 1) * v.D; ++c) {
-        double sum_dy_xhat = 0.0, sum_dy = 0.0;
-        for (int64_t o = 0; o < v.O; ++o) {
-          const T* xp = p.x + v.offset(s, o, c);
-          const T* dyp = p.dy + v.offset(s, o, c);
-          double pa, pb;
-          lane_sum2(v.I, pa, pb, [&](int64_t i, auto w) {
-            const auto d = widen(loadw(dyp + i, w));
-            return two(d * widen(xhat_of(loadw(xp + i, w), st)), d);
-          });
-          sum_dy_xhat += pa;
-          sum_dy += pb;
-        }
-        s1[at(s * v.C + c)] = sum_dy_xhat;
-        s2[at(s * v.C + c)] = sum_dy;
+        double& sum_dy_xhat = s1[at(s * v.C + c)];
+        double& sum_dy = s2[at(s * v.C + c)];
+        plane_channel_sums<kActNone>(p, v, s, c, st, sum_dy_xhat, sum_dy);
         const double w = p.weight ? static_cast<double>(p.weight[c]) : 1.0;
         a += w * sum_dy_xhat;
         b += w * sum_dy;
