@@ -279,3 +279,60 @@ def test_errors_write_nothing(rng):
                                   mask=np.ones((4, 5), bool), activation="relu", **kw)
     with pytest.raises(TypeError):
         nk.group_norm(x, 3, sample_weight=np.ones(4))  # a batch_norm option only
+
+
+# --------------------------------------------------------------------------------------------
+# Moments(sample_weight=)
+
+
+def test_moments_sample_weight_matches_the_weighted_formulas(rng):
+    x = rng.standard_normal((50, 3, 4)) * 3 + 10
+    w = rng.random(50) * 2
+    w[[3, 7]] = 0.0
+    x[3] = np.nan  # a zero weight leaves its values out entirely
+    m = nk.Moments((4,)).update(x, axis=(0, 1), sample_weight=w[:, None])
+    keep = w > 0
+    xs, ws = x[keep].reshape(-1, 4), np.repeat(w[keep], 3)
+    W, Q = ws.sum(), (ws * ws).sum()
+    mean = (ws[:, None] * xs).sum(axis=0) / W
+    m2 = (ws[:, None] * (xs - mean) ** 2).sum(axis=0)
+    np.testing.assert_allclose(m.mean, mean, rtol=1e-13)
+    np.testing.assert_allclose(m.var(), m2 / W, rtol=1e-12)
+    np.testing.assert_allclose(m.var(ddof=1), m2 / (W - Q / W), rtol=1e-12)
+    assert m.count == xs.shape[0]
+    # pieces merged in any order give the same statistics as one update
+    parts = [nk.Moments((4,)).update(x[i:i + 17], axis=(0, 1), sample_weight=w[i:i + 17, None])
+             for i in range(0, 50, 17)]
+    total = parts[2] + parts[0] + parts[1]
+    np.testing.assert_allclose(total.mean, m.mean, rtol=1e-13)
+    np.testing.assert_allclose(total.var(ddof=1), m.var(ddof=1), rtol=1e-12)
+    # weighted and unweighted updates mix: an unweighted batch counts with weight 1
+    mixed = nk.Moments((4,)).update(x[keep][:10], axis=(0, 1)).update(
+        x[keep][10:], axis=(0, 1), sample_weight=np.ones((int(keep.sum()) - 10, 1)) * 2)
+    wm = np.concatenate([np.ones(30), np.full(xs.shape[0] - 30, 2.0)])
+    np.testing.assert_allclose(mixed.mean, (wm[:, None] * xs).sum(0) / wm.sum(), rtol=1e-13)
+    # the state round-trips, weights included
+    back = nk.Moments.from_state_dict(m.state_dict())
+    np.testing.assert_array_equal(back.var(ddof=1), m.var(ddof=1))
+
+
+def test_moments_unit_weights_are_the_unweighted_update_bit_for_bit(rng):
+    x = rng.standard_normal((40, 5)).astype(np.float32)
+    a = nk.Moments((5,)).update(x)
+    b = nk.Moments((5,)).update(x, sample_weight=np.ones(40))
+    for f in ("mean", "count"):
+        np.testing.assert_array_equal(getattr(a, f), getattr(b, f))
+    np.testing.assert_array_equal(a.var(ddof=1), b.var(ddof=1))
+    assert set(b.state_dict()) == set(a.state_dict())
+
+
+def test_moments_sample_weight_errors(rng):
+    m = nk.Moments((5,))
+    x = rng.standard_normal((4, 5))
+    with pytest.raises(ValueError, match="finite and >= 0"):
+        m.update(x, sample_weight=np.array([1.0, -1.0, 1.0, 1.0]))
+    with pytest.raises(ValueError, match="does not broadcast"):
+        m.update(x, sample_weight=np.ones(5))
+    with pytest.raises(TypeError, match="real numbers"):
+        m.update(x, sample_weight=np.array(["a"] * 4))
+    assert m.count == 0

@@ -107,6 +107,23 @@ def _batch_moments(x2: np.ndarray) -> Tuple[int, np.ndarray, np.ndarray]:
     return n, mean, m2
 
 
+def _weighted_batch_moments(x2: np.ndarray, w: np.ndarray):
+    """(W, mean, m2) in float64 of the rows of ``x2`` (n, F) with row weights ``w`` (n,) > 0:
+    W = sum w, mean = sum w x / W, m2 = sum w (x - mean)^2 (two passes over blocks of rows)."""
+    n, F = x2.shape
+    rows = max(1, _BLOCK_ELEMENTS // max(F, 1))
+    W = float(w.sum())
+    total = np.zeros(F, np.float64)
+    for start in range(0, n, rows):
+        total += w[start:start + rows] @ x2[start:start + rows].astype(np.float64)
+    mean = total / W
+    m2 = np.zeros(F, np.float64)
+    for start in range(0, n, rows):
+        d = x2[start:start + rows].astype(np.float64) - mean
+        m2 += w[start:start + rows] @ (d * d)
+    return W, mean, m2
+
+
 def _combine(na: int, mean_a, m2_a, nb: int, mean_b, m2_b):
     """Chan's pairwise formula; either side may be empty (count 0)."""
     if nb == 0:
@@ -134,23 +151,36 @@ class Moments:
 
     With no values (``count == 0``) the mean is NaN; ``var(ddof)`` is NaN while
     ``count <= ddof``. NaN or Inf in the data make the statistics of their feature NaN only.
+
+    Weighted updates (``update(x, axis, sample_weight=w)``) make the statistics weighted: the
+    mean is ``sum w x / W`` and ``var(ddof) = m2 / (W - ddof * sum(w^2) / W)`` with
+    ``W = sum w`` (``ddof=1``: the unbiased variance for reliability weights; unweighted values
+    count with weight 1, so without weights this is ``m2 / (count - ddof)``).
     """
 
     def __init__(self, feature_shape=(), dtype=np.float64):
         self.feature_shape = _shape(feature_shape, "Moments", "feature_shape")
         self.dtype = _result_dtype(dtype, "Moments")
         self._n = 0
+        self._w = 0.0  # sum of the weights (the count while every weight is 1)
+        self._w2 = 0.0  # sum of the squared weights
         self._mean = np.zeros(self.feature_shape, np.float64)
         self._m2 = np.zeros(self.feature_shape, np.float64)
 
     # -- accumulate ------------------------------------------------------------------------
-    def update(self, x, axis=0) -> "Moments":
+    def update(self, x, axis=0, sample_weight=None) -> "Moments":
         """Add the values of ``x`` reduced over ``axis`` (an int, a tuple of ints, or None for
         every axis); the axes kept, in order, must have the shape ``feature_shape``. Returns
-        self. An update with no values (a reduced axis of length 0) changes nothing."""
+        self. An update with no values (a reduced axis of length 0) changes nothing.
+
+        ``sample_weight``: real weights >= 0, broadcastable to the reduced axes' shape (in
+        order; ``(N,)`` for ``axis=0``), shared by the features. A zero weight leaves its value
+        out entirely (even a NaN); weights that are all 1 give the unweighted update's bits."""
         fn = "Moments.update"
         x = _float_input(x, fn)
         reduced = _axes(axis, x.ndim, x.shape, fn)
+        if sample_weight is not None:
+            return self._update_weighted(x, reduced, sample_weight, fn, axis)
         kept = tuple(a for a in range(x.ndim) if a not in reduced)
         kept_shape = tuple(x.shape[a] for a in kept)
         if kept_shape != self.feature_shape:
@@ -166,8 +196,55 @@ class Moments:
         self._absorb(nb, mean_b.reshape(self.feature_shape), m2_b.reshape(self.feature_shape))
         return self
 
-    def _absorb(self, nb: int, mean_b: np.ndarray, m2_b: np.ndarray) -> None:
-        self._n, self._mean, self._m2 = _combine(self._n, self._mean, self._m2, nb, mean_b, m2_b)
+    def _update_weighted(self, x, reduced, sample_weight, fn, axis) -> "Moments":
+        kept = tuple(a for a in range(x.ndim) if a not in reduced)
+        kept_shape = tuple(x.shape[a] for a in kept)
+        if kept_shape != self.feature_shape:
+            raise ValueError(
+                f"{fn}: x has shape {x.shape} and axis={axis!r} keeps shape {kept_shape}, "
+                f"but feature_shape is {self.feature_shape}"
+            )
+        red_shape = tuple(x.shape[a] for a in reduced)
+        w = np.asarray(sample_weight)
+        if w.dtype.kind not in "fiu":
+            raise TypeError(f"{fn}: sample_weight must be real numbers, got dtype {w.dtype}")
+        try:
+            w = np.broadcast_to(w.astype(np.float64), red_shape).reshape(-1)
+        except ValueError:
+            raise ValueError(f"{fn}: sample_weight has shape {np.shape(sample_weight)}, which does "
+                             f"not broadcast to the reduced axes' shape {red_shape}") from None
+        if not np.all(np.isfinite(w)) or np.any(w < 0):
+            raise ValueError(f"{fn}: sample_weight must be finite and >= 0")
+        n = w.size
+        if n == 0:
+            return self
+        x2 = x.transpose(reduced + kept).reshape(n, math.prod(kept_shape))
+        if np.all(w == 1.0):
+            nb, mean_b, m2_b = _batch_moments(x2)
+            wb, w2b = float(nb), float(nb)
+        else:
+            keep = w > 0
+            x2, w = x2[keep], w[keep]
+            nb = int(w.size)
+            if nb == 0:
+                return self
+            wb, mean_b, m2_b = _weighted_batch_moments(x2, w)
+            w2b = float(w @ w)
+        self._absorb(nb, mean_b.reshape(self.feature_shape), m2_b.reshape(self.feature_shape),
+                     wb, w2b)
+        return self
+
+    def _absorb(self, nb: int, mean_b: np.ndarray, m2_b: np.ndarray, wb=None, w2b=None) -> None:
+        """Chan's merge, with the weights' totals in place of the counts."""
+        wb = float(nb) if wb is None else wb
+        w2b = float(nb) if w2b is None else w2b
+        if self._w == self._n and wb == nb:  # both unweighted so far: integer counts, as before
+            self._n, self._mean, self._m2 = _combine(self._n, self._mean, self._m2, nb, mean_b, m2_b)
+        else:
+            _, self._mean, self._m2 = _combine(self._w, self._mean, self._m2, wb, mean_b, m2_b)
+            self._n += nb
+        self._w += wb
+        self._w2 += w2b
 
     def merge(self, other: "Moments") -> "Moments":
         """Add ``other``'s values to this one's (Chan's formula). Returns self."""
@@ -178,7 +255,7 @@ class Moments:
                 f"Moments.merge: other has feature_shape {other.feature_shape} "
                 f"but this one has {self.feature_shape}"
             )
-        self._absorb(other._n, other._mean, other._m2)
+        self._absorb(other._n, other._mean, other._m2, other._w, other._w2)
         return self
 
     def __add__(self, other):
@@ -195,6 +272,7 @@ class Moments:
         """An independent copy."""
         new = Moments(self.feature_shape, self.dtype)
         new._n, new._mean, new._m2 = self._n, self._mean.copy(), self._m2.copy()
+        new._w, new._w2 = self._w, self._w2
         return new
 
     # -- read ------------------------------------------------------------------------------
@@ -236,18 +314,27 @@ class Moments:
     def _var64(self, ddof: float) -> np.ndarray:
         if self._n <= ddof:
             return np.full(self.feature_shape, np.nan)
-        return self._m2 / (self._n - ddof)
+        if self._w == self._n and self._w2 == self._n:  # unweighted
+            return self._m2 / (self._n - ddof)
+        denom = self._w - ddof * self._w2 / self._w
+        if not denom > 0:
+            return np.full(self.feature_shape, np.nan)
+        return self._m2 / denom
 
     # -- state -----------------------------------------------------------------------------
     def state_dict(self) -> Dict[str, np.ndarray]:
         """A plain dict of NumPy arrays (copies): ``count`` (int64), ``mean`` and ``m2`` (float64,
         ``feature_shape``) and ``dtype`` (the result dtype's name)."""
-        return {
+        state = {
             "count": np.array(self._n, dtype=np.int64),
             "mean": self._mean.copy(),
             "m2": self._m2.copy(),
             "dtype": np.array(self.dtype.name),
         }
+        if not (self._w == self._n and self._w2 == self._n):  # weighted: the weights' totals
+            state["sum_weights"] = np.array(self._w)
+            state["sum_sq_weights"] = np.array(self._w2)
+        return state
 
     @classmethod
     def from_state_dict(cls, state: Dict[str, np.ndarray]) -> "Moments":
@@ -255,7 +342,7 @@ class Moments:
         fn = "Moments.from_state_dict"
         required = {"count", "mean", "m2"}
         missing = sorted(required - set(state))
-        unexpected = sorted(set(state) - required - {"dtype"})
+        unexpected = sorted(set(state) - required - {"dtype", "sum_weights", "sum_sq_weights"})
         if missing or unexpected:
             raise KeyError(f"{fn}: missing keys {missing}, unexpected keys {unexpected}")
         count = np.asarray(state["count"])
@@ -274,6 +361,10 @@ class Moments:
         new._n = int(count)
         new._mean = np.array(mean, dtype=np.float64)
         new._m2 = np.array(m2, dtype=np.float64)
+        new._w = float(state.get("sum_weights", new._n))
+        new._w2 = float(state.get("sum_sq_weights", new._n))
+        if not (np.isfinite(new._w) and np.isfinite(new._w2) and new._w >= 0 and new._w2 >= 0):
+            raise ValueError(f"{fn}: sum_weights and sum_sq_weights must be finite and >= 0")
         return new
 
     def __repr__(self) -> str:
