@@ -179,8 +179,6 @@ class Moments:
         fn = "Moments.update"
         x = _float_input(x, fn)
         reduced = _axes(axis, x.ndim, x.shape, fn)
-        if sample_weight is not None:
-            return self._update_weighted(x, reduced, sample_weight, fn, axis)
         kept = tuple(a for a in range(x.ndim) if a not in reduced)
         kept_shape = tuple(x.shape[a] for a in kept)
         if kept_shape != self.feature_shape:
@@ -188,6 +186,8 @@ class Moments:
                 f"{fn}: x has shape {x.shape} and axis={axis!r} keeps shape {kept_shape}, "
                 f"but feature_shape is {self.feature_shape}"
             )
+        if sample_weight is not None:
+            return self._update_weighted(x, reduced, kept, sample_weight, fn)
         n = math.prod(x.shape[a] for a in reduced)
         if n == 0:
             return self
@@ -196,14 +196,7 @@ class Moments:
         self._absorb(nb, mean_b.reshape(self.feature_shape), m2_b.reshape(self.feature_shape))
         return self
 
-    def _update_weighted(self, x, reduced, sample_weight, fn, axis) -> "Moments":
-        kept = tuple(a for a in range(x.ndim) if a not in reduced)
-        kept_shape = tuple(x.shape[a] for a in kept)
-        if kept_shape != self.feature_shape:
-            raise ValueError(
-                f"{fn}: x has shape {x.shape} and axis={axis!r} keeps shape {kept_shape}, "
-                f"but feature_shape is {self.feature_shape}"
-            )
+    def _update_weighted(self, x, reduced, kept, sample_weight, fn) -> "Moments":
         red_shape = tuple(x.shape[a] for a in reduced)
         w = np.asarray(sample_weight)
         if w.dtype.kind not in "fiu":
@@ -218,7 +211,7 @@ class Moments:
         n = w.size
         if n == 0:
             return self
-        x2 = x.transpose(reduced + kept).reshape(n, math.prod(kept_shape))
+        x2 = x.transpose(reduced + kept).reshape(n, math.prod(self.feature_shape))
         if np.all(w == 1.0):
             nb, mean_b, m2_b = _batch_moments(x2)
             wb, w2b = float(nb), float(nb)
