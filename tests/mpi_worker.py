@@ -359,6 +359,40 @@ def scenario_errors(ck: Checks):
                  TypeError, "comm must be an mpi4py intracommunicator")
 
 
+def scenario_masked(ck: Checks):
+    """mask= and sample_weight=: the weighted statistics of the global batch (uneven shards,
+    an empty rank), against normkit.batch_norm on the whole batch with the whole mask."""
+    k = WORLD.size
+    sizes = size_patterns(k)["uneven"]
+    for ca in (1, -1):
+        x, dy, w, b, rm, rv, (lo, hi) = make_case(300, sizes, (3, 4, 5), np.float64, ca, 0.4, 1.3, "wb")
+        rng = np.random.default_rng(301)
+        spatial = (4, 5)
+        mask = rng.random((x.shape[0], *spatial)) < 0.7
+        mask[:, 0, 0] = True
+        sw = rng.random(x.shape[0]) + 0.1
+        for kw_all, kw_mine in (({"mask": mask}, {"mask": mask[lo:hi]}),
+                                ({"mask": mask, "sample_weight": sw},
+                                 {"mask": mask[lo:hi], "sample_weight": sw[lo:hi]})):
+            rm1, rv1, rm2, rv2 = rm.copy(), rv.copy(), rm.copy(), rv.copy()
+            whole = nk.batch_norm(x, w, b, running_mean=rm1, running_var=rv1, channel_axis=ca,
+                                  **kw_all)
+            got = sync_batch_norm(x[lo:hi], w, b, running_mean=rm2, running_var=rv2,
+                                  channel_axis=ca, **kw_mine)
+            what = f"masked ca={ca} {sorted(kw_all)}"
+            ck.close(got.y, whole.y[lo:hi], 1e-11, f"{what}: y")
+            ck.close(got.mean, whole.mean, 1e-12, f"{what}: mean")
+            ck.close(got.rstd, whole.rstd, 1e-12, f"{what}: rstd")
+            ck.close(rm2, rm1, 1e-12, f"{what}: running_mean")
+            ck.close(rv2, rv1, 1e-12, f"{what}: running_var")
+            wg = nk.batch_norm_backward(dy, x, whole.mean, whole.rstd, w, channel_axis=ca, **kw_all)
+            g = sync_batch_norm_backward(dy[lo:hi], x[lo:hi], got.mean, got.rstd, w,
+                                         channel_axis=ca, **kw_mine)
+            ck.close(g.dx, wg.dx[lo:hi], 1e-10, f"{what}: dx")
+            ck.close(g.dweight, wg.dweight, 1e-10, f"{what}: dweight")
+            ck.close(g.dbias, wg.dbias, 1e-10, f"{what}: dbias")
+
+
 def digest() -> str:
     """Hash of every rank's outputs of a fixed float32 case with uneven shards."""
     sizes = size_patterns(WORLD.size)["uneven"]
@@ -376,6 +410,7 @@ SCENARIOS = {
     "layer": scenario_layer,
     "subcomm": scenario_subcomm,
     "errors": scenario_errors,
+    "masked": scenario_masked,
 }
 
 

@@ -26,7 +26,7 @@ import pytest
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORKER = os.path.join(HERE, "mpi_worker.py")
 RANKS = [1, 2, 4]
-SCENARIOS = ["results", "options", "layer", "subcomm", "errors"]
+SCENARIOS = ["results", "options", "layer", "subcomm", "errors", "masked"]
 TIMEOUT_S = 180  # 4 ranks on 2 shared cores take about 12 s
 
 

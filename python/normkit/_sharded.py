@@ -37,9 +37,31 @@ def channel_axes(ndim: int, ca: int):
     return tuple(a for a in range(ndim) if a != ca % ndim)
 
 
-def channel_moments(x: np.ndarray, ca: int) -> Moments:
-    """Count, mean and m2 of every channel of x, in float64 (empty x: count 0)."""
-    return Moments((x.shape[ca],)).update(x, axis=channel_axes(x.ndim, ca))
+def channel_moments(x: np.ndarray, ca: int, omega=None) -> Moments:
+    """Count, mean and m2 of every channel of x, in float64 (empty x: count 0); weighted by
+    ``omega`` (x's shape without the channel axis) when given."""
+    return Moments((x.shape[ca],)).update(x, axis=channel_axes(x.ndim, ca), sample_weight=omega)
+
+
+def position_weights(fn: str, plan: P.ChannelPlan, x: np.ndarray, mask, sample_weight):
+    """This shard's weights ``(N, *spatial)`` in float64 from ``mask``/``sample_weight``
+    (checked as :func:`normkit.batch_norm` checks them), or None without them or in eval mode.
+    The global checks (a statistic's weighted values) follow the exchange."""
+    if (mask is None and sample_weight is None) or not plan.training:
+        return None
+    mask = None if mask is None else F.host_array(mask, fn, "mask")
+    sample_weight = None if sample_weight is None else F.host_array(sample_weight, fn, "sample_weight")
+    P.position_weights(fn, x, plan.ca, mask, sample_weight, plan.activation)
+    spatial = P.spatial_shape(x, plan.ca)
+    omega = np.ones((x.shape[0], *spatial))
+    if mask is not None:
+        omega = omega * np.broadcast_to(mask, omega.shape)
+    if sample_weight is not None:
+        sw = np.asarray(sample_weight, np.float64)
+        if not np.all(np.isfinite(sw)) or np.any(sw < 0):
+            raise ValueError(f"{fn}: sample_weight must be finite and >= 0")
+        omega = omega * sw.reshape((-1,) + (1,) * len(spatial))
+    return omega
 
 
 def merge_in_order(parts) -> Moments:
@@ -92,12 +114,17 @@ def normalize(x, mean, rstd, weight, bias, ca: int, out=None):
 
 
 def input_grad(dx_eval: np.ndarray, x: np.ndarray, mean, rstd, weight, sum_dy, sum_dy_xhat,
-               n: int, ca: int) -> np.ndarray:
+               n, ca: int, omega=None) -> np.ndarray:
     """Training-mode dx from the eval-mode one (``dy * w * rstd``, x's work dtype) and the global
-    float64 sums; ``mean``/``rstd`` float64. Adds into ``dx_eval`` and returns it."""
+    float64 sums; ``mean``/``rstd`` float64. Adds into ``dx_eval`` and returns it. With weights
+    ``omega`` (x's shape without the channel axis), ``n`` is the global total weight and the
+    statistics' part of the gradient is scaled by each position's weight."""
     w = 1.0 if weight is None else weight.astype(_F64)
     with np.errstate(all="ignore"):
         scale = -(rstd * rstd) * w * (sum_dy_xhat / n)
         shift = -rstd * w * (sum_dy / n)
-    dx_eval += affine_about(x, mean, scale, shift, ca)
+    corr = affine_about(x, mean, scale, shift, ca)
+    if omega is not None:
+        corr *= np.expand_dims(omega, ca % x.ndim).astype(corr.dtype)
+    dx_eval += corr
     return dx_eval

@@ -112,9 +112,13 @@ def sync_batch_norm(
     channel_axis: int = 1,
     out: Optional[np.ndarray] = None,
     comm=None,
+    mask=None,
+    sample_weight=None,
 ) -> NormOutput:
     """:func:`normkit.batch_norm` of the concatenation of every rank's ``x`` (along axis 0);
     returns this rank's ``NormOutput(y, mean, rstd)``, with the global mean and rstd.
+    ``mask``/``sample_weight``: this rank's part of the global batch's (as for
+    :func:`normkit.batch_norm`); the statistics are those of the weighted global batch.
 
     Collective over ``comm`` (an mpi4py intracommunicator; None: ``MPI.COMM_WORLD``) when
     ``training``. Ranks may hold any number of samples, zero included; dtype, rank, number of
@@ -126,8 +130,8 @@ def sync_batch_norm(
         P.positional_running("sync_batch_norm", args)
     if not P.training_flag(training, "sync_batch_norm"):
         return F.batch_norm(x, weight, bias, running_mean=running_mean, running_var=running_var,
-                            training=False,
-                            momentum=momentum, eps=eps, channel_axis=channel_axis, out=out)
+                            training=False, momentum=momentum, eps=eps, channel_axis=channel_axis,
+                            out=out, mask=mask, sample_weight=sample_weight)
     fn = "sync_batch_norm"
     comm = _communicator(comm, fn)
 
@@ -143,9 +147,11 @@ def sync_batch_norm(
         w, b = F.param(a["weight"], sd), F.param(a["bias"], sd)
         rm, rv = running_mean, running_var
         F.check_running(plan, xa, w, b, rm, rv)
+        omega = _sharded.position_weights(fn, plan, xa, mask, sample_weight)
         settings = _settings(xa, ca, eps=e, momentum=m, weight=w is not None,
-                             bias=b is not None, running_stats=rm is not None)
-        partials = _sharded.channel_moments(xa, ca).state_dict()
+                             bias=b is not None, running_stats=rm is not None,
+                             weighted=omega is not None)
+        partials = _sharded.channel_moments(xa, ca, omega).state_dict()
         return settings, partials, (xa, ca, C, sd, w, b, rm, rv, m, e, o)
 
     parts, (xa, ca, C, sd, w, b, rm, rv, m, e, o) = _exchange(comm, fn, local)
@@ -161,7 +167,8 @@ def sync_batch_norm(
 
 
 def sync_batch_norm_backward(
-    dy, x, mean, rstd, weight=None, *, training: bool = True, channel_axis: int = 1, comm=None
+    dy, x, mean, rstd, weight=None, *, training: bool = True, channel_axis: int = 1, comm=None,
+    mask=None, sample_weight=None,
 ) -> NormGrads:
     """:func:`normkit.batch_norm_backward` of the concatenated batch; returns this rank's
     ``NormGrads(dx, dweight, dbias)``: dx for this rank's x, dweight = sum(dy * xhat) and
@@ -186,13 +193,17 @@ def sync_batch_norm_backward(
         # dy * w * rstd and this rank's sums of dy * xhat and dy, from the eval-mode kernel
         g = F.batch_norm_backward(dya.astype(wd, copy=False), xw, mean_s, rstd_s, w,
                                   training=False, channel_axis=ca)
-        n = P.prod(xa.shape[i] for i in _sharded.channel_axes(xa.ndim, ca))
+        omega = _sharded.position_weights(fn, plan._replace(training=training), xa, mask,
+                                          sample_weight)
+        n = (P.prod(xa.shape[i] for i in _sharded.channel_axes(xa.ndim, ca)) if omega is None
+             else float(omega.sum()))
         partials = (n, g.dweight.astype(_F64), g.dbias.astype(_F64))
-        settings = _settings(xa, ca, training=bool(training), weight=w is not None)
-        return settings, partials, (xa, xw, ca, C, sd, mean_s, rstd_s, w, g.dx)
+        settings = _settings(xa, ca, training=bool(training), weight=w is not None,
+                             weighted=omega is not None)
+        return settings, partials, (xa, xw, ca, C, sd, mean_s, rstd_s, w, g.dx, omega)
 
-    parts, (xa, xw, ca, C, sd, mean_s, rstd_s, w, dx) = _exchange(comm, fn, local)
-    n = sum(p[0] for p in parts)
+    parts, (xa, xw, ca, C, sd, mean_s, rstd_s, w, dx, omega) = _exchange(comm, fn, local)
+    n = sum(p[0] for p in parts)  # the global count, or total weight
     sum_dy_xhat, sum_dy = np.zeros(C), np.zeros(C)
     for _, p_dy_xhat, p_dy in parts:  # rank order
         sum_dy_xhat += p_dy_xhat
@@ -201,7 +212,7 @@ def sync_batch_norm_backward(
         if C and n == 0:
             raise ValueError(f"{fn}: empty reduction: x is empty on every rank")
         dx = _sharded.input_grad(dx, xw, mean_s.astype(_F64), rstd_s.astype(_F64), w, sum_dy,
-                                 sum_dy_xhat, n, ca)
+                                 sum_dy_xhat, n, ca, omega)
     return NormGrads(dx.astype(xa.dtype, copy=False), sum_dy_xhat.astype(sd), sum_dy.astype(sd))
 
 
