@@ -336,3 +336,39 @@ def test_moments_sample_weight_errors(rng):
     with pytest.raises(TypeError, match="real numbers"):
         m.update(x, sample_weight=np.array(["a"] * 4))
     assert m.count == 0
+
+
+def test_layers_take_mask_and_sample_weight(rng):
+    x = rng.standard_normal((8, 3, 6)).astype(np.float32)
+    dy = rng.standard_normal(x.shape).astype(np.float32)
+    mask = rng.random((8, 6)) < 0.7
+    mask[:, :2] = True
+    sw = (rng.random(8) + 0.5).astype(np.float32)
+    for layer, kw, fwd, bwd in (
+        (nk.BatchNorm(3), {"mask": mask, "sample_weight": sw}, nk.batch_norm, nk.batch_norm_backward),
+        (nk.InstanceNorm(3, affine=True), {"mask": mask}, nk.instance_norm, nk.instance_norm_backward),
+    ):
+        y = layer(x, **kw)
+        o = fwd(x, layer.weight, layer.bias, **kw)
+        np.testing.assert_array_equal(y, o.y)
+        np.testing.assert_array_equal(layer.backward(dy), bwd(dy, x, o.mean, o.rstd, layer.weight, **kw).dx)
+    gn = nk.GroupNorm(3, 3)
+    np.testing.assert_array_equal(gn(x, mask=mask), nk.group_norm(x, 3, gn.weight, gn.bias, mask=mask).y)
+    o = nk.group_norm(x, 3, gn.weight, gn.bias, mask=mask)
+    np.testing.assert_array_equal(gn.backward(dy), nk.group_norm_backward(dy, x, o.mean, o.rstd, gn.weight, mask=mask).dx)
+    # ghost batches slice the mask and the weights per ghost batch
+    ghost = nk.BatchNorm(3, virtual_batch_size=4)
+    y = ghost(x, mask=mask, sample_weight=sw)
+    np.testing.assert_array_equal(y[4:], nk.batch_norm(x[4:], mask=mask[4:], sample_weight=sw[4:]).y)
+    g = ghost.backward(dy)
+    o = nk.batch_norm(x[:4], mask=mask[:4], sample_weight=sw[:4])
+    np.testing.assert_array_equal(g[:4], nk.batch_norm_backward(dy[:4], x[:4], o.mean, o.rstd,
+                                                                mask=mask[:4], sample_weight=sw[:4]).dx)
+    # a later forward without a mask forgets it
+    bn = nk.BatchNorm(3)
+    bn(x, mask=mask)
+    bn(x)
+    o = nk.batch_norm(x, bn.weight, bn.bias)
+    np.testing.assert_array_equal(bn.backward(dy), nk.batch_norm_backward(dy, x, o.mean, o.rstd, bn.weight).dx)
+    with pytest.raises(ValueError, match="renorm"):
+        nk.BatchNorm(3, renorm=True)(x, mask=mask)

@@ -31,10 +31,22 @@ namespace nk {
 
 enum Activation : int { kActNone = 0, kActRelu = 1, kActSilu = 2 };
 
-// 1/k! for k = 0..13 (double; rounded to float where float needs them).
-constexpr double kInvFactorial[14] = {
-    1.0, 1.0, 1.0 / 2, 1.0 / 6, 1.0 / 24, 1.0 / 120, 1.0 / 720, 1.0 / 5040, 1.0 / 40320,
-    1.0 / 362880, 1.0 / 3628800, 1.0 / 39916800, 1.0 / 479001600, 1.0 / 6227020800.0};
+// 1/k! in double (k! is exact in double up to 22!), a compile-time constant in the polynomial.
+NK_HOST_DEVICE constexpr double inv_factorial(int k) {
+  double f = 1.0;
+  for (int i = 2; i <= k; ++i) f *= i;
+  return 1.0 / f;
+}
+
+// Horner on the Taylor coefficients 1/k!, each rounded to E: p <- p * r + 1/k! for k = K .. 0.
+template <class E, int K, class V> NK_HOST_DEVICE NK_INLINE V horner_exp(V p, V r) {
+  if constexpr (K < 0) {
+    return p;
+  } else {
+    constexpr E c = static_cast<E>(inv_factorial(K));
+    return horner_exp<E, K - 1>(p * r + c, r);
+  }
+}
 
 // The constants of exp_nonpos per element type.
 template <class E> struct ExpConst;
@@ -93,8 +105,9 @@ template <class Ops, class E, class V> NK_HOST_DEVICE NK_INLINE V exp_nonpos(V a
   const V n = t - K::kMagic;
   const V r = (a - n * K::kLn2Hi) - n * K::kLn2Lo;
   // Horner on the Taylor coefficients 1/k!, each rounded to E: one multiply and one add a term
-  V p = r * E(kInvFactorial[K::kDegree]) + E(kInvFactorial[K::kDegree - 1]);
-  for (int k = K::kDegree - 2; k >= 0; --k) p = p * r + E(kInvFactorial[k]);
+  constexpr E top = static_cast<E>(inv_factorial(K::kDegree));
+  constexpr E next = static_cast<E>(inv_factorial(K::kDegree - 1));
+  const V p = horner_exp<E, K::kDegree - 2>(r * top + next, r);
   return Ops::zero_below(a, K::kLowest, Ops::scale_pow2(p, t));
 }
 

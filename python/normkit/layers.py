@@ -104,20 +104,23 @@ class _Norm:
         """
         return self.train(False)
 
-    def __call__(self, x):
+    def __call__(self, x, **options):
         """Apply the layer: ``layer(x)`` is ``layer.forward(x)``.
 
         Parameters
         ----------
         x : array_like
             The input, as :meth:`forward` takes it.
+        **options
+            Passed to :meth:`forward` (``mask=`` for the channel norms, ``sample_weight=`` for
+            BatchNorm).
 
         Returns
         -------
         numpy.ndarray
             ``y``, as :meth:`forward` returns it (errors as :meth:`forward` raises them).
         """
-        return self.forward(x)
+        return self.forward(x, **options)
 
     def forward(self, x):  # pragma: no cover - overridden
         raise NotImplementedError
@@ -317,6 +320,11 @@ _MOMENTUM_DOC = """momentum : float in [0, 1] or None, default 0.1
         statistics are the plain average of every batch's statistics so far."""
 
 
+def _weights_kw(mask, sample_weight) -> dict:
+    """The mask= / sample_weight= keywords that were given."""
+    return {k: v for k, v in (("mask", mask), ("sample_weight", sample_weight)) if v is not None}
+
+
 class _RunningStatsNorm(_Norm):
     """BatchNorm and InstanceNorm: momentum, running statistics, num_batches_tracked."""
 
@@ -324,6 +332,7 @@ class _RunningStatsNorm(_Norm):
     _functional = staticmethod(F.batch_norm)
     _functional_backward = staticmethod(F.batch_norm_backward)
     activation: Optional[str] = None  # fused activation (BatchNorm's option)
+    _saved_weights: dict = {}  # the last forward's mask= / sample_weight= (never mutated)
 
     def _act(self) -> dict:
         """The forward's activation keyword, when the layer has one."""
@@ -374,7 +383,7 @@ class _RunningStatsNorm(_Norm):
             f"(its running statistics are updated in place, so they are not converted)"
         )
 
-    def forward(self, x):
+    def forward(self, x, mask=None, sample_weight=None):
         """Normalize ``x`` per channel; in training mode, update the running statistics.
 
         Training mode uses the statistics of ``x``: per channel over every other axis for
@@ -390,6 +399,11 @@ class _RunningStatsNorm(_Norm):
             ``(N, C, *spatial)`` (``channel_axis=1``) or ``(N, *spatial, C)``
             (``channel_axis=-1``) with ``C == num_features``; float32, float64, float16 or
             bfloat16.
+        mask : array_like of bool, optional
+            Training statistics over the positions where it is True (:func:`normkit.batch_norm`);
+            :meth:`backward` uses it too.
+        sample_weight : array_like of shape ``(N,)``, optional
+            BatchNorm only: weighted training statistics (:func:`normkit.batch_norm`).
 
         Returns
         -------
@@ -428,10 +442,12 @@ class _RunningStatsNorm(_Norm):
             eps=self.eps,
             channel_axis=self.channel_axis,
             **self._act(),
+            **_weights_kw(mask, sample_weight),
         )
         if update:
             self.num_batches_tracked += 1
         self._saved = (np.asarray(x), result.mean, result.rstd, use_batch)
+        self._saved_weights = _weights_kw(mask, sample_weight)
         return result.y
 
     def backward(self, dy):
@@ -464,7 +480,7 @@ class _RunningStatsNorm(_Norm):
         x, mean, rstd, use_batch = self._saved_context()
         grads = self._functional_backward(
             dy, x, mean, rstd, self.weight, training=use_batch, channel_axis=self.channel_axis,
-            **self._act_backward()
+            **self._act_backward(), **self._saved_weights
         )
         return self._set_grads(grads)
 
@@ -585,19 +601,22 @@ class BatchNorm(_RunningStatsNorm):
                              "correction applies before the activation)")
 
     # -- batch renormalization (Ioffe, 2017) and ghost batches (Hoffer et al., 2017) --------
-    def forward(self, x):
+    def forward(self, x, mask=None, sample_weight=None):
         use_batch = self.training or not self.track_running_stats
+        weighted = mask is not None or sample_weight is not None
         if use_batch and self.renorm and self.training:
+            if weighted:
+                raise ValueError("BatchNorm: renorm=True does not take mask/sample_weight yet")
             return self._forward_renorm(x)
         if use_batch and self.virtual_batch_size is not None:
-            return self._forward_ghost(x)
-        return super().forward(x)
+            return self._forward_ghost(x, mask, sample_weight)
+        return super().forward(x, mask, sample_weight)
 
     forward.__doc__ = _RunningStatsNorm.forward.__doc__
 
     def backward(self, dy):
         saved = self._saved_context()
-        if len(saved) == 4:
+        if not isinstance(saved[0], str):  # the plain path's (x, mean, rstd, use_batch)
             return super().backward(dy)
         kind = saved[0]
         if kind == "renorm":
@@ -607,7 +626,7 @@ class BatchNorm(_RunningStatsNorm):
                                       channel_axis=self.channel_axis)
             dw = r * g.dweight.astype(np.float64) + d * g.dbias.astype(np.float64)
             return self._set_grads(F.NormGrads(g.dx, dw.astype(mean.dtype), g.dbias))
-        _, x, pieces = saved  # ghost batches
+        _, x, pieces, weights = saved  # ghost batches
         dy = F.data_array(dy, "BatchNorm.backward", "dy")
         if dy.shape != x.shape:
             raise ValueError(f"BatchNorm.backward: dy has shape {dy.shape} but x has shape {x.shape}")
@@ -616,7 +635,8 @@ class BatchNorm(_RunningStatsNorm):
         db = np.zeros(self.num_features)
         for sl, mean, rstd in pieces:
             g = F.batch_norm_backward(dy[sl], x[sl], mean, rstd, self.weight, training=True,
-                                      channel_axis=self.channel_axis, **self._act_backward())
+                                      channel_axis=self.channel_axis, **self._act_backward(),
+                                      **{k: v[sl] for k, v in weights.items()})
             dx[sl] = g.dx
             dw += g.dweight
             db += g.dbias
@@ -664,7 +684,7 @@ class BatchNorm(_RunningStatsNorm):
         self._saved = ("renorm", np.asarray(x), res.mean, res.rstd, r, d)
         return y
 
-    def _forward_ghost(self, x):
+    def _forward_ghost(self, x, mask=None, sample_weight=None):
         """Ghost batch normalization: the batch (axis 0) in pieces of ``virtual_batch_size``
         samples, each normalized with its own statistics. With tracked running statistics each
         piece updates them in turn (one momentum step per ghost batch, in order, as when the
@@ -677,6 +697,10 @@ class BatchNorm(_RunningStatsNorm):
         k, N, C = self.virtual_batch_size, x.shape[0], x.shape[self._ca(x)]
         S = P.prod(x.shape[1:]) // C if C else 0
         bounds = [(i, min(i + k, N)) for i in range(0, N, k)] or [(0, 0)]
+        weights = _weights_kw(mask, sample_weight)
+        if "mask" in weights:  # sliced per ghost batch: the whole (N, *spatial) mask
+            spatial = x.shape[2:] if self.channel_axis == 1 else x.shape[1:-1]
+            weights["mask"] = np.broadcast_to(np.asarray(weights["mask"]), (N, *spatial))
         for lo, hi in bounds:  # every piece checked before anything is written
             P.per_channel_count("BatchNorm", (hi - lo) * S, C, (hi - lo, *x.shape[1:]))
         update = self.training and self.track_running_stats
@@ -691,11 +715,12 @@ class BatchNorm(_RunningStatsNorm):
                              running_mean=self.running_mean if update else None,
                              running_var=self.running_var if update else None, training=True,
                              momentum=0.0 if momentum is None else momentum, eps=self.eps,
-                             channel_axis=self.channel_axis, out=y[sl], **self._act())
+                             channel_axis=self.channel_axis, out=y[sl], **self._act(),
+                             **{k: v[sl] for k, v in weights.items()})
             pieces.append((sl, r.mean, r.rstd))
         if update:
             self.num_batches_tracked += 1
-        self._saved = ("ghost", x, pieces)
+        self._saved = ("ghost", x, pieces, weights)
         return y
 
     def _ca(self, x) -> int:
@@ -894,8 +919,9 @@ class GroupNorm(_Norm):
         self.weight = np.ones(self.num_channels, dt) if self.affine else None
         self.bias = np.zeros(self.num_channels, dt) if self.affine else None
 
-    def forward(self, x):
-        """Normalize ``x`` per sample and group of channels.
+    def forward(self, x, mask=None):
+        """Normalize ``x`` per sample and group of channels (``mask``: statistics over the
+        positions where it is True, as :func:`normkit.group_norm`).
 
         Parameters
         ----------
@@ -918,8 +944,8 @@ class GroupNorm(_Norm):
             reduction.
         """
         r = F.group_norm(x, self.num_groups, self.weight, self.bias, eps=self.eps,
-                         channel_axis=self.channel_axis, activation=self.activation)
-        self._saved = (np.asarray(x), r.mean, r.rstd)
+                         channel_axis=self.channel_axis, activation=self.activation, mask=mask)
+        self._saved = (np.asarray(x), r.mean, r.rstd, mask)
         return r.y
 
     def backward(self, dy):
@@ -945,10 +971,10 @@ class GroupNorm(_Norm):
         ValueError
             ``dy`` does not have the shape of the last input.
         """
-        x, mean, rstd = self._saved_context()
+        x, mean, rstd, mask = self._saved_context()
         return self._set_grads(
             F.group_norm_backward(dy, x, mean, rstd, self.weight, channel_axis=self.channel_axis,
-                                  bias=self.bias, activation=self.activation)
+                                  bias=self.bias, activation=self.activation, mask=mask)
         )
 
     def extra_repr(self) -> str:
