@@ -302,7 +302,7 @@ def test_bfloat16_row_kernels_match_cpu(N):
     y = cp.empty((M, N), cp.uint16)
     mean, rstd = cp.empty(M, cp.float32), cp.empty(M, cp.float32)
     s = cp.cuda.get_current_stream().ptr
-    _cuda.row_forward("bfloat16", gx.data.ptr, y.data.ptr, 0, 0, mean.data.ptr, rstd.data.ptr, M, N, 1e-5, s)
+    _cuda.row_forward("bfloat16", gx.data.ptr, y.data.ptr, 0, 0, mean.data.ptr, rstd.data.ptr, M, N, 1e-5, s, 0, 0)
     assert_close(cp.asnumpy(y).view(bf16), cpu.y)
     assert_close(mean, cpu.mean)
     assert_close(rstd, cpu.rstd)
@@ -367,3 +367,21 @@ def test_fused_activations_match_cpu(dtype, activation, channel_axis):
         kw = {"channel_axis": channel_axis, "activation": activation}
         assert_all_close(bwd(gdy, gx, gpu.mean, gpu.rstd, gw, bias=gb, **kw),
                          bwd(dy, x, cpu.mean, cpu.rstd, w, bias=b, **kw), dtype)
+
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", ["add_layer_norm", "add_rms_norm"])
+def test_fused_add_matches_cpu(dtype, name):
+    sd = _stat(dtype)
+    x, r, dy, dh = (data((6, 5, 257), dtype, seed=s) for s in (1, 2, 3, 4))
+    w, b = data(257, sd, seed=5), data(257, sd, seed=6)
+    params = (w, b) if name == "add_layer_norm" else (w,)
+    fwd, bwd = getattr(nk, name), getattr(nk, name + "_backward")
+    cpu = fwd(x, r, 257, *params)
+    gx, gr, gdy, gdh, *gp = to_gpu(x, r, dy, dh, *params)
+    gpu = fwd(gx, gr, 257, *gp)
+    assert_all_close(gpu, cpu, dtype)
+    stats = (1, 2) if name == "add_layer_norm" else (2,)
+    assert_all_close(bwd(gdy, gdh, gpu.h, *(gpu[i + 1] for i in stats), gp[0]),
+                     bwd(dy, dh, cpu.h, *(cpu[i + 1] for i in stats), w), dtype)

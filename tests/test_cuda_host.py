@@ -238,7 +238,7 @@ def test_module_rechecks_its_arguments():
     with pytest.raises(ValueError, match="unknown kind"):
         _cuda.workspace("nope", "float32", 2, 6)
     with pytest.raises(ValueError, match="N >= 1"):
-        _cuda.row_forward("float32", 0, 0, 0, 0, 0, 0, 4, 0, 1e-5, 0)
+        _cuda.row_forward("float32", 0, 0, 0, 0, 0, 0, 4, 0, 1e-5, 0, 0, 0)
     with pytest.raises(ValueError, match="eps must be >= 0"):
         _cuda.channel_forward("float32", 0, 0, 0, 0, 0, 0, 1, 1, 0, 0, 2, 3, 4, 0, False, True,
                               0.1, -1.0, 0, 0, 0)
@@ -592,12 +592,13 @@ class EmulatedCuda:
     def workspace(self, *args):
         return _cuda.workspace(*args)
 
-    def row_forward(self, dtype, x, y, w, b, mean, rstd, M, N, eps, stream):
+    def row_forward(self, dtype, x, y, w, b, mean, rstd, M, N, eps, stream, residual, h):
         self.streams.append(stream)
         dt = storage_dtype(dtype)
         sd = F_stat(dt)
         _core.row_norm_forward(at(x, (M, N), dt), at(w, (N,), sd), at(b, (N,), sd), eps,
-                               at(y, (M, N), dt), at(mean, (M,), sd), at(rstd, (M,), sd))
+                               at(y, (M, N), dt), at(mean, (M,), sd), at(rstd, (M,), sd),
+                               at(residual, (M, N), dt), at(h, (M, N), dt))
 
     def row_backward(self, dtype, dy, x, mean, rstd, w, dx, dw, db, M, N, ws, stream):
         self.streams.append(stream)
@@ -828,3 +829,35 @@ def test_gpu_test_file_passes_on_the_emulated_device():
                        text=True, timeout=600, cwd=here.parent)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
     assert " passed" in r.stdout and "skipped" not in r.stdout.splitlines()[-1]
+
+
+@needs_cuda_module
+@pytest.mark.parametrize("dtype", ["float32", "float64", "float16", "bfloat16"])
+@pytest.mark.parametrize("name", ["add_layer_norm", "add_rms_norm"])
+def test_fused_add_on_emulated_device(dtype, name, emulated):
+    """The fused residual add through the CUDA dispatch (h, y, statistics, out=/h_out= and the
+    backward with dh) gives the host call's bits."""
+    rng = np.random.default_rng(11)
+    dt = storage_dtype(dtype)
+    sd = F_stat(dt)
+    x = rng.standard_normal((5, 7, 33)).astype(dt)
+    r = rng.standard_normal((5, 7, 33)).astype(dt)
+    w, b = rng.standard_normal(33).astype(sd), rng.standard_normal(33).astype(sd)
+    params = (w, b) if name == "add_layer_norm" else (w,)
+    fwd, bwd = getattr(nk, name), getattr(nk, name + "_backward")
+    host = fwd(x, r, 33, *params)
+    device = fwd(dev_array(x, copy=True), dev_array(r, copy=True), 33,
+                 *[dev_array(p) for p in params])
+    assert_same(device, host)
+    # out= / h_out= on the device, h_out aliasing x (in place)
+    dx_, dr = dev_array(x, copy=True), dev_array(r, copy=True)
+    dout = dev_array(np.empty_like(x), copy=True)
+    got = fwd(dx_, dr, 33, *[dev_array(p) for p in params], out=dout, h_out=dx_)
+    assert got.y is dout and got.h is dx_
+    assert_same((got.y, got.h), (host.y, host.h))
+    dy, dh = rng.standard_normal(x.shape).astype(dt), rng.standard_normal(x.shape).astype(dt)
+    stats = (host.mean, host.rstd) if name == "add_layer_norm" else (host.rstd,)
+    hg = bwd(dy, dh, host.h, *stats, w)
+    dg = bwd(dev_array(dy, copy=True), dev_array(dh, copy=True), dev_array(host.h, copy=True),
+             *[dev_array(s_) for s_ in stats], dev_array(w))
+    assert_same(dg, hg)

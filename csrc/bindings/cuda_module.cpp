@@ -48,11 +48,12 @@ template <class P> P* ptr(uintptr_t p) { return reinterpret_cast<P*>(p); }
 
 void row_forward(const std::string& dtype, uintptr_t x, uintptr_t y, uintptr_t weight,
                  uintptr_t bias, uintptr_t mean, uintptr_t rstd, int64_t M, int64_t N, double eps,
-                 uintptr_t stream) {
+                 uintptr_t stream, uintptr_t residual, uintptr_t h) {
   const std::string fn = "_cuda.row_forward";
   check(M >= 0 && N >= 1, fn + ": need M >= 0 and N >= 1");
   check_rule(nk::rules::eps(eps), fn);
   check(M == 0 || (x && y && rstd), fn + ": x, y and rstd are required");
+  check((residual == 0) == (h == 0), fn + ": residual and h go together (fused add)");
   nk::dispatch_dtype(dtype_of(dtype), [&](auto tag) {
     using T = typename decltype(tag)::type;
     using A = nk::acc_t<T>;
@@ -66,6 +67,8 @@ void row_forward(const std::string& dtype, uintptr_t x, uintptr_t y, uintptr_t w
     p.M = M;
     p.N = N;
     p.eps = eps;
+    p.residual = ptr<const T>(residual);
+    p.h = ptr<T>(h);
     py::gil_scoped_release nogil;  // no Python objects touched here
     nk::cuda::row_norm_forward(p, stream);
   });

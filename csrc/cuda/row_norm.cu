@@ -33,6 +33,14 @@ __global__ void NK_BOUNDS(Team::kThreads) row_forward_kernel(RowForwardParams<T>
   for (int64_t r = Team::first(); r < p.M; r += Team::stride()) {
     const T* x = p.x + r * N;
     T* y = p.y + r * N;
+    if (p.residual) {  // 0) fused residual add: h = x + residual rounded to T, then normalize h
+      const T* res = p.residual + r * N;
+      T* h = p.h + r * N;
+      // each thread reads back only the h elements it wrote itself (the same j below)
+      for (int64_t j = Team::rank(); j < N; j += Team::size())
+        h[j] = store<T>(static_cast<C>(load(x[j])) + static_cast<C>(load(res[j])));
+      x = h;
+    }
     // 1) stats
     C mean = C(0);
     if constexpr (kCenter) {

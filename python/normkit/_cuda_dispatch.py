@@ -20,7 +20,7 @@ import numpy as np
 
 from . import _plan as P
 from . import cuda as _cuda_info
-from ._plan import NormGrads, NormOutput
+from ._plan import AddNormOutput, NormGrads, NormOutput
 
 
 def _inverse(perm):
@@ -266,10 +266,39 @@ def row_forward(fn, x, normalized_shape, weight, bias, eps, out, center) -> Norm
         mean = L.empty(plan.lead, sd) if center else None
         rstd = L.empty(plan.lead, sd)
         L.mod.row_forward(x.dtype.name, _ptr(xd), _ptr(yd), _ptr(w), _ptr(b), _ptr(mean),
-                          _ptr(rstd), M, N, plan.eps, L.stream)
+                          _ptr(rstd), M, N, plan.eps, L.stream, 0, 0)
         if copy_back is not None:
             L.xp.copyto(out, copy_back)
         return NormOutput(y, mean, rstd)
+
+
+def add_row_forward(fn, x, residual, normalized_shape, weight, bias, eps, out, h_out,
+                    center) -> AddNormOutput:
+    """functional.add_layer_norm / add_rms_norm on the device: one kernel sums each row
+    (h = x + residual, rounded to x's dtype), writes h and normalizes it. h and y are written
+    into fresh device buffers and copied into ``h_out``/``out`` when given, so any aliasing of
+    those with the inputs gives the fresh-array result."""
+    P.same_kind(fn, x, residual=residual, weight=weight, bias=bias, out=out, h_out=h_out)
+    plan = P.add_row_forward(fn, x, residual, normalized_shape, weight, bias, eps, out, h_out,
+                             center)
+    L = _Launch(fn, x)
+    with L.device:
+        x, xp = L.x, L.xp
+        sd, M, N = plan.sd, plan.M, plan.N
+        w, b = L.param(weight, sd), L.param(bias, sd)
+        xd = xp.ascontiguousarray(x).reshape(M, N)
+        rd = xp.ascontiguousarray(L.arr_or_none(residual), dtype=x.dtype).reshape(M, N)
+        hd, yd = L.empty((M, N), x.dtype), L.empty((M, N), x.dtype)
+        mean = L.empty(plan.lead, sd) if center else None
+        rstd = L.empty(plan.lead, sd)
+        L.mod.row_forward(x.dtype.name, _ptr(xd), _ptr(yd), _ptr(w), _ptr(b), _ptr(mean),
+                          _ptr(rstd), M, N, plan.eps, L.stream, _ptr(rd), _ptr(hd))
+        h, y = hd.reshape(x.shape), yd.reshape(x.shape)
+        for dst, src in ((L.arr_or_none(h_out), h), (L.arr_or_none(out), y)):
+            if dst is not None:
+                xp.copyto(dst, src)
+        return AddNormOutput(y if out is None else L.arr_or_none(out),
+                             h if h_out is None else L.arr_or_none(h_out), mean, rstd)
 
 
 def row_backward(fn, dy, x, mean, rstd, weight, center) -> NormGrads:

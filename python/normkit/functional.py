@@ -899,7 +899,8 @@ def rms_norm_backward(dy, x, rstd, weight=None) -> NormGrads:
 def _add_row_forward(fn, x, residual, normalized_shape, weight, bias, eps, out, h_out,
                      center: bool) -> AddNormOutput:
     if P.is_device(x):
-        raise TypeError(f"{fn}: CUDA arrays are not supported by the fused add kernels yet")
+        return _cuda.add_row_forward(fn, x, residual, normalized_shape, weight, bias, eps, out,
+                                     h_out, center)
     a = _host_args(fn, x=x, residual=residual, weight=weight, bias=bias, out=out, h_out=h_out)
     plan = P.add_row_forward(fn, a["x"], a["residual"], normalized_shape, a["weight"], a["bias"],
                              eps, a["out"], a["h_out"], center)
@@ -1019,11 +1020,19 @@ def add_rms_norm(
 def _add_row_backward(fn, dy, dh, h, mean, rstd, weight, center) -> NormGrads:
     g = (layer_norm_backward if center else rms_norm_backward)(
         *((dy, h, mean, rstd, weight) if center else (dy, h, rstd, weight)))
-    if dh is not None:
-        dh = data_array(host_array(dh, fn, "dh"), fn, "dh")
-        if dh.shape != g.dx.shape:
-            raise ValueError(f"{fn}: dh has shape {dh.shape} but h has shape {g.dx.shape}")
-        np.add(g.dx, dh, out=g.dx, casting="unsafe")
+    if dh is None:
+        return g
+    if P.is_device(h):  # dx is a device array: add dh there
+        P.same_kind(fn, h, dh=dh)
+        if tuple(dh.shape) != tuple(g.dx.shape):
+            raise ValueError(f"{fn}: dh has shape {tuple(dh.shape)} but h has shape {g.dx.shape}")
+        dx = g.dx
+        dx += dh.astype(dx.dtype, copy=False)  # in place: g holds dx
+        return g
+    dh = data_array(host_array(dh, fn, "dh"), fn, "dh")
+    if dh.shape != g.dx.shape:
+        raise ValueError(f"{fn}: dh has shape {dh.shape} but h has shape {g.dx.shape}")
+    np.add(g.dx, dh, out=g.dx, casting="unsafe")
     return g
 
 
