@@ -286,20 +286,28 @@ template <class T> Moments<double> plane_group_moments(const ChannelForwardParam
   return m;
 }
 
-// Normalize + affine (+ activation) and write y for the planes of group (s, g).
+// Normalize + affine (+ activation) and write y for plane (s, o, c) with its group's statistics:
+// the apply step of every plane-wise traversal (planes, sample planes, weighted).
+template <class T, bool kHasWeight, bool kHasBias, int kAct>
+NK_INLINE void apply_plane(const ChannelForwardParams<T>& p, const View& v, int64_t s, int64_t o,
+                           int64_t c, const GroupStats<compute_t<T>>& group, bool stream) {
+  using C = compute_t<T>;
+  const C w = kHasWeight ? static_cast<C>(p.weight[c]) : C(1);
+  const C b = kHasBias ? static_cast<C>(p.bias[c]) : C(0);
+  const GroupStats<C> st = group;  // a local copy: in registers across the stores to y
+  const T* xp = p.x + v.offset(s, o, c);
+  elementwise(v.I, p.y + v.offset(s, o, c), stream, [&](int64_t i, auto width) {
+    return output_of<kAct, C>(xhat_of(loadw(xp + i, width), st), w, b);
+  });
+}
+
+// The apply step for the planes of group (s, g).
 template <class T, bool kHasWeight, bool kHasBias, int kAct>
 void plane_group_apply(const ChannelForwardParams<T>& p, const View& v, int64_t s, int64_t g,
                        const GroupStats<compute_t<T>>& st, bool stream) {
-  using C = compute_t<T>;
   for (int64_t o = 0; o < v.O; ++o)
-    for (int64_t c = g * v.D; c < (g + 1) * v.D; ++c) {
-      const C w = kHasWeight ? static_cast<C>(p.weight[c]) : C(1);
-      const C b = kHasBias ? static_cast<C>(p.bias[c]) : C(0);
-      const T* xp = p.x + v.offset(s, o, c);
-      elementwise(v.I, p.y + v.offset(s, o, c), stream, [&](int64_t i, auto width) {
-        return output_of<kAct, C>(xhat_of(loadw(xp + i, width), st), w, b);
-      });
-    }
+    for (int64_t c = g * v.D; c < (g + 1) * v.D; ++c)
+      apply_plane<T, kHasWeight, kHasBias, kAct>(p, v, s, o, c, st, stream);
 }
 
 // Forward, plane traversal: threads own groups. Without an activation each group is normalized
@@ -554,15 +562,8 @@ void forward_sample_planes(const ChannelForwardParams<T>& p, const View& v) {
   const bool stream = p.B * p.C * p.S * static_cast<int64_t>(sizeof(T)) >= kStreamBytes;
   parallel_for(v.O, grain_for(v.C * v.I), [&](int64_t o0, int64_t o1) {
     for (int64_t o = o0; o < o1; ++o)
-      for (int64_t c = 0; c < v.C; ++c) {
-        const C w = kHasWeight ? static_cast<C>(p.weight[c]) : C(1);
-        const C b = kHasBias ? static_cast<C>(p.bias[c]) : C(0);
-        const T* xp = p.x + v.offset(0, o, c);
-        const GroupStats<C>& sc = st[at(c)];
-        elementwise(v.I, p.y + v.offset(0, o, c), stream, [&](int64_t i, auto width) {
-          return output_of<kAct, C>(xhat_of(loadw(xp + i, width), sc), w, b);
-        });
-      }
+      for (int64_t c = 0; c < v.C; ++c)
+        apply_plane<T, kHasWeight, kHasBias, kAct>(p, v, 0, o, c, st[at(c)], stream);
     if (stream) stream_fence();
   });
 }
@@ -1055,15 +1056,8 @@ void forward_weighted(const ChannelForwardParams<T>& p, const View& v) {
   parallel_for(v.samples * v.O, grain_for(v.C * v.I), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t s = r / v.O, o = r % v.O;
-      for (int64_t c = 0; c < v.C; ++c) {
-        const C w = kHasWeight ? static_cast<C>(p.weight[c]) : C(1);
-        const C b = kHasBias ? static_cast<C>(p.bias[c]) : C(0);
-        const T* xp = p.x + v.offset(s, o, c);
-        const GroupStats<C>& sc = st[at(s * v.G + c / v.D)];
-        elementwise(v.I, p.y + v.offset(s, o, c), stream, [&](int64_t i, auto width) {
-          return affine(xhat_of(loadw(xp + i, width), sc), w, b);
-        });
-      }
+      for (int64_t c = 0; c < v.C; ++c)
+        apply_plane<T, kHasWeight, kHasBias, kActNone>(p, v, s, o, c, st[at(s * v.G + c / v.D)], stream);
     }
     if (stream) stream_fence();
   });
