@@ -372,3 +372,61 @@ def test_layers_take_mask_and_sample_weight(rng):
     np.testing.assert_array_equal(bn.backward(dy), nk.batch_norm_backward(dy, x, o.mean, o.rstd, bn.weight).dx)
     with pytest.raises(ValueError, match="renorm"):
         nk.BatchNorm(3, renorm=True)(x, mask=mask)
+
+
+# --------------------------------------------------------------------------------------------
+# random masks and weights: a clean error exactly when a statistic lacks weighted values,
+# otherwise the float64 reference, forward and backward
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as hst  # noqa: E402
+
+
+@settings(max_examples=80, deadline=None)
+@given(data=hst.data())
+def test_random_masks_and_weights_give_the_reference_or_a_clean_error(data):
+    op = data.draw(hst.sampled_from(sorted(OPS)), "op")
+    N = data.draw(hst.integers(1, 4), "N")
+    C = data.draw(hst.sampled_from([2, 4] if op == "group" else [1, 2, 4]), "C")  # 2 groups
+    spatial = tuple(data.draw(hst.lists(hst.integers(1, 5), min_size=0, max_size=2), "spatial"))
+    ca = data.draw(hst.sampled_from([1, -1]), "ca")
+    seed = data.draw(hst.integers(0, 2**31 - 1), "seed")
+    rng = np.random.default_rng(seed)
+    shape = (N, C, *spatial) if ca == 1 else (N, *spatial, C)
+    x = rng.standard_normal(shape) * 2 + 1
+    full = (N, *spatial)
+    p_keep = data.draw(hst.sampled_from([0.0, 0.3, 0.8, 1.0]), "p_keep")
+    mask = rng.random(full) < p_keep
+    # a broadcastable form: drop leading axes that are all alike
+    form = data.draw(hst.sampled_from(["full", "no_batch", "scalar"]), "form")
+    if form == "no_batch":
+        mask = mask[0]
+    elif form == "scalar":
+        mask = np.array(p_keep > 0.5)
+    sw = None
+    if op == "batch" and data.draw(hst.booleans(), "weights"):
+        sw = rng.random(N) * data.draw(hst.sampled_from([0.0, 1.0, 3.0]), "scale")
+        sw[rng.random(N) < 0.3] = 0.0
+    om = _omega(mask, sw, N, spatial)
+    groups = _groups(op, C)
+    per_sample = (om > 0).sum(axis=1)
+    need_ok = (per_sample.sum() >= 2 if op == "batch" else
+               bool(np.all(per_sample >= (2 if op == "instance" else 1))))
+    w, b = rng.standard_normal(C) + 1, rng.standard_normal(C)
+    keep = x.copy()
+    if not need_ok:
+        with pytest.raises(ValueError):
+            _forward(op, x, w, b, ca, mask, sw)
+        np.testing.assert_array_equal(x, keep)
+        return
+    o = _forward(op, x, w, b, ca, mask, sw)
+    y, mean, rstd, *_ = ref_forward(x, om, groups, w, b, ca)
+    np.testing.assert_allclose(o.y, y, rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(o.mean.reshape(-1), mean.reshape(-1), rtol=1e-9, atol=1e-12)
+    dy = rng.standard_normal(shape)
+    g = _backward(op, dy, x, o, w, ca, mask, sw)
+    dx, dw, db = ref_backward(dy, x, om, groups, w, b, ca)
+    scale = max(1.0, float(np.abs(dx).max()))
+    np.testing.assert_allclose(g.dx, dx, rtol=1e-8, atol=1e-9 * scale)
+    np.testing.assert_allclose(g.dweight, dw, rtol=1e-8, atol=1e-9)
+    np.testing.assert_allclose(g.dbias, db, rtol=1e-8, atol=1e-9)
