@@ -5,22 +5,11 @@
 #include <vector>
 
 #include "bindings/arrays.h"
-#include "core/activation.h"
 #include "cpu/kernels.h"
 
 namespace nk::bind {
 
 namespace {
-
-// activation: 0 none, 1 relu, 2 silu (core/activation.h); with one, weight and bias are required.
-void check_activation(int activation, const py::object& weight, const py::object& bias,
-                      const char* fn) {
-  check(activation >= kActNone && activation <= kActSilu,
-        std::string(fn) + ": activation must be 0 (none), 1 (relu) or 2 (silu), got " +
-            std::to_string(activation));
-  check(activation == kActNone || (!weight.is_none() && !bias.is_none()),
-        std::string(fn) + ": an activation needs weight and bias (pass ones and zeros)");
-}
 
 struct ChannelShape {
   int64_t B, C, S;
@@ -49,9 +38,9 @@ void channel_forward(const py::array& x, bool channels_last, const py::object& w
   check(!per_sample || running_mean.is_none() || groups == s.C,
         std::string(fn) + ": running statistics with per-sample groups need one group per channel");
   const int64_t n_stats = per_sample ? s.B * groups : s.C;
-  check_activation(activation, weight, bias, fn);
+  check_rule(rules::activation(activation, !weight.is_none(), !bias.is_none()), fn);
   check(omega.is_none() == moments.is_none(), std::string(fn) + ": omega and moments go together");
-  check(omega.is_none() || (training && running_mean.is_none() && activation == kActNone),
+  check(omega.is_none() || (training && running_mean.is_none() && activation == 0),
         std::string(fn) + ": weighted statistics need training=True, no running statistics and "
                           "no activation");
   check_rule(rules::eps(eps), fn);
@@ -150,9 +139,9 @@ void channel_backward(const py::array& dy, const py::array& x, bool channels_las
   check_rule(rules::groups_divide(s.C, groups), fn,
              " (C = " + std::to_string(s.C) + ", num_groups = " + std::to_string(groups) + ")");
   const int64_t n_stats = per_sample ? s.B * groups : s.C;
-  check_activation(activation, weight, bias, fn);
+  check_rule(rules::activation(activation, !weight.is_none(), !bias.is_none()), fn);
   check(omega.is_none() == group_w.is_none(), std::string(fn) + ": omega and group_w go together");
-  check(omega.is_none() || (training && activation == kActNone),
+  check(omega.is_none() || (training && activation == 0),
         std::string(fn) + ": weighted statistics need training=True and no activation");
   dispatch_dtype(d, [&](auto tag) {
     using T = typename decltype(tag)::type;

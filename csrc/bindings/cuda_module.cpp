@@ -17,7 +17,6 @@
 #include <stdexcept>
 #include <string>
 
-#include "core/activation.h"
 #include "core/dispatch.h"
 #include "core/rules.h"
 #include "cuda/kernels.h"
@@ -121,14 +120,6 @@ nk::cuda::ChannelView view_of(int64_t B, int64_t C, int64_t S, int64_t groups, b
   return nk::cuda::channel_view(p);
 }
 
-// activation: 0 none, 1 relu, 2 silu (core/activation.h); with one, weight and bias are required.
-void check_activation(int activation, uintptr_t weight, uintptr_t bias, const std::string& fn) {
-  check(activation >= nk::kActNone && activation <= nk::kActSilu,
-        fn + ": activation must be 0 (none), 1 (relu) or 2 (silu)");
-  check(activation == nk::kActNone || (weight && bias),
-        fn + ": an activation needs weight and bias");
-}
-
 void channel_forward(const std::string& dtype, uintptr_t x, uintptr_t y, uintptr_t weight,
                      uintptr_t bias, uintptr_t running_mean, uintptr_t running_var,
                      int64_t running_mean_stride, int64_t running_var_stride, uintptr_t mean,
@@ -136,7 +127,7 @@ void channel_forward(const std::string& dtype, uintptr_t x, uintptr_t y, uintptr
                      bool channels_last, bool training, double momentum, double eps,
                      uintptr_t workspace, uintptr_t stream, int activation) {
   const std::string fn = "_cuda.channel_forward";
-  check_activation(activation, weight, bias, fn);
+  check_rule(nk::rules::activation(activation, weight != 0, bias != 0), fn);
   check_rule(nk::rules::eps(eps), fn);
   check_rule(nk::rules::momentum(momentum), fn);
   check_rule(nk::rules::running_pair(running_mean != 0, running_var != 0), fn);
@@ -178,7 +169,7 @@ void channel_backward(const std::string& dtype, uintptr_t dy, uintptr_t x, uintp
                       bool channels_last, bool training, uintptr_t workspace, uintptr_t stream,
                       uintptr_t bias, int activation) {
   const std::string fn = "_cuda.channel_backward";
-  check_activation(activation, weight, bias, fn);
+  check_rule(nk::rules::activation(activation, weight != 0, bias != 0), fn);
   check(workspace && ((dweight && dbias) || C == 0), fn + ": dweight, dbias and workspace are required");
   nk::dispatch_dtype(dtype_of(dtype), [&](auto tag) {
     using T = typename decltype(tag)::type;

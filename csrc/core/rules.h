@@ -47,6 +47,13 @@ inline const char* batch_count(bool training, int64_t C, int64_t count) {
              : nullptr;
 }
 
+// A fused activation (core/activation.h codes: 0 none, 1 relu, 2 silu) needs the affine
+// parameters (callers pass ones / zeros for absent ones).
+inline const char* activation(int act, bool has_weight, bool has_bias) {
+  if (act < 0 || act > 2) return "activation must be 0 (none), 1 (relu) or 2 (silu)";
+  return act != 0 && !(has_weight && has_bias) ? "an activation needs weight and bias" : nullptr;
+}
+
 // RMSNorm's eps=None: the machine epsilon of the compute type (float64 for float64 data,
 // float32 otherwise), as PyTorch does.
 inline double rms_default_eps(DType d) {

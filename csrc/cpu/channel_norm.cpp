@@ -568,10 +568,12 @@ void forward_sample_planes(const ChannelForwardParams<T>& p, const View& v) {
   });
 }
 
-// c1 and c2 of group t from its channels' sums S1, S2 (sample s's row of C).
+// c1 and c2 of group g of sample s from its channels' sums S1, S2 (sample s's row of C), n the
+// group's count (group_count).
 template <class T>
 void group_coefficients(const ChannelBackwardParams<T>& p, const View& v, const double* s1,
-                        const double* s2, int64_t g, compute_t<T>& c1, compute_t<T>& c2) {
+                        const double* s2, int64_t g, double n, compute_t<T>& c1,
+                        compute_t<T>& c2) {
   using C = compute_t<T>;
   if (!p.training) {
     c1 = c2 = C(0);
@@ -583,9 +585,15 @@ void group_coefficients(const ChannelBackwardParams<T>& p, const View& v, const 
     a += w * s1[c];
     b += w * s2[c];
   }
-  const double n = static_cast<double>(v.group_size());
   c1 = static_cast<C>(a / n);
   c2 = static_cast<C>(b / n);
+}
+
+// The n of group t's coefficients: its element count, or with weighted statistics its total
+// weight (params.h, group_w).
+template <class T> double group_count(const ChannelBackwardParams<T>& p, const View& v, int64_t t) {
+  if (!p.group_w) return static_cast<double>(v.group_size());
+  return p.group_w[t] > 0.0 ? p.group_w[t] : 1.0;
 }
 
 // dweight, dbias: per-channel sums over samples, in sample order.
@@ -669,7 +677,8 @@ void backward_planes(const ChannelBackwardParams<T>& p, const View& v) {
         plane_channel_sums<kAct>(p, v, s, c, st, s1[at(s * v.C + c)], s2[at(s * v.C + c)]);
       // c1, c2
       C c1, c2;
-      group_coefficients(p, v, s1.data() + s * v.C, s2.data() + s * v.C, g, c1, c2);
+      group_coefficients(p, v, s1.data() + s * v.C, s2.data() + s * v.C, g, group_count(p, v, t),
+                         c1, c2);
       // dx
       for (int64_t o = 0; o < v.O; ++o)
         for (int64_t c = g * v.D; c < (g + 1) * v.D; ++c) {
@@ -684,40 +693,48 @@ void backward_planes(const ChannelBackwardParams<T>& p, const View& v) {
   write_param_grads(p, v, s1, s2);
 }
 
-// Backward, row traversal. Assumptions as forward_rows.
-template <class T, bool kHasWeight, int kAct>
-void backward_rows(const ChannelBackwardParams<T>& p, const View& v) {
+// The row traversal's backward data per (sample, column): the group statistics, weight and
+// bias (bias read only with an activation) and, once known, the coefficients c1, c2.
+template <class C> struct GradColumns {
+  ColumnStats<C> scol;
+  std::vector<C> w, b, c1, c2;
+};
+
+template <int kAct, class T>
+GradColumns<compute_t<T>> grad_columns(const ChannelBackwardParams<T>& p, const View& v,
+                                       const std::vector<GroupStats<compute_t<T>>>& st) {
+  using C = compute_t<T>;
+  return GradColumns<C>{column_stats(v, st), per_column(v, p.weight, C(1)),
+                        per_column(v, kAct != kActNone ? p.bias : nullptr, C(0)), {}, {}};
+}
+
+// S1 = sum(g xhat), S2 = sum(g) per (sample, channel): per column over fixed chunks of rows,
+// the chunks added in order, then each channel's columns in order.
+template <int kAct, class T>
+void row_grad_sums(const ChannelBackwardParams<T>& p, const View& v,
+                   const GradColumns<compute_t<T>>& gc, std::vector<double>& s1,
+                   std::vector<double>& s2) {
   using C = compute_t<T>;
   const int64_t cols = v.cols(), rpc = v.rows_per_chunk(), n_chunks = v.chunks();
   const int64_t tasks = v.samples * n_chunks;
-  std::vector<GroupStats<C>> st(at(v.samples * v.G));
-  for (int64_t t = 0; t < v.samples * v.G; ++t)
-    st[at(t)] = make_group_stats<C>(static_cast<double>(p.mean[t]), static_cast<double>(p.rstd[t]));
-  const ColumnStats<C> scol = column_stats(v, st);
-  const std::vector<C> wcol = per_column(v, kHasWeight ? p.weight : nullptr, C(1));
-  const std::vector<C> bcol = per_column(v, kAct != kActNone ? p.bias : nullptr, C(0));
-  // partial dweight, dbias: per (sample, chunk) and column
   std::vector<double> partial(at(tasks * 2 * cols), 0.0);
   parallel_for(tasks, grain_for(std::min(v.O, rpc) * cols), [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t s = t / n_chunks, k = t % n_chunks;
-      const C* hi = scol.hi.data() + s * cols;
-      const C* lo = scol.lo.data() + s * cols;
-      const C* rs = scol.rstd.data() + s * cols;
+      const C* hi = gc.scol.hi.data() + s * cols;
+      const C* lo = gc.scol.lo.data() + s * cols;
+      const C* rs = gc.scol.rstd.data() + s * cols;
       double* s_dy_xhat = partial.data() + t * 2 * cols;
-      double* s_dy = s_dy_xhat + cols;
       const int64_t r0 = k * rpc, r1 = r0 + v.chunk_rows(k);
-      column_sums(r0, r1, cols, s_dy_xhat, s_dy, [&](int64_t r, int64_t j, auto w) {
+      column_sums(r0, r1, cols, s_dy_xhat, s_dy_xhat + cols, [&](int64_t r, int64_t j, auto w) {
         const int64_t off = v.offset(s, r, 0) + j;
         const auto xh = xhat_of(loadw(p.x + off, w), loadw(hi + j, w), loadw(lo + j, w), loadw(rs + j, w));
-        const auto d = widen(grad_of<kAct, C>(loadw(p.dy + off, w), xh, loadw(wcol.data() + j, w),
-                                              loadw(bcol.data() + j, w)));
+        const auto d = widen(grad_of<kAct, C>(loadw(p.dy + off, w), xh, loadw(gc.w.data() + j, w),
+                                              loadw(gc.b.data() + j, w)));
         return two(d * widen(xh), d);
       });
     }
   });
-  // S1, S2 per (sample, channel): chunks in order, then the channel's columns in order.
-  std::vector<double> s1(at(v.samples * v.C), 0.0), s2(at(v.samples * v.C), 0.0);
   for (int64_t s = 0; s < v.samples; ++s)
     for (int64_t k = 0; k < n_chunks; ++k) {
       const double* part = partial.data() + (s * n_chunks + k) * 2 * cols;
@@ -727,54 +744,97 @@ void backward_rows(const ChannelBackwardParams<T>& p, const View& v) {
           s2[at(s * v.C + c)] += part[cols + j];
         }
     }
-  write_param_grads(p, v, s1, s2);
-  // c1, c2 per (sample, column)
-  std::vector<C> c1col(at(v.samples * cols)), c2col(at(v.samples * cols));
+}
+
+// c1, c2 of every group, spread over its columns.
+template <class T>
+void column_coefficients(const ChannelBackwardParams<T>& p, const View& v, const std::vector<double>& s1,
+                         const std::vector<double>& s2, GradColumns<compute_t<T>>& gc) {
+  using C = compute_t<T>;
+  const int64_t cols = v.cols();
+  gc.c1.resize(at(v.samples * cols));
+  gc.c2.resize(at(v.samples * cols));
   for (int64_t s = 0; s < v.samples; ++s)
     for (int64_t g = 0; g < v.G; ++g) {
       C c1, c2;
-      group_coefficients(p, v, s1.data() + s * v.C, s2.data() + s * v.C, g, c1, c2);
-      for (int64_t j = g * v.D * v.I; j < (g + 1) * v.D * v.I; ++j) {
-        c1col[at(s * cols + j)] = c1;
-        c2col[at(s * cols + j)] = c2;
-      }
+      group_coefficients(p, v, s1.data() + s * v.C, s2.data() + s * v.C, g,
+                         group_count(p, v, s * v.G + g), c1, c2);
+      std::fill(gc.c1.begin() + s * cols + g * v.D * v.I, gc.c1.begin() + s * cols + (g + 1) * v.D * v.I, c1);
+      std::fill(gc.c2.begin() + s * cols + g * v.D * v.I, gc.c2.begin() + s * cols + (g + 1) * v.D * v.I, c2);
     }
-  // dx
+}
+
+// dx row by row with the per-column data (the row traversal's last step). kWeighted (weighted
+// statistics, I == 1): each row's weight scales the statistics' part of its gradient.
+template <int kAct, bool kWeighted, class T>
+void rows_input_grad(const ChannelBackwardParams<T>& p, const View& v,
+                     const GradColumns<compute_t<T>>& gc) {
+  using C = compute_t<T>;
+  const int64_t cols = v.cols();
   const bool stream = p.B * p.C * p.S * static_cast<int64_t>(sizeof(T)) >= kStreamBytes;
   parallel_for(v.samples * v.O, grain_for(cols), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t base = (r / v.O) * cols;
-      const C* hi = scol.hi.data() + base;
-      const C* lo = scol.lo.data() + base;
-      const C* rs = scol.rstd.data() + base;
-      const C* k1 = c1col.data() + base;
-      const C* k2 = c2col.data() + base;
+      const C om = kWeighted ? static_cast<C>(p.omega[r]) : C(1);
+      const C* rs = gc.scol.rstd.data() + base;
+      const C* wc = gc.w.data();
       const T* xr = p.x + r * cols;
       const T* dyr = p.dy + r * cols;
       const auto xhat = [&](int64_t j, auto w) {
-        return xhat_of(loadw(xr + j, w), loadw(hi + j, w), loadw(lo + j, w), loadw(rs + j, w));
+        return xhat_of(loadw(xr + j, w), loadw(gc.scol.hi.data() + base + j, w),
+                       loadw(gc.scol.lo.data() + base + j, w), loadw(rs + j, w));
       };
       const auto g = [&](int64_t j, auto w, auto xh) {
-        return grad_of<kAct, C>(loadw(dyr + j, w), xh, loadw(wcol.data() + j, w),
-                                loadw(bcol.data() + j, w));
+        return grad_of<kAct, C>(loadw(dyr + j, w), xh, loadw(wc + j, w), loadw(gc.b.data() + j, w));
+      };
+      const auto coef = [&](const std::vector<C>& k, int64_t j, auto w) {
+        if constexpr (kWeighted)
+          return loadw(k.data() + base + j, w) * om;
+        else
+          return loadw(k.data() + base + j, w);
       };
       if (!p.training && kAct == kActNone)  // x unread: a NaN in x does not reach dx
         elementwise(cols, p.dx + r * cols, stream, [&](int64_t j, auto w) {
-          return input_grad_const(loadw(dyr + j, w) * loadw(wcol.data() + j, w), loadw(rs + j, w));
+          return input_grad_const(loadw(dyr + j, w) * loadw(wc + j, w), loadw(rs + j, w));
         });
       else if (!p.training)
         elementwise(cols, p.dx + r * cols, stream, [&](int64_t j, auto w) {
-          return input_grad_const(g(j, w, xhat(j, w)) * loadw(wcol.data() + j, w), loadw(rs + j, w));
+          return input_grad_const(g(j, w, xhat(j, w)) * loadw(wc + j, w), loadw(rs + j, w));
         });
       else
         elementwise(cols, p.dx + r * cols, stream, [&](int64_t j, auto w) {
           const auto xh = xhat(j, w);
-          return input_grad(g(j, w, xh) * loadw(wcol.data() + j, w), xh, loadw(rs + j, w),
-                            loadw(k1 + j, w), loadw(k2 + j, w));
+          return input_grad(g(j, w, xh) * loadw(wc + j, w), xh, loadw(rs + j, w),
+                            coef(gc.c1, j, w), coef(gc.c2, j, w));
         });
     }
     if (stream) stream_fence();
   });
+}
+
+// The saved statistics of every group in the compute type.
+template <class T> std::vector<GroupStats<compute_t<T>>> saved_stats(const ChannelBackwardParams<T>& p, const View& v) {
+  std::vector<GroupStats<compute_t<T>>> st(at(v.samples * v.G));
+  for (int64_t t = 0; t < v.samples * v.G; ++t)
+    st[at(t)] = make_group_stats<compute_t<T>>(static_cast<double>(p.mean[t]), static_cast<double>(p.rstd[t]));
+  return st;
+}
+
+// Backward, row traversal (also the weighted statistics' with channels innermost): sums per
+// column, coefficients, then dx. Assumptions as forward_rows.
+template <int kAct, bool kWeighted, class T>
+void backward_rows_with(const ChannelBackwardParams<T>& p, const View& v) {
+  auto gc = grad_columns<kAct>(p, v, saved_stats(p, v));
+  std::vector<double> s1(at(v.samples * v.C), 0.0), s2(at(v.samples * v.C), 0.0);
+  row_grad_sums<kAct>(p, v, gc, s1, s2);
+  write_param_grads(p, v, s1, s2);
+  column_coefficients(p, v, s1, s2, gc);
+  rows_input_grad<kAct, kWeighted>(p, v, gc);
+}
+
+template <class T, bool kHasWeight, int kAct>
+void backward_rows(const ChannelBackwardParams<T>& p, const View& v) {
+  backward_rows_with<kAct, false>(p, v);
 }
 
 // Backward, sample-major plane traversal. Assumptions as forward_sample_planes.
@@ -810,7 +870,8 @@ void backward_sample_planes(const ChannelBackwardParams<T>& p, const View& v) {
     }
   write_param_grads(p, v, s1, s2);
   std::vector<C> c1(at(v.C)), c2(at(v.C));
-  for (int64_t c = 0; c < v.C; ++c) group_coefficients(p, v, s1.data(), s2.data(), c, c1[at(c)], c2[at(c)]);
+  for (int64_t c = 0; c < v.C; ++c)
+    group_coefficients(p, v, s1.data(), s2.data(), c, group_count(p, v, c), c1[at(c)], c2[at(c)]);
   // dx
   const bool stream = p.B * p.C * p.S * static_cast<int64_t>(sizeof(T)) >= kStreamBytes;
   parallel_for(v.O, grain_for(v.C * v.I), [&](int64_t o0, int64_t o1) {
@@ -1075,17 +1136,11 @@ void backward_weighted_planes(const ChannelBackwardParams<T>& p, const View& v) 
       const int64_t s = t / v.G, g = t % v.G;
       const GroupStats<C> st =
           make_group_stats<C>(static_cast<double>(p.mean[t]), static_cast<double>(p.rstd[t]));
-      double a = 0.0, b = 0.0;  // sum over the group's channels of w * S1, w * S2
-      for (int64_t c = g * v.D; c < (g + 1) * v.D; ++c) {
-        double& sum_dy_xhat = s1[at(s * v.C + c)];
-        double& sum_dy = s2[at(s * v.C + c)];
-        plane_channel_sums<kActNone>(p, v, s, c, st, sum_dy_xhat, sum_dy);
-        const double w = p.weight ? static_cast<double>(p.weight[c]) : 1.0;
-        a += w * sum_dy_xhat;
-        b += w * sum_dy;
-      }
-      const double W = p.group_w[t] > 0.0 ? p.group_w[t] : 1.0;
-      const C c1 = static_cast<C>(a / W), c2 = static_cast<C>(b / W);
+      for (int64_t c = g * v.D; c < (g + 1) * v.D; ++c)
+        plane_channel_sums<kActNone>(p, v, s, c, st, s1[at(s * v.C + c)], s2[at(s * v.C + c)]);
+      C c1, c2;
+      group_coefficients(p, v, s1.data() + s * v.C, s2.data() + s * v.C, g, group_count(p, v, t),
+                         c1, c2);
       for (int64_t o = 0; o < v.O; ++o) {
         const acc_t<T>* om = p.omega + (s * v.O + o) * v.I;
         for (int64_t c = g * v.D; c < (g + 1) * v.D; ++c) {
@@ -1110,111 +1165,38 @@ void backward_weighted_planes(const ChannelBackwardParams<T>& p, const View& v) 
 template <class T, bool kHasWeight>
 void backward_weighted(const ChannelBackwardParams<T>& p, const View& v) {
   using C = compute_t<T>;
-  using A = acc_t<T>;
   if (v.I > 1 && use_planes(v) && !use_sample_planes(v)) {
     backward_weighted_planes<T, kHasWeight>(p, v);
     return;
   }
-  std::vector<GroupStats<C>> st(at(v.samples * v.G));
-  for (int64_t t = 0; t < v.samples * v.G; ++t)
-    st[at(t)] = make_group_stats<C>(static_cast<double>(p.mean[t]), static_cast<double>(p.rstd[t]));
-  std::vector<double> s1(at(v.samples * v.C), 0.0), s2(at(v.samples * v.C), 0.0);
-  const ColumnStats<C> scol = column_stats(v, st);  // used when I == 1
-  if (v.I == 1) {  // per column over fixed chunks of rows, chunks added in order
-    const int64_t rpc = v.rows_per_chunk(), n_chunks = v.chunks();
-    std::vector<double> partial(at(v.samples * n_chunks * 2 * v.C), 0.0);
-    parallel_for(v.samples * n_chunks, grain_for(std::min(v.O, rpc) * v.C), [&](int64_t t0, int64_t t1) {
-      for (int64_t t = t0; t < t1; ++t) {
-        const int64_t s = t / n_chunks, r0 = (t % n_chunks) * rpc;
-        const C* hi = scol.hi.data() + s * v.C;
-        const C* lo = scol.lo.data() + s * v.C;
-        const C* rs = scol.rstd.data() + s * v.C;
-        double* a = partial.data() + t * 2 * v.C;
-        column_sums(r0, std::min(v.O, r0 + rpc), v.C, a, a + v.C, [&](int64_t r, int64_t j, auto w) {
-          const int64_t off = v.offset(s, r, 0) + j;
-          const auto d = widen(loadw(p.dy + off, w));
-          return two(d * widen(xhat_of(loadw(p.x + off, w), loadw(hi + j, w), loadw(lo + j, w),
-                                       loadw(rs + j, w))), d);
-        });
-      }
-    });
-    for (int64_t t = 0; t < v.samples * n_chunks; ++t)
-      for (int64_t c = 0; c < v.C; ++c) {
-        s1[at((t / n_chunks) * v.C + c)] += partial[at(t * 2 * v.C + c)];
-        s2[at((t / n_chunks) * v.C + c)] += partial[at(t * 2 * v.C + v.C + c)];
-      }
-  } else {
-    parallel_for(v.samples * v.C, grain_for(v.O * v.I), [&](int64_t t0, int64_t t1) {
-      for (int64_t t = t0; t < t1; ++t) {
-        const int64_t s = t / v.C, c = t % v.C;
-        const GroupStats<C>& sc = st[at(s * v.G + c / v.D)];
-        for (int64_t o = 0; o < v.O; ++o) {
-          const T* xp = p.x + v.offset(s, o, c);
-          const T* dyp = p.dy + v.offset(s, o, c);
-          double a, b;
-          lane_sum2(v.I, a, b, [&](int64_t i, auto w) {
-            const auto d = widen(loadw(dyp + i, w));
-            return two(d * widen(xhat_of(loadw(xp + i, w), sc)), d);
-          });
-          s1[at(t)] += a;
-          s2[at(t)] += b;
-        }
-      }
-    });
-  }
-  write_param_grads(p, v, s1, s2);
-  // c1, c2 per group, with the group's total weight in place of its count
-  std::vector<C> c1(at(v.samples * v.G)), c2(at(v.samples * v.G));
-  for (int64_t t = 0; t < v.samples * v.G; ++t) {
-    const int64_t s = t / v.G, g = t % v.G;
-    double a = 0.0, b = 0.0;
-    for (int64_t c = g * v.D; c < (g + 1) * v.D; ++c) {
-      const double w = p.weight ? static_cast<double>(p.weight[c]) : 1.0;
-      a += w * s1[at(s * v.C + c)];
-      b += w * s2[at(s * v.C + c)];
-    }
-    const double W = p.group_w[t] > 0.0 ? p.group_w[t] : 1.0;
-    c1[at(t)] = static_cast<C>(a / W);
-    c2[at(t)] = static_cast<C>(b / W);
-  }
-  const bool stream = p.B * p.C * p.S * static_cast<int64_t>(sizeof(T)) >= kStreamBytes;
-  if (v.I == 1) {  // rows of C channels with per-column statistics, one weight per row
-    std::vector<C> k1(at(v.samples * v.C)), k2(at(v.samples * v.C));
-    for (int64_t j = 0; j < v.samples * v.C; ++j) {
-      k1[at(j)] = c1[at((j / v.C) * v.G + (j % v.C) / v.D)];
-      k2[at(j)] = c2[at((j / v.C) * v.G + (j % v.C) / v.D)];
-    }
-    const std::vector<C> wcol = per_column(v, kHasWeight ? p.weight : nullptr, C(1));
-    parallel_for(v.samples * v.O, grain_for(v.C), [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) {
-        const int64_t base = (r / v.O) * v.C;
-        const C om = static_cast<C>(p.omega[r]);
-        const C* hi = scol.hi.data() + base;
-        const C* lo = scol.lo.data() + base;
-        const C* rs = scol.rstd.data() + base;
-        const T* xr = p.x + r * v.C;
-        const T* dyr = p.dy + r * v.C;
-        elementwise(v.C, p.dx + r * v.C, stream, [&](int64_t j, auto w) {
-          const auto rstd = loadw(rs + j, w);
-          return input_grad(loadw(dyr + j, w) * loadw(wcol.data() + j, w),
-                            xhat_of(loadw(xr + j, w), loadw(hi + j, w), loadw(lo + j, w), rstd), rstd,
-                            loadw(k1.data() + base + j, w) * om, loadw(k2.data() + base + j, w) * om);
-        });
-      }
-      if (stream) stream_fence();
-    });
+  if (v.I == 1) {  // channels innermost: the row traversal, one weight per row
+    backward_rows_with<kActNone, true>(p, v);
     return;
   }
+  // short planes, sample-major: per (sample, channel) sums, then dx plane by plane
+  const std::vector<GroupStats<C>> st = saved_stats(p, v);
+  std::vector<double> s1(at(v.samples * v.C), 0.0), s2(at(v.samples * v.C), 0.0);
+  parallel_for(v.samples * v.C, grain_for(v.O * v.I), [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t)
+      plane_channel_sums<kActNone>(p, v, t / v.C, t % v.C, st[at((t / v.C) * v.G + (t % v.C) / v.D)],
+                                   s1[at(t)], s2[at(t)]);
+  });
+  write_param_grads(p, v, s1, s2);
+  std::vector<C> c1(at(v.samples * v.G)), c2(at(v.samples * v.G));
+  for (int64_t t = 0; t < v.samples * v.G; ++t)
+    group_coefficients(p, v, s1.data() + (t / v.G) * v.C, s2.data() + (t / v.G) * v.C, t % v.G,
+                       group_count(p, v, t), c1[at(t)], c2[at(t)]);
+  const bool stream = p.B * p.C * p.S * static_cast<int64_t>(sizeof(T)) >= kStreamBytes;
   parallel_for(v.samples * v.O, grain_for(v.C * v.I), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t s = r / v.O, o = r % v.O;
-      const A* om = p.omega + (s * v.O + o) * v.I;
+      const acc_t<T>* om = p.omega + (s * v.O + o) * v.I;
       for (int64_t c = 0; c < v.C; ++c) {
         const int64_t t = s * v.G + c / v.D;
         const C w = kHasWeight ? static_cast<C>(p.weight[c]) : C(1);
         const T* xp = p.x + v.offset(s, o, c);
         const T* dyp = p.dy + v.offset(s, o, c);
-        const GroupStats<C>& sc = st[at(t)];
+        const GroupStats<C> sc = st[at(t)];
         const C k1 = c1[at(t)], k2 = c2[at(t)];
         elementwise(v.I, p.dx + v.offset(s, o, c), stream, [&](int64_t i, auto width) {
           const auto wo = loadw(om + i, width);

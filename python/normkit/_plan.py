@@ -417,11 +417,27 @@ def position_weights(fn: str, xa, ca: int, mask, sample_weight, activation: int)
                              f"shape without the channel axis, {target}")
     if sample_weight is not None:
         w = arg(sample_weight)
-        if w.dtype.kind not in "fiu":
-            raise TypeError(f"{fn}: sample_weight must be real numbers, got dtype {w.dtype}")
+        weight_dtype(fn, w.dtype)
         if w.shape != (xa.shape[0],):
             raise ValueError(f"{fn}: sample_weight has shape {w.shape} but (N,) = "
                              f"{(xa.shape[0],)} is required")
+
+
+def weight_dtype(fn: str, dt: np.dtype) -> None:
+    """``sample_weight``'s dtype rule: real numbers (floats or integers; not bool)."""
+    if dt.kind not in "fiu":
+        raise TypeError(f"{fn}: sample_weight must be real numbers, got dtype {dt}")
+
+
+def weight_values(fn: str, sample_weight) -> np.ndarray:
+    """``sample_weight`` as float64 after its dtype and value rules: real, finite and >= 0
+    (its shape is checked where the shape it needs is known)."""
+    w = np.asarray(sample_weight)
+    weight_dtype(fn, w.dtype)
+    w = w.astype(np.float64)
+    if not np.all(np.isfinite(w)) or np.any(w < 0):
+        raise ValueError(f"{fn}: sample_weight must be finite and >= 0")
+    return w
 
 
 def _channel_input(x, fn: str, ca) -> Tuple[int, int, int, int, np.dtype]:

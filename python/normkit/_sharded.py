@@ -57,9 +57,7 @@ def position_weights(fn: str, plan: P.ChannelPlan, x: np.ndarray, mask, sample_w
     if mask is not None:
         omega = omega * np.broadcast_to(mask, omega.shape)
     if sample_weight is not None:
-        sw = np.asarray(sample_weight, np.float64)
-        if not np.all(np.isfinite(sw)) or np.any(sw < 0):
-            raise ValueError(f"{fn}: sample_weight must be finite and >= 0")
+        sw = P.weight_values(fn, sample_weight)
         omega = omega * sw.reshape((-1,) + (1,) * len(spatial))
     return omega
 

@@ -257,9 +257,7 @@ def position_weights(plan: P.ChannelPlan, x, mask, sample_weight) -> Optional[_W
         count = np.count_nonzero(m, axis=1).astype(np.float64)
         wts = _Weights(plan, m.astype(plan.sd).reshape(-1), count, count, count)
     else:
-        sw = np.asarray(sample_weight, np.float64)
-        if not np.all(np.isfinite(sw)) or np.any(sw < 0):
-            raise ValueError(f"{fn}: sample_weight must be finite and >= 0")
+        sw = P.weight_values(fn, sample_weight)
         omega = np.broadcast_to(sw[:, None], (N, S)) if m is None else m * sw[:, None]
         if np.all(omega == 1.0):
             return None

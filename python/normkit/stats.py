@@ -27,6 +27,7 @@ from typing import Dict, Iterable, Optional, Tuple
 import numpy as np
 
 from ._plan import is_float_dtype as _is_float_dtype
+from ._plan import weight_values
 from .functional import data_array as _float_input
 
 __all__ = ["Moments", "channel_statistics"]
@@ -198,16 +199,12 @@ class Moments:
 
     def _update_weighted(self, x, reduced, kept, sample_weight, fn) -> "Moments":
         red_shape = tuple(x.shape[a] for a in reduced)
-        w = np.asarray(sample_weight)
-        if w.dtype.kind not in "fiu":
-            raise TypeError(f"{fn}: sample_weight must be real numbers, got dtype {w.dtype}")
+        w = weight_values(fn, sample_weight)
         try:
-            w = np.broadcast_to(w.astype(np.float64), red_shape).reshape(-1)
+            w = np.broadcast_to(w, red_shape).reshape(-1)
         except ValueError:
             raise ValueError(f"{fn}: sample_weight has shape {np.shape(sample_weight)}, which does "
                              f"not broadcast to the reduced axes' shape {red_shape}") from None
-        if not np.all(np.isfinite(w)) or np.any(w < 0):
-            raise ValueError(f"{fn}: sample_weight must be finite and >= 0")
         n = w.size
         if n == 0:
             return self
