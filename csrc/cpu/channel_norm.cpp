@@ -704,8 +704,21 @@ template <int kAct, class T>
 GradColumns<compute_t<T>> grad_columns(const ChannelBackwardParams<T>& p, const View& v,
                                        const std::vector<GroupStats<compute_t<T>>>& st) {
   using C = compute_t<T>;
-  return GradColumns<C>{column_stats(v, st), per_column(v, p.weight, C(1)),
-                        per_column(v, kAct != kActNone ? p.bias : nullptr, C(0)), {}, {}};
+  GradColumns<C> gc{column_stats(v, st), per_column(v, p.weight, C(1)), {}, {}, {}};
+  if constexpr (kAct != kActNone) gc.b = per_column(v, p.bias, C(0));  // read with activations only
+  return gc;
+}
+
+// Column j's bias as a block or scalar (0 without an activation: unread then).
+template <int kAct, class C, class W> NK_INLINE auto bias_at(const GradColumns<C>& gc, int64_t j, W w) {
+  if constexpr (kAct == kActNone) {
+    (void)gc;
+    (void)j;
+    (void)w;
+    return C(0);
+  } else {
+    return loadw(gc.b.data() + j, w);
+  }
 }
 
 // S1 = sum(g xhat), S2 = sum(g) per (sample, channel): per column over fixed chunks of rows,
@@ -730,7 +743,7 @@ void row_grad_sums(const ChannelBackwardParams<T>& p, const View& v,
         const int64_t off = v.offset(s, r, 0) + j;
         const auto xh = xhat_of(loadw(p.x + off, w), loadw(hi + j, w), loadw(lo + j, w), loadw(rs + j, w));
         const auto d = widen(grad_of<kAct, C>(loadw(p.dy + off, w), xh, loadw(gc.w.data() + j, w),
-                                              loadw(gc.b.data() + j, w)));
+                                              bias_at<kAct>(gc, j, w)));
         return two(d * widen(xh), d);
       });
     }
@@ -785,7 +798,7 @@ void rows_input_grad(const ChannelBackwardParams<T>& p, const View& v,
                        loadw(gc.scol.lo.data() + base + j, w), loadw(rs + j, w));
       };
       const auto g = [&](int64_t j, auto w, auto xh) {
-        return grad_of<kAct, C>(loadw(dyr + j, w), xh, loadw(wc + j, w), loadw(gc.b.data() + j, w));
+        return grad_of<kAct, C>(loadw(dyr + j, w), xh, loadw(wc + j, w), bias_at<kAct>(gc, j, w));
       };
       const auto coef = [&](const std::vector<C>& k, int64_t j, auto w) {
         if constexpr (kWeighted)
