@@ -638,6 +638,23 @@ NK_INLINE void plane_grad(const ChannelBackwardParams<T>& p, const T* xp, const 
     });
 }
 
+// dx of plane (s, o, c) with weighted statistics: each element's weight scales the statistics'
+// part of its gradient (no activation).
+template <class T, class C = compute_t<T>>
+NK_INLINE void weighted_plane_grad(const ChannelBackwardParams<T>& p, const View& v, int64_t s,
+                                   int64_t o, int64_t c, const GroupStats<C>& group, C w, C c1,
+                                   C c2, bool stream) {
+  const acc_t<T>* om = p.omega + (s * v.O + o) * v.I;
+  const T* xp = p.x + v.offset(s, o, c);
+  const T* dyp = p.dy + v.offset(s, o, c);
+  const GroupStats<C> st = group;
+  elementwise(v.I, p.dx + v.offset(s, o, c), stream, [&](int64_t i, auto width) {
+    const auto wo = loadw(om + i, width);
+    return input_grad(loadw(dyp + i, width) * w, xhat_of(loadw(xp + i, width), st), st.rstd,
+                      wo * c1, wo * c2);
+  });
+}
+
 // S1 = sum(g xhat) and S2 = sum(g) of channel c of sample s over its planes, added in row order
 // (g = dy, or dy * act'(z) with an activation: grad_of).
 template <int kAct, class T, class C = compute_t<T>>
@@ -661,8 +678,9 @@ void plane_channel_sums(const ChannelBackwardParams<T>& p, const View& v, int64_
   s2 = sum_dy;
 }
 
-// Backward, plane traversal. Assumptions as forward_planes.
-template <class T, bool kHasWeight, int kAct>
+// Backward, plane traversal: threads own groups; each group's sums, then its dx while the group
+// is in cache. kWeighted: weighted statistics (no activation). Assumptions as forward_planes.
+template <class T, bool kHasWeight, int kAct, bool kWeighted = false>
 void backward_planes(const ChannelBackwardParams<T>& p, const View& v) {
   using C = compute_t<T>;
   std::vector<double> s1(at(v.samples * v.C)), s2(at(v.samples * v.C));
@@ -683,9 +701,13 @@ void backward_planes(const ChannelBackwardParams<T>& p, const View& v) {
       for (int64_t o = 0; o < v.O; ++o)
         for (int64_t c = g * v.D; c < (g + 1) * v.D; ++c) {
           const C w = kHasWeight ? static_cast<C>(p.weight[c]) : C(1);
-          const C b = channel_param<kAct>(p.bias, c);
-          plane_grad<kAct>(p, p.x + v.offset(s, o, c), p.dy + v.offset(s, o, c),
-                           p.dx + v.offset(s, o, c), v.I, st, w, b, c1, c2, stream);
+          if constexpr (kWeighted) {
+            weighted_plane_grad(p, v, s, o, c, st, w, c1, c2, stream);
+          } else {
+            const C b = channel_param<kAct>(p.bias, c);
+            plane_grad<kAct>(p, p.x + v.offset(s, o, c), p.dy + v.offset(s, o, c),
+                             p.dx + v.offset(s, o, c), v.I, st, w, b, c1, c2, stream);
+          }
         }
     }
     if (stream) stream_fence();
@@ -1137,49 +1159,13 @@ void forward_weighted(const ChannelForwardParams<T>& p, const View& v) {
   });
 }
 
-// Backward with weighted statistics, plane traversal: threads own groups; each group's sums,
-// then its dx, while the group is in cache (as backward_planes).
-template <class T, bool kHasWeight>
-void backward_weighted_planes(const ChannelBackwardParams<T>& p, const View& v) {
-  using C = compute_t<T>;
-  std::vector<double> s1(at(v.samples * v.C)), s2(at(v.samples * v.C));
-  const bool stream = p.B * p.C * p.S * static_cast<int64_t>(sizeof(T)) >= kStreamBytes;
-  parallel_for(v.samples * v.G, grain_for(v.group_size()), [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t s = t / v.G, g = t % v.G;
-      const GroupStats<C> st =
-          make_group_stats<C>(static_cast<double>(p.mean[t]), static_cast<double>(p.rstd[t]));
-      for (int64_t c = g * v.D; c < (g + 1) * v.D; ++c)
-        plane_channel_sums<kActNone>(p, v, s, c, st, s1[at(s * v.C + c)], s2[at(s * v.C + c)]);
-      C c1, c2;
-      group_coefficients(p, v, s1.data() + s * v.C, s2.data() + s * v.C, g, group_count(p, v, t),
-                         c1, c2);
-      for (int64_t o = 0; o < v.O; ++o) {
-        const acc_t<T>* om = p.omega + (s * v.O + o) * v.I;
-        for (int64_t c = g * v.D; c < (g + 1) * v.D; ++c) {
-          const C w = kHasWeight ? static_cast<C>(p.weight[c]) : C(1);
-          const T* xp = p.x + v.offset(s, o, c);
-          const T* dyp = p.dy + v.offset(s, o, c);
-          elementwise(v.I, p.dx + v.offset(s, o, c), stream, [&](int64_t i, auto width) {
-            const auto wo = loadw(om + i, width);
-            return input_grad(loadw(dyp + i, width) * w, xhat_of(loadw(xp + i, width), st),
-                              st.rstd, wo * c1, wo * c2);
-          });
-        }
-      }
-    }
-    if (stream) stream_fence();
-  });
-  write_param_grads(p, v, s1, s2);
-}
-
 // Backward with weighted statistics (training only). S1 = sum(dy xhat), S2 = sum(dy) per (sample,
 // channel) over every position, in row order; then dx with the weights.
 template <class T, bool kHasWeight>
 void backward_weighted(const ChannelBackwardParams<T>& p, const View& v) {
   using C = compute_t<T>;
   if (v.I > 1 && use_planes(v) && !use_sample_planes(v)) {
-    backward_weighted_planes<T, kHasWeight>(p, v);
+    backward_planes<T, kHasWeight, kActNone, true>(p, v);
     return;
   }
   if (v.I == 1) {  // channels innermost: the row traversal, one weight per row
@@ -1203,19 +1189,10 @@ void backward_weighted(const ChannelBackwardParams<T>& p, const View& v) {
   parallel_for(v.samples * v.O, grain_for(v.C * v.I), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t s = r / v.O, o = r % v.O;
-      const acc_t<T>* om = p.omega + (s * v.O + o) * v.I;
       for (int64_t c = 0; c < v.C; ++c) {
         const int64_t t = s * v.G + c / v.D;
         const C w = kHasWeight ? static_cast<C>(p.weight[c]) : C(1);
-        const T* xp = p.x + v.offset(s, o, c);
-        const T* dyp = p.dy + v.offset(s, o, c);
-        const GroupStats<C> sc = st[at(t)];
-        const C k1 = c1[at(t)], k2 = c2[at(t)];
-        elementwise(v.I, p.dx + v.offset(s, o, c), stream, [&](int64_t i, auto width) {
-          const auto wo = loadw(om + i, width);
-          return input_grad(loadw(dyp + i, width) * w, xhat_of(loadw(xp + i, width), sc), sc.rstd,
-                            wo * k1, wo * k2);
-        });
+        weighted_plane_grad(p, v, s, o, c, st[at(t)], w, c1[at(t)], c2[at(t)], stream);
       }
     }
     if (stream) stream_fence();
