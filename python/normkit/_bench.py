@@ -1012,9 +1012,11 @@ def run(*, quick: bool = False, threads: Sequence[int] = (1, 2), json_path: Opti
             tag = " (quick)" if wl.quick else ""
             print(f"{wl.name:<16} {wl.op:<14} {str(wl.shape):<20} {wl.dtype:<8} "
                   f"{'/'.join(wl.dirs)}{tag}", file=out)
-        print("add_layer_norm   add_rms_norm   standardize: after the table, in full runs "
-              "(fused residual add vs PyTorch's eager pair; Standardizer vs StandardScaler)",
-              file=out)
+        from normkit._bench_extra import EXTRA_NAMES
+
+        print(f"{'  '.join(EXTRA_NAMES)}: after the table, in full runs (fused residual add and "
+              "fused norm + activation vs PyTorch's eager pairs; masked vs unmasked BatchNorm; "
+              "Standardizer vs StandardScaler)", file=out)
         return 0
 
     import normkit as nk
