@@ -77,9 +77,10 @@ template <class T> struct ChannelForwardParams {
   // CPU only, training only: weighted statistics (mask= / sample_weight=). omega holds one
   // weight >= 0 per position, shared by the channels, laid out [sample][O][I] of the channel
   // view (core/channel_view.h): (B, S) for every op and layout. Each group's statistics are
-  // its weighted mean and variance; y is computed at every position. Needs group_mean64,
-  // group_m2_64 and group_w64 (out: the total weight per group); running statistics unset
-  // (the caller updates them from these) and no activation.
+  // its weighted mean and variance; y is computed at every position. Needs weight and bias
+  // (ones / zeros for absent ones), group_mean64, group_m2_64 and group_w64 (out: the total
+  // weight per group); running statistics unset (the caller updates them from these) and no
+  // activation.
   const acc_t<T>* omega = nullptr;
   double* group_w64 = nullptr;
 };
@@ -103,6 +104,7 @@ template <class T> struct ChannelBackwardParams {
   const acc_t<T>* bias = nullptr;    // (C,); read only with an activation
   // Weighted statistics (as in the forward): omega per position, and each group's total weight
   // (group_w, samples * G); the statistics' gradient then reaches x in proportion to its weight.
+  // Needs weight (ones for an absent one).
   const acc_t<T>* omega = nullptr;
   const double* group_w = nullptr;
 };

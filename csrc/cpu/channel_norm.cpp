@@ -1237,12 +1237,8 @@ template <class T> void channel_norm_forward(const ChannelForwardParams<T>& p) {
   };
   using std::integral_constant;
   using Yes = std::true_type;
-  if (p.omega && p.training) {  // weighted statistics (params.h)
-    bool_switch(p.weight != nullptr, [&](auto has_w) {
-      bool_switch(p.bias != nullptr, [&](auto has_b) {
-        forward_weighted<T, decltype(has_w)::value, decltype(has_b)::value>(p, v);
-      });
-    });
+  if (p.omega && p.training) {  // weighted statistics: weight and bias set (params.h)
+    forward_weighted<T, true, true>(p, v);
     return;
   }
   if (p.activation == kActRelu)  // weight and bias set (params.h)
@@ -1270,9 +1266,8 @@ template <class T> void channel_norm_backward(const ChannelBackwardParams<T>& p)
       backward_rows<T, kW, kA>(p, v);
   };
   using std::integral_constant;
-  if (p.omega && p.training) {  // weighted statistics (params.h)
-    bool_switch(p.weight != nullptr,
-                [&](auto has_w) { backward_weighted<T, decltype(has_w)::value>(p, v); });
+  if (p.omega && p.training) {  // weighted statistics: weight set (params.h)
+    backward_weighted<T, true>(p, v);
     return;
   }
   if (p.activation == kActRelu)  // weight and bias set (params.h)

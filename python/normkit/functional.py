@@ -217,10 +217,10 @@ def check_running(plan: P.ChannelPlan, x, w, b, rm, rv) -> None:
         P.negative_running_var(plan.fn)
 
 
-def _affine_for(plan: P.ChannelPlan, w, b):
-    """With a fused activation the kernels take weight and bias always: ones / zeros for
-    absent ones (the same values the kernels otherwise assume)."""
-    if plan.activation:
+def _affine_for(plan: P.ChannelPlan, w, b, weighted: bool = False):
+    """With a fused activation or weighted statistics the kernels take weight and bias always:
+    ones / zeros for absent ones (the same values the kernels otherwise assume)."""
+    if plan.activation or weighted:
         w = np.ones(plan.C, plan.sd) if w is None else w
         b = np.zeros(plan.C, plan.sd) if b is None else b
     return w, b
@@ -298,7 +298,7 @@ def _channel_forward(plan: P.ChannelPlan, x, weight, bias, rm, rv, out, wts=None
     rstd = np.empty(plan.stat_shape, sd)
     if mean.size or x.size:  # else nothing to compute (e.g. InstanceNorm with zero channels)
         rm_k, rv_k = _native_running(rm), _native_running(rv)
-        wk, bk = _affine_for(plan, w, b)
+        wk, bk = _affine_for(plan, w, b, wts is not None)
         omega = moments = None
         if wts is not None:  # running statistics are updated here, from the weighted moments
             omega = wts.omega if wts.omega.dtype == sd else wts.omega.astype(sd)
@@ -361,7 +361,7 @@ def _channel_backward(plan: P.ChannelPlan, dy, x, mean, rstd, weight, bias=None,
         dy = dy.astype(x.dtype)
     sd = plan.sd
     mean, rstd, w = param(mean, sd), param(rstd, sd), param(weight, sd)
-    w, b = _affine_for(plan, w, param(bias, sd))
+    w, b = _affine_for(plan, w, param(bias, sd), wts is not None)
     xp, channels_last, perm = _channel_view(x, plan.ca)
     dyp = _like_view(dy, perm, xp.shape)
     dxp, dx, _ = _output(None, x, xp, perm)
@@ -451,12 +451,11 @@ def batch_norm(
     """
     if args:
         P.positional_running("batch_norm", args)
-    weighted = mask is not None or sample_weight is not None
     if type(x) is not np.ndarray and P.is_device(x):
-        _host_only_weights("batch_norm", weighted)
+        _host_only_weights("batch_norm", mask is not None or sample_weight is not None)
         return _cuda.batch_norm(x, weight, bias, running_mean, running_var, training, momentum,
                                 eps, channel_axis, out, activation)
-    if activation is None and not weighted:
+    if activation is None and mask is None and sample_weight is None:
         r = _batch_fast(x, weight, bias, running_mean, running_var, training, momentum, eps,
                         channel_axis, out)
         if r is not None:
@@ -520,15 +519,15 @@ def batch_norm_backward(
     ValueError
         Shapes that do not match x, ``channel_axis`` not 1/-1, an empty reduction.
     """
-    weighted = mask is not None or sample_weight is not None
-    if P.is_device(x):
-        _host_only_weights("batch_norm_backward", weighted)
-        return _cuda.channel_backward("batch_norm_backward", "batch", dy, x, mean, rstd, weight,
-                                      training, channel_axis, bias, activation)
-    if activation is None and bias is None and not weighted:
+    if activation is None and bias is None and mask is None and sample_weight is None and (
+            type(x) is np.ndarray or not P.is_device(x)):
         r = _batch_backward_fast(dy, x, mean, rstd, weight, training, channel_axis)
         if r is not None:
             return r
+    if P.is_device(x):
+        _host_only_weights("batch_norm_backward", mask is not None or sample_weight is not None)
+        return _cuda.channel_backward("batch_norm_backward", "batch", dy, x, mean, rstd, weight,
+                                      training, channel_axis, bias, activation)
     return _channel_backward_host("batch_norm_backward", "batch", dy, x, mean, rstd, weight,
                                   training, channel_axis, bias, activation, mask, sample_weight)
 
