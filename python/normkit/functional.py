@@ -455,7 +455,7 @@ def batch_norm(
         _host_only_weights("batch_norm", mask is not None or sample_weight is not None)
         return _cuda.batch_norm(x, weight, bias, running_mean, running_var, training, momentum,
                                 eps, channel_axis, out, activation)
-    if activation is None and mask is None and sample_weight is None:
+    if activation is mask is sample_weight is None:
         r = _batch_fast(x, weight, bias, running_mean, running_var, training, momentum, eps,
                         channel_axis, out)
         if r is not None:
@@ -519,8 +519,7 @@ def batch_norm_backward(
     ValueError
         Shapes that do not match x, ``channel_axis`` not 1/-1, an empty reduction.
     """
-    if activation is None and bias is None and mask is None and sample_weight is None and (
-            type(x) is np.ndarray or not P.is_device(x)):
+    if activation is bias is mask is sample_weight is None:  # the C++ fast path declines the rest
         r = _batch_backward_fast(dy, x, mean, rstd, weight, training, channel_axis)
         if r is not None:
             return r
