@@ -337,8 +337,9 @@ template <class T> NK_INLINE void prefetch_lines(const T* x, int64_t n) {
 // cache instead of waiting on memory while this group's arithmetic runs. Float32 forward,
 // 1 thread, Xeon, 2026-12-07, interleaved: GroupNorm (32, 256, 28, 28) AVX-512 4.6 -> 3.8 ms,
 // forced AVX2 4.2 -> 3.3 ms; BatchNorm (32, 64, 56, 56) AVX2 4.4 -> 3.3 ms; no change on
-// 2 threads (memory is then busy anyway). The backward does the same with x and dy: 2 threads
-// about 10 % faster, 1 thread unchanged within noise.
+// 2 threads (memory is then busy anyway). Doing the same with x and dy in the backward was
+// slower (AVX-512: GroupNorm (32, 256, 28, 28) 1 thread 5.4-5.9 against 4.9-5.1 ms, 2 threads
+// 2.8 against 2.1-2.2 ms; (8, 512, 64, 64) 20-21 against 18 ms): it is not done there.
 template <class T, bool kHasWeight, bool kHasBias, int kAct>
 void plane_group_apply(const ChannelForwardParams<T>& p, const View& v, int64_t s, int64_t g,
                        const GroupStats<compute_t<T>>& st, bool stream, int64_t next_t = -1) {
@@ -739,16 +740,11 @@ void backward_planes(const ChannelBackwardParams<T>& p, const View& v) {
       C c1, c2;
       group_coefficients(p, v, s1.data() + s * v.C, s2.data() + s * v.C, g, group_count(p, v, t),
                          c1, c2);
-      // dx, with the next group's x and dy prefetched plane by plane (as plane_group_apply)
-      const bool ahead = t + 1 < t1 && v.group_size() <= kTwoPassElements;
-      const int64_t ns = (t + 1) / v.G, nc0 = ((t + 1) % v.G) * v.D;
+      // dx (prefetching the next group's x and dy here, as the forward does, was slower:
+      // plane_group_apply)
       for (int64_t o = 0; o < v.O; ++o)
         for (int64_t c = g * v.D; c < (g + 1) * v.D; ++c) {
           const C w = kHasWeight ? static_cast<C>(p.weight[c]) : C(1);
-          if (ahead) {
-            prefetch_lines(p.x + v.offset(ns, o, nc0 + c - g * v.D), v.I);
-            prefetch_lines(p.dy + v.offset(ns, o, nc0 + c - g * v.D), v.I);
-          }
           if constexpr (kWeighted) {
             weighted_plane_grad(p, v, s, o, c, st, w, c1, c2, stream);
           } else {
