@@ -1051,7 +1051,10 @@ std::vector<WeightedMoments<double>> weighted_piece_moments(const ChannelForward
           const double om = static_cast<double>(p.omega[s * v.O + r]);
           const T* xr = om > 0.0 ? p.x + v.offset(s, r, 0) : x0;
           const auto d = widen(loadw(xr + j, wd)) - loadw(shift.data() + j, wd);
-          return two(d * om, d * d * om);
+          if constexpr (kBinary)  // om is 0 (d = 0 then) or 1: the products are d and d * d
+            return two(d, d * d);
+          else
+            return two(d * om, d * d * om);
         });
         for (int64_t c = 0; c < v.C; ++c)
           out[c] = weighted_from_shifted(w, shift[at(c)], s1[at(c)], s2[at(c)]);
