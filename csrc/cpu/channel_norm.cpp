@@ -916,8 +916,9 @@ void backward_rows(const ChannelBackwardParams<T>& p, const View& v) {
   backward_rows_with<kAct, false>(p, v);
 }
 
-// Backward, sample-major plane traversal. Assumptions as forward_sample_planes.
-template <class T, bool kHasWeight, int kAct>
+// Backward, sample-major plane traversal. Assumptions as forward_sample_planes. kWeighted: weighted
+// statistics (their sums S1, S2 take every position; only dx uses the weights).
+template <class T, bool kHasWeight, int kAct, bool kWeighted = false>
 void backward_sample_planes(const ChannelBackwardParams<T>& p, const View& v) {
   using C = compute_t<T>;
   std::vector<GroupStats<C>> st(at(v.C));
@@ -957,10 +958,14 @@ void backward_sample_planes(const ChannelBackwardParams<T>& p, const View& v) {
     for (int64_t o = o0; o < o1; ++o)
       for (int64_t c = 0; c < v.C; ++c) {
         const C w = kHasWeight ? static_cast<C>(p.weight[c]) : C(1);
-        const C b = channel_param<kAct>(p.bias, c);
-        plane_grad<kAct>(p, p.x + v.offset(0, o, c), p.dy + v.offset(0, o, c),
-                         p.dx + v.offset(0, o, c), v.I, st[at(c)], w, b, c1[at(c)], c2[at(c)],
-                         stream);
+        if constexpr (kWeighted) {
+          weighted_plane_grad(p, v, 0, o, c, st[at(c)], w, c1[at(c)], c2[at(c)], stream);
+        } else {
+          const C b = channel_param<kAct>(p.bias, c);
+          plane_grad<kAct>(p, p.x + v.offset(0, o, c), p.dy + v.offset(0, o, c),
+                           p.dx + v.offset(0, o, c), v.I, st[at(c)], w, b, c1[at(c)], c2[at(c)],
+                           stream);
+        }
       }
     if (stream) stream_fence();
   });
@@ -1233,7 +1238,11 @@ void backward_weighted(const ChannelBackwardParams<T>& p, const View& v) {
     backward_rows_with<kActNone, true>(p, v);
     return;
   }
-  // short planes, sample-major: per (sample, channel) sums, then dx plane by plane
+  if (use_sample_planes(v)) {  // BatchNorm's short planes, memory in order (the sums are the same)
+    backward_sample_planes<T, kHasWeight, kActNone, true>(p, v);
+    return;
+  }
+  // other short planes: per (sample, channel) sums, then dx plane by plane
   const std::vector<GroupStats<C>> st = saved_stats(p, v);
   std::vector<double> s1(at(v.samples * v.C), 0.0), s2(at(v.samples * v.C), 0.0);
   parallel_for(v.samples * v.C, grain_for(v.O * v.I), [&](int64_t t0, int64_t t1) {
