@@ -519,7 +519,8 @@ def batch_norm_backward(
     ValueError
         Shapes that do not match x, ``channel_axis`` not 1/-1, an empty reduction.
     """
-    if activation is bias is mask is sample_weight is None:  # the C++ fast path declines the rest
+    if activation is bias is mask is sample_weight is None and (
+            type(x) is np.ndarray or not P.is_device(x)):
         r = _batch_backward_fast(dy, x, mean, rstd, weight, training, channel_axis)
         if r is not None:
             return r
