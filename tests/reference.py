@@ -94,6 +94,33 @@ def as_f64(a):
     return np.array(np.asarray(a), dtype=np.float64, copy=True)
 
 
+# Fused activations (activation="relu" | "silu") and their derivatives, in float64.
+def relu(z):
+    return np.where(z < 0, 0.0, z)
+
+
+def relu_grad(z):
+    return (z > 0).astype(np.float64)
+
+
+def sigmoid(z):
+    # two branches, neither overflows
+    e = np.exp(-np.abs(z))
+    return np.where(z >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+
+
+def silu(z):
+    return z * sigmoid(z)
+
+
+def silu_grad(z):
+    s = sigmoid(z)
+    return s * (1.0 + z * (1.0 - s))
+
+
+ACTIVATIONS = {"relu": (relu, relu_grad), "silu": (silu, silu_grad)}
+
+
 def stats_dtype(x_dtype) -> np.dtype:
     """SPEC section 2: float64 statistics for float64 x, else float32."""
     return np.dtype(np.float64) if np.dtype(x_dtype) == np.float64 else np.dtype(np.float32)

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import normkit as nk
+import reference as ref
 from conftest import AVAILABLE_DTYPES, assert_close, dtype_name, randn, stats_dtype
 from helpers import assert_raises_nothing_written
 
@@ -162,15 +163,20 @@ def test_gradients_match_finite_differences(op, ca, rng):
     r = rng.standard_normal(shape)
     o = _forward(op, x, w, b, ca, mask, sw)
     g = _backward(op, r, x, o, w, ca, mask, sw)
-    h = 1e-6
-    for name, a, analytic in (("x", x, g.dx), ("weight", w, g.dweight), ("bias", b, g.dbias)):
+    _fd_check(lambda: _forward(op, x, w, b, ca, mask, sw).y, r, (x, w, b), g, rng)
+
+
+def _fd_check(forward, r, params, grads, rng, h=1e-6):
+    """Central differences of L = sum(forward() * r) at 8 random entries of each of x, weight,
+    bias (changed in place and restored) against grads (dx, dweight, dbias)."""
+    for name, a, analytic in zip(("x", "weight", "bias"), params, grads):
         for _ in range(8):
             i = tuple(rng.integers(0, s) for s in a.shape)
             old = a[i]
             a[i] = old + h
-            lp = float(np.sum(_forward(op, x, w, b, ca, mask, sw).y * r))
+            lp = float(np.sum(forward() * r))
             a[i] = old - h
-            lm = float(np.sum(_forward(op, x, w, b, ca, mask, sw).y * r))
+            lm = float(np.sum(forward() * r))
             a[i] = old
             num = (lp - lm) / (2 * h)
             assert abs(num - analytic[i]) <= 1e-5 * max(1.0, abs(num)), (name, i, num, analytic[i])
@@ -275,10 +281,135 @@ def test_errors_write_nothing(rng):
                                   sample_weight=np.ones(5), **kw)
     assert_raises_nothing_written(TypeError, "real numbers", nk.batch_norm, x,
                                   sample_weight=np.ones(4, complex), **kw)
-    assert_raises_nothing_written(ValueError, "activation", nk.batch_norm, x,
-                                  mask=np.ones((4, 5), bool), activation="relu", **kw)
     with pytest.raises(TypeError):
         nk.group_norm(x, 3, sample_weight=np.ones(4))  # a batch_norm option only
+
+
+# --------------------------------------------------------------------------------------------
+# weighted statistics together with a fused activation (batch_norm / group_norm): y = act(z),
+# z = xhat * w + b with the weighted statistics; the backward takes the gradient of y
+
+
+def _act_forward(op, x, w, b, ca, act, mask=None, sample_weight=None):
+    if op == "batch":
+        return nk.batch_norm(x, w, b, channel_axis=ca, mask=mask, sample_weight=sample_weight,
+                             activation=act)
+    return nk.group_norm(x, 2, w, b, channel_axis=ca, mask=mask, activation=act)
+
+
+def _act_backward(op, dy, x, o, w, b, ca, act, mask=None, sample_weight=None):
+    if op == "batch":
+        return nk.batch_norm_backward(dy, x, o.mean, o.rstd, w, channel_axis=ca, bias=b,
+                                      activation=act, mask=mask, sample_weight=sample_weight)
+    return nk.group_norm_backward(dy, x, o.mean, o.rstd, w, channel_axis=ca, bias=b,
+                                  activation=act, mask=mask)
+
+
+def _act_problem(rng, op, shape, ca, dtype, weights):
+    """x, w, b, mask, sample_weight and omega (N, S) for shape (N, C, *spatial) laid out as ca."""
+    if op == "group" and len(shape) == 2:
+        shape = (shape[0], shape[1], 16)
+    if ca == -1:
+        shape = (shape[0], *shape[2:], shape[1])
+    N, C = shape[0], shape[1 if ca == 1 else -1]
+    spatial = shape[2:] if ca == 1 else shape[1:-1]
+    x = randn(rng, shape, dtype, loc=0.5, scale=2.0)
+    sd = stats_dtype(dtype)
+    w, b = randn(rng, (C,), sd, loc=1.0), randn(rng, (C,), sd, scale=0.5)
+    mask = rng.random((N, *spatial)) < 0.6
+    mask.reshape(N, -1)[:, :2] = True
+    sw = rng.random(N) * 2 + 0.1 if weights else None
+    return x, w, b, mask, sw, _omega(mask, sw, N, spatial)
+
+
+@pytest.mark.parametrize("act", sorted(ref.ACTIVATIONS))
+@pytest.mark.parametrize("op, weights", [("batch", False), ("batch", True), ("group", False)])
+@pytest.mark.parametrize("dtype", AVAILABLE_DTYPES, ids=dtype_name)
+@pytest.mark.parametrize("shape", SHAPES + [(3, 4, 70)], ids=str)  # + BatchNorm's sample planes
+@pytest.mark.parametrize("ca", [1, -1])
+def test_masked_activation_matches_the_float64_reference(act, op, weights, dtype, shape, ca, rng):
+    x, w, b, mask, sw, om = _act_problem(rng, op, shape, ca, dtype, weights)
+    f, fgrad = ref.ACTIVATIONS[act]
+    o = _act_forward(op, x, w, b, ca, act, mask, sw)
+    groups = None if op == "batch" else 2
+    z, mean, rstd, *_ = ref_forward(x, om, groups, np.float64(w), np.float64(b), ca)
+    sd = stats_dtype(x.dtype)
+    assert_close(o.y, f(z), x.dtype, what="y")
+    assert_close(o.mean.reshape(-1), mean.reshape(-1), sd, what="mean")
+    assert_close(o.rstd.reshape(-1), rstd.reshape(-1), sd, what="rstd")
+    dy = randn(rng, x.shape, x.dtype)
+    g = _act_backward(op, dy, x, o, w, b, ca, act, mask, sw)
+    g_pre = ref.as_f64(dy) * fgrad(z)  # the gradient reaching the norm's output
+    dx, dw, db = ref_backward(g_pre, x, om, groups, np.float64(w), np.float64(b), ca)
+    assert_close(g.dx, dx, x.dtype, what="dx")
+    assert_close(g.dweight, dw, sd, what="dweight")
+    assert_close(g.dbias, db, sd, what="dbias")
+
+
+@pytest.mark.parametrize("act", sorted(ref.ACTIVATIONS))
+@pytest.mark.parametrize("op", ["batch", "group"])
+@pytest.mark.parametrize("ca", [1, -1])
+def test_masked_activation_gradients_match_finite_differences(act, op, ca, rng):
+    x, w, b, mask, sw, om = _act_problem(rng, op, (6, 4, 9), ca, np.float64, op == "batch")
+    if act == "relu":  # finite differences need every pre-activation away from the kink
+        z = ref_forward(x, om, None if op == "batch" else 2, w, b, ca)[0]
+        assert np.min(np.abs(z)) > 1e-4
+    r = rng.standard_normal(x.shape)
+    o = _act_forward(op, x, w, b, ca, act, mask, sw)
+    g = _act_backward(op, r, x, o, w, b, ca, act, mask, sw)
+    _fd_check(lambda: _act_forward(op, x, w, b, ca, act, mask, sw).y, r, (x, w, b), g, rng)
+
+
+@pytest.mark.parametrize("act", sorted(ref.ACTIVATIONS))
+@pytest.mark.parametrize("op", ["batch", "group"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=dtype_name)
+def test_masked_activation_all_true_mask_is_the_unmasked_result_bit_for_bit(act, op, dtype, rng):
+    x, w, b, _, _, _ = _act_problem(rng, op, (8, 4, 5, 5), 1, dtype, False)
+    plain = _act_forward(op, x, w, b, 1, act)
+    dy = randn(rng, x.shape, dtype)
+    gp = _act_backward(op, dy, x, plain, w, b, 1, act)
+    kw = {"mask": np.ones((8, 5, 5), bool)}
+    if op == "batch":
+        kw["sample_weight"] = np.ones(8)
+    o = _act_forward(op, x, w, b, 1, act, **kw)
+    for a, c in zip(o, plain):
+        np.testing.assert_array_equal(a, c)
+    for a, c in zip(_act_backward(op, dy, x, o, w, b, 1, act, **kw), gp):
+        np.testing.assert_array_equal(a, c)
+
+
+@pytest.mark.parametrize("act", sorted(ref.ACTIVATIONS))
+def test_masked_activation_relu_is_relu_of_the_masked_output(act, rng):
+    """The fused activation applies to the masked normalization's output: relu exactly, silu
+    within a few ulps of its float64 value."""
+    x, w, b, mask, sw, _ = _act_problem(rng, "batch", (7, 3, 20), 1, np.float32, True)
+    z = nk.batch_norm(x, w, b, mask=mask, sample_weight=sw).y
+    y = _act_forward("batch", x, w, b, 1, act, mask, sw).y
+    if act == "relu":
+        np.testing.assert_array_equal(y, np.maximum(z, 0))
+    else:
+        assert_close(y, ref.silu(ref.as_f64(z)), np.float32, what="y")
+
+
+def test_layers_take_a_mask_with_an_activation(rng):
+    x = rng.standard_normal((8, 4, 6)).astype(np.float32)
+    dy = rng.standard_normal(x.shape).astype(np.float32)
+    mask = rng.random((8, 6)) < 0.7
+    mask[:, :2] = True
+    bn = nk.BatchNorm(4, activation="relu")
+    bn.bias[...] = [0.1, -0.2, 0.3, 0.0]
+    o = nk.batch_norm(x, bn.weight, bn.bias, mask=mask, activation="relu")
+    np.testing.assert_array_equal(bn(x, mask=mask), o.y)
+    want = nk.batch_norm_backward(dy, x, o.mean, o.rstd, bn.weight, bias=bn.bias,
+                                  activation="relu", mask=mask)
+    np.testing.assert_array_equal(bn.backward(dy), want.dx)
+    np.testing.assert_array_equal(bn.grad_weight, want.dweight)
+    gn = nk.GroupNorm(2, 4, activation="silu")
+    o = nk.group_norm(x, 2, gn.weight, gn.bias, mask=mask, activation="silu")
+    np.testing.assert_array_equal(gn(x, mask=mask), o.y)
+    want = nk.group_norm_backward(dy, x, o.mean, o.rstd, gn.weight, bias=gn.bias,
+                                  activation="silu", mask=mask)
+    np.testing.assert_array_equal(gn.backward(dy), want.dx)
 
 
 # --------------------------------------------------------------------------------------------
@@ -370,8 +501,6 @@ def test_layers_take_mask_and_sample_weight(rng):
     bn(x)
     o = nk.batch_norm(x, bn.weight, bn.bias)
     np.testing.assert_array_equal(bn.backward(dy), nk.batch_norm_backward(dy, x, o.mean, o.rstd, bn.weight).dx)
-    with pytest.raises(ValueError, match="renorm"):
-        nk.BatchNorm(3, renorm=True)(x, mask=mask)
 
 
 # --------------------------------------------------------------------------------------------

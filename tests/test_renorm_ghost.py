@@ -25,11 +25,18 @@ def _layer(dtype=np.float64, **kw):
     return bn
 
 
-def _renorm_reference(x, bn_before, clip, momentum=0.1, eps=1e-5):
-    """y, r, d and the updated running statistics, in float64, from the paper's Algorithm 1."""
+def _renorm_reference(x, bn_before, clip, momentum=0.1, eps=1e-5, omega=None):
+    """y, r, d and the updated running statistics, in float64, from the paper's Algorithm 1.
+    omega (N, S): position weights (a mask as 0/1): the batch statistics are the weighted ones
+    and the running variance takes the reliability-weights correction (README)."""
     xs = x.astype(np.float64)
     axes = (0, 2)
-    mu_b, var_b = xs.mean(axes), xs.var(axes)
+    om = np.ones((xs.shape[0], xs.shape[2])) if omega is None else np.asarray(omega, np.float64)
+    om = om[:, None, :]
+    W = om.sum(axes) * np.ones(xs.shape[1])
+    mu_b = (om * xs).sum(axes) / W
+    var_b = (om * (xs - mu_b[None, :, None]) ** 2).sum(axes) / W
+    unbias = W / (W - (om * om).sum(axes) / W)
     sig_b = np.sqrt(var_b + eps)
     mu, sig = bn_before["running_mean"], np.sqrt(bn_before["running_var"] + eps)
     r = np.clip(sig_b / sig, clip.get("rmin", 1 / clip.get("rmax", np.inf)), clip.get("rmax", np.inf))
@@ -37,9 +44,8 @@ def _renorm_reference(x, bn_before, clip, momentum=0.1, eps=1e-5):
     xhat = (xs - mu_b[None, :, None]) / sig_b[None, :, None]
     w, b = bn_before["weight"], bn_before["bias"]
     y = (xhat * r[None, :, None] + d[None, :, None]) * w[None, :, None] + b[None, :, None]
-    m = xs.shape[0] * xs.shape[2]
     rm = (1 - momentum) * mu + momentum * mu_b
-    rv = (1 - momentum) * bn_before["running_var"] + momentum * var_b * m / (m - 1)
+    rv = (1 - momentum) * bn_before["running_var"] + momentum * var_b * unbias
     return y, r, d, rm, rv
 
 
@@ -74,19 +80,29 @@ def test_renorm_with_rmax_1_dmax_0_is_plain_batch_norm_bit_for_bit(dtype):
     np.testing.assert_array_equal(a.grad_bias, b.grad_bias)
 
 
-def test_renorm_backward_by_finite_differences_with_r_and_d_constant():
+@pytest.mark.parametrize("masked", [False, True])
+def test_renorm_backward_by_finite_differences_with_r_and_d_constant(masked):
     x = _x((4, 3, 3))
+    mask = _mask((4, 3)) if masked else None
     clip = {"rmax": 1.5, "dmax": 0.5}
     bn = _layer(renorm=True, renorm_clipping=clip)
     before = _state(bn)
-    bn(x)
-    _, r, d, _, _ = _renorm_reference(x, before, clip)
+    bn(x, mask=mask)
+    _, r, d, _, _ = _renorm_reference(x, before, clip, omega=mask)
     g = RNG.standard_normal(x.shape)
     dx = bn.backward(g)
     w, b = before["weight"], before["bias"]
+    om = None if mask is None else mask[:, None, :].astype(np.float64)
 
     def loss(xv, wv):  # r, d frozen at the forward's values
-        y = ref.batch_norm(xv, wv * r, b + wv * d).y
+        if om is None:
+            y = ref.batch_norm(xv, wv * r, b + wv * d).y
+        else:  # masked statistics, written plainly
+            W = om.sum((0, 2))
+            mu = (om * xv).sum((0, 2)) / W
+            var = (om * (xv - mu[None, :, None]) ** 2).sum((0, 2)) / W
+            xhat = (xv - mu[None, :, None]) / np.sqrt(var + 1e-5)[None, :, None]
+            y = (xhat * r[None, :, None] + d[None, :, None]) * wv[None, :, None] + b[None, :, None]
         return float((y * g).sum())
 
     h = 1e-6
@@ -100,6 +116,54 @@ def test_renorm_backward_by_finite_differences_with_r_and_d_constant():
                       for c in range(3)])
     np.testing.assert_allclose(bn.grad_weight, num_w, rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(bn.grad_bias, g.sum((0, 2)), rtol=1e-12)
+
+
+def _mask(shape=(6, 4), p=0.7):
+    m = RNG.random(shape) < p
+    m[:, :2] = True  # every channel keeps values
+    return m
+
+
+@pytest.mark.parametrize("weights", ["mask", "sample_weight", "both"])
+def test_renorm_with_a_mask_or_weights_uses_the_weighted_batch_statistics(weights):
+    x = _x()
+    mask = _mask() if weights != "sample_weight" else None
+    sw = RNG.random(6) + 0.2 if weights != "mask" else None
+    kw = {k: v for k, v in (("mask", mask), ("sample_weight", sw)) if v is not None}
+    omega = np.ones((6, 4)) if mask is None else mask.astype(np.float64)
+    if sw is not None:
+        omega = omega * sw[:, None]
+    clip = {"rmax": 1.3, "dmax": 0.2}
+    bn = _layer(renorm=True, renorm_clipping=clip)
+    before = _state(bn)
+    y = bn(x, **kw)
+    y_ref, r, d, rm, rv = _renorm_reference(x, before, clip, omega=omega)
+    assert_close(y, y_ref, np.float64, what="y")
+    assert_close(bn.running_mean, rm, np.float64, what="running_mean")
+    assert_close(bn.running_var, rv, np.float64, what="running_var")
+    assert not (np.all(r == 1) and np.all(d == 0))
+    # backward: r and d constant, the weighted statistics' gradient (the plain weighted
+    # backward with weight * r, and grad_weight = r * sum(dy xhat) + d * sum(dy))
+    dy = _x(loc=0.0)
+    dx = bn.backward(dy)
+    w = before["weight"]
+    o = nk.batch_norm(x, w * r, before["bias"] + w * d, **kw)
+    g = nk.batch_norm_backward(dy, x, o.mean, o.rstd, w * r, **kw)
+    assert_close(dx, g.dx, np.float64, what="dx")
+    assert_close(bn.grad_weight, r * g.dweight + d * g.dbias, np.float64, what="grad_weight")
+    assert_close(bn.grad_bias, dy.sum((0, 2)), np.float64, what="grad_bias")
+
+
+def test_masked_renorm_with_rmax_1_dmax_0_is_masked_batch_norm_bit_for_bit():
+    x, mask = _x(), _mask()
+    a, b = _layer(renorm=True, renorm_clipping={"rmax": 1.0, "dmax": 0.0}), _layer()
+    np.testing.assert_array_equal(a(x, mask=mask), b(x, mask=mask))
+    for k in ("running_mean", "running_var"):
+        np.testing.assert_array_equal(getattr(a, k), getattr(b, k))
+    dy = _x(loc=0.0)
+    np.testing.assert_array_equal(a.backward(dy), b.backward(dy))
+    np.testing.assert_array_equal(a.grad_weight, b.grad_weight)
+    np.testing.assert_array_equal(a.grad_bias, b.grad_bias)
 
 
 def test_renorm_eval_mode_is_unchanged():

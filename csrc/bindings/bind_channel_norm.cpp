@@ -40,10 +40,10 @@ void channel_forward(const py::array& x, bool channels_last, const py::object& w
   const int64_t n_stats = per_sample ? s.B * groups : s.C;
   check_rule(rules::activation(activation, !weight.is_none(), !bias.is_none()), fn);
   check(omega.is_none() == moments.is_none(), std::string(fn) + ": omega and moments go together");
-  check(omega.is_none() || (training && running_mean.is_none() && activation == 0 &&
-                            !weight.is_none() && !bias.is_none()),
+  check(omega.is_none() || (training && running_mean.is_none() && !weight.is_none() &&
+                            !bias.is_none()),
         std::string(fn) + ": weighted statistics need training=True, weight and bias (pass ones "
-                          "and zeros), no running statistics and no activation");
+                          "and zeros) and no running statistics");
   check_rule(rules::eps(eps), fn);
   check_rule(rules::momentum(momentum), fn);
   check_rule(rules::running_pair(!running_mean.is_none(), !running_var.is_none()), fn);
@@ -142,9 +142,8 @@ void channel_backward(const py::array& dy, const py::array& x, bool channels_las
   const int64_t n_stats = per_sample ? s.B * groups : s.C;
   check_rule(rules::activation(activation, !weight.is_none(), !bias.is_none()), fn);
   check(omega.is_none() == group_w.is_none(), std::string(fn) + ": omega and group_w go together");
-  check(omega.is_none() || (training && activation == 0 && !weight.is_none()),
-        std::string(fn) + ": weighted statistics need training=True, weight (pass ones) and no "
-                          "activation");
+  check(omega.is_none() || (training && !weight.is_none()),
+        std::string(fn) + ": weighted statistics need training=True and weight (pass ones)");
   dispatch_dtype(d, [&](auto tag) {
     using T = typename decltype(tag)::type;
     using A = acc_t<T>;

@@ -79,8 +79,8 @@ template <class T> struct ChannelForwardParams {
   // view (core/channel_view.h): (B, S) for every op and layout. Each group's statistics are
   // its weighted mean and variance; y is computed at every position. Needs weight and bias
   // (ones / zeros for absent ones), group_mean64, group_m2_64 and group_w64 (out: the total
-  // weight per group); running statistics unset (the caller updates them from these) and no
-  // activation.
+  // weight per group); running statistics unset (the caller updates them from these). An
+  // activation applies to y as without weights.
   const acc_t<T>* omega = nullptr;
   double* group_w64 = nullptr;
 };
@@ -104,7 +104,7 @@ template <class T> struct ChannelBackwardParams {
   const acc_t<T>* bias = nullptr;    // (C,); read only with an activation
   // Weighted statistics (as in the forward): omega per position, and each group's total weight
   // (group_w, samples * G); the statistics' gradient then reaches x in proportion to its weight.
-  // Needs weight (ones for an absent one).
+  // Needs weight (ones for an absent one), and bias with an activation (as above).
   const acc_t<T>* omega = nullptr;
   const double* group_w = nullptr;
 };

@@ -312,42 +312,51 @@ template <class T> Moments<double> plane_group_moments(const ChannelForwardParam
 }
 
 // Normalize + affine (+ activation) and write y for plane (s, o, c) with its group's statistics:
-// the apply step of every plane-wise traversal (planes, sample planes, weighted).
+// the apply step of every plane-wise traversal (planes, sample planes, weighted). ahead: a plane
+// of I elements to prefetch meanwhile, one cache line per line written (plane_group_apply).
 template <class T, bool kHasWeight, bool kHasBias, int kAct>
 NK_INLINE void apply_plane(const ChannelForwardParams<T>& p, const View& v, int64_t s, int64_t o,
-                           int64_t c, const GroupStats<compute_t<T>>& group, bool stream) {
+                           int64_t c, const GroupStats<compute_t<T>>& group, bool stream,
+                           const T* ahead = nullptr) {
   using C = compute_t<T>;
   const C w = kHasWeight ? static_cast<C>(p.weight[c]) : C(1);
   const C b = kHasBias ? static_cast<C>(p.bias[c]) : C(0);
   const GroupStats<C> st = group;  // a local copy: in registers across the stores to y
   const T* xp = p.x + v.offset(s, o, c);
   elementwise(v.I, p.y + v.offset(s, o, c), stream, [&](int64_t i, auto width) {
+    if (ahead && (reinterpret_cast<uintptr_t>(ahead + i) & 63) < 8 * sizeof(T))  // once per line
+      __builtin_prefetch(ahead + i, 0, 2);
     return output_of<kAct, C>(xhat_of(loadw(xp + i, width), st), w, b);
   });
 }
 
-// Asks for the cache lines of x[0, n) ahead of their use (into L2 and closer).
-template <class T> NK_INLINE void prefetch_lines(const T* x, int64_t n) {
-  constexpr int64_t kStep = 64 / static_cast<int64_t>(sizeof(T));
-  for (int64_t i = 0; i < n; i += kStep) __builtin_prefetch(x + i, 0, 2);
-}
-
 // The apply step for the planes of group (s, g). next_t >= 0: the group the thread reduces next;
-// its planes are prefetched one per plane applied, so that its statistics pass finds them in
-// cache instead of waiting on memory while this group's arithmetic runs. Float32 forward,
-// 1 thread, Xeon, 2026-12-07, interleaved: GroupNorm (32, 256, 28, 28) AVX-512 4.6 -> 3.8 ms,
-// forced AVX2 4.2 -> 3.3 ms; BatchNorm (32, 64, 56, 56) AVX2 4.4 -> 3.3 ms; no change on
-// 2 threads (memory is then busy anyway). Doing the same with x and dy in the backward was
-// slower (AVX-512: GroupNorm (32, 256, 28, 28) 1 thread 5.4-5.9 against 4.9-5.1 ms, 2 threads
-// 2.8 against 2.1-2.2 ms; (8, 512, 64, 64) 20-21 against 18 ms): it is not done there.
+// while a plane is applied, the matching plane of that group is prefetched (into L2), one line
+// per line of output (apply_plane's `ahead`), so that its statistics pass finds it in cache
+// instead of waiting on memory. Whether this pays depends on where x is. Float32 forward,
+// median ms, interleaved processes, 2026-12-07:
+// - the VM of an earlier session (Xeon, x evidently from memory: the no-prefetch times were
+//   1.6x today's): a burst of prefetches before each plane took GroupNorm (32, 256, 28, 28)
+//   1 thread AVX-512 4.6 -> 3.8, AVX2 4.2 -> 3.3, BatchNorm (32, 64, 56, 56) AVX2 4.4 -> 3.3.
+// - the VM of this session (Xeon, 2 MiB L2, 480 MiB L3), AVX-512, 1 / 2 threads, BatchNorm
+//   (32, 64, 56, 56) | GroupNorm: x in L3 (the benchmark's 2 ms pause): no prefetch 2.5-2.7 /
+//   1.3-1.5 | 2.4-2.9 / 1.3-1.4, the burst 3.2-3.4 / 1.6-1.8 | 3.1-3.3 / 1.6-1.8, spread as now
+//   2.8-2.9 / 1.4-1.6 | 2.7-3.0 / 1.4-1.6; x from DRAM (1 GiB touched between calls): no
+//   prefetch 5.7-6.4 / 3.2-3.5 | 5.7-7.3 / 3.5-4.1, the burst 5.1-6.1 / 3.0-3.5 | 4.9-5.9 /
+//   2.9-3.3, spread 4.8-5.5 / 2.7-3.1 | 4.8-5.3 / 2.9-3.5. Forced AVX2, x in L3: spread within
+//   3 % of no prefetch. Prefetching every 4th line instead lost the DRAM gain and kept the L3
+//   cost. So the spread prefetch: up to ~20 % faster from DRAM, up to ~10 % slower from L3.
+// Doing the same with x and dy in the backward was slower (first Xeon, AVX-512: GroupNorm
+// (32, 256, 28, 28) 1 thread 5.4-5.9 against 4.9-5.1 ms, 2 threads 2.8 against 2.1-2.2 ms;
+// (8, 512, 64, 64) 20-21 against 18 ms): it is not done there.
 template <class T, bool kHasWeight, bool kHasBias, int kAct>
 void plane_group_apply(const ChannelForwardParams<T>& p, const View& v, int64_t s, int64_t g,
                        const GroupStats<compute_t<T>>& st, bool stream, int64_t next_t = -1) {
   const int64_t ns = next_t / std::max<int64_t>(1, v.G), nc0 = (next_t % std::max<int64_t>(1, v.G)) * v.D;
   for (int64_t o = 0; o < v.O; ++o)
     for (int64_t c = g * v.D; c < (g + 1) * v.D; ++c) {
-      if (next_t >= 0) prefetch_lines(p.x + v.offset(ns, o, nc0 + c - g * v.D), v.I);
-      apply_plane<T, kHasWeight, kHasBias, kAct>(p, v, s, o, c, st, stream);
+      const T* ahead = next_t >= 0 ? p.x + v.offset(ns, o, nc0 + c - g * v.D) : nullptr;
+      apply_plane<T, kHasWeight, kHasBias, kAct>(p, v, s, o, c, st, stream, ahead);
     }
 }
 
@@ -682,19 +691,20 @@ NK_INLINE void plane_grad(const ChannelBackwardParams<T>& p, const T* xp, const 
 }
 
 // dx of plane (s, o, c) with weighted statistics: each element's weight scales the statistics'
-// part of its gradient (no activation).
-template <class T, class C = compute_t<T>>
+// part of its gradient (g = dy, or dy * act'(z) with an activation: grad_of; b read only then).
+template <int kAct, class T, class C = compute_t<T>>
 NK_INLINE void weighted_plane_grad(const ChannelBackwardParams<T>& p, const View& v, int64_t s,
-                                   int64_t o, int64_t c, const GroupStats<C>& group, C w, C c1,
-                                   C c2, bool stream) {
+                                   int64_t o, int64_t c, const GroupStats<C>& group, C w, C b,
+                                   C c1, C c2, bool stream) {
   const acc_t<T>* om = p.omega + (s * v.O + o) * v.I;
   const T* xp = p.x + v.offset(s, o, c);
   const T* dyp = p.dy + v.offset(s, o, c);
   const GroupStats<C> st = group;
   elementwise(v.I, p.dx + v.offset(s, o, c), stream, [&](int64_t i, auto width) {
     const auto wo = loadw(om + i, width);
-    return input_grad(loadw(dyp + i, width) * w, xhat_of(loadw(xp + i, width), st), st.rstd,
-                      wo * c1, wo * c2);
+    const auto xh = xhat_of(loadw(xp + i, width), st);
+    return input_grad(grad_of<kAct, C>(loadw(dyp + i, width), xh, w, b) * w, xh, st.rstd, wo * c1,
+                      wo * c2);
   });
 }
 
@@ -722,7 +732,7 @@ void plane_channel_sums(const ChannelBackwardParams<T>& p, const View& v, int64_
 }
 
 // Backward, plane traversal: threads own groups; each group's sums, then its dx while the group
-// is in cache. kWeighted: weighted statistics (no activation). Assumptions as forward_planes.
+// is in cache. kWeighted: weighted statistics. Assumptions as forward_planes.
 template <class T, bool kHasWeight, int kAct, bool kWeighted = false>
 void backward_planes(const ChannelBackwardParams<T>& p, const View& v) {
   using C = compute_t<T>;
@@ -745,10 +755,10 @@ void backward_planes(const ChannelBackwardParams<T>& p, const View& v) {
       for (int64_t o = 0; o < v.O; ++o)
         for (int64_t c = g * v.D; c < (g + 1) * v.D; ++c) {
           const C w = kHasWeight ? static_cast<C>(p.weight[c]) : C(1);
+          const C b = channel_param<kAct>(p.bias, c);
           if constexpr (kWeighted) {
-            weighted_plane_grad(p, v, s, o, c, st, w, c1, c2, stream);
+            weighted_plane_grad<kAct>(p, v, s, o, c, st, w, b, c1, c2, stream);
           } else {
-            const C b = channel_param<kAct>(p.bias, c);
             plane_grad<kAct>(p, p.x + v.offset(s, o, c), p.dy + v.offset(s, o, c),
                              p.dx + v.offset(s, o, c), v.I, st, w, b, c1, c2, stream);
           }
@@ -958,10 +968,10 @@ void backward_sample_planes(const ChannelBackwardParams<T>& p, const View& v) {
     for (int64_t o = o0; o < o1; ++o)
       for (int64_t c = 0; c < v.C; ++c) {
         const C w = kHasWeight ? static_cast<C>(p.weight[c]) : C(1);
+        const C b = channel_param<kAct>(p.bias, c);
         if constexpr (kWeighted) {
-          weighted_plane_grad(p, v, 0, o, c, st[at(c)], w, c1[at(c)], c2[at(c)], stream);
+          weighted_plane_grad<kAct>(p, v, 0, o, c, st[at(c)], w, b, c1[at(c)], c2[at(c)], stream);
         } else {
-          const C b = channel_param<kAct>(p.bias, c);
           plane_grad<kAct>(p, p.x + v.offset(0, o, c), p.dy + v.offset(0, o, c),
                            p.dx + v.offset(0, o, c), v.I, st[at(c)], w, b, c1[at(c)], c2[at(c)],
                            stream);
@@ -1170,7 +1180,7 @@ WeightedMoments<double> weighted_plane_moments(const ChannelForwardParams<T>& p,
 
 // Forward with weighted statistics, plane traversal: threads own groups; each group's statistics
 // and then its y, while the group is still in cache (as forward_planes).
-template <class T, bool kHasWeight, bool kHasBias>
+template <class T, bool kHasWeight, bool kHasBias, int kAct>
 void forward_weighted_planes(const ChannelForwardParams<T>& p, const View& v, bool binary) {
   using C = compute_t<T>;
   const std::vector<WeightedPiece> info = weighted_pieces(p, v);
@@ -1185,19 +1195,20 @@ void forward_weighted_planes(const ChannelForwardParams<T>& p, const View& v, bo
       p.group_w64[t] = m.w;
       p.group_mean64[t] = m.mean;
       p.group_m2_64[t] = m.m2;
-      if (p.y) plane_group_apply<T, kHasWeight, kHasBias, kActNone>(p, v, t / v.G, t % v.G, st, stream);
+      if (p.y) plane_group_apply<T, kHasWeight, kHasBias, kAct>(p, v, t / v.G, t % v.G, st, stream);
     }
     if (stream) stream_fence();
   });
 }
 
-// Forward with weighted statistics (training only; see params.h): statistics, then y.
-template <class T, bool kHasWeight, bool kHasBias>
+// Forward with weighted statistics (training only; see params.h): statistics, then y (with the
+// activation kAct, as the unweighted traversals).
+template <class T, bool kHasWeight, bool kHasBias, int kAct>
 void forward_weighted(const ChannelForwardParams<T>& p, const View& v) {
   using C = compute_t<T>;
   const bool binary = weights_are_binary(p, v);
   if (v.I > 1 && use_planes(v) && !use_sample_planes(v)) {
-    forward_weighted_planes<T, kHasWeight, kHasBias>(p, v, binary);
+    forward_weighted_planes<T, kHasWeight, kHasBias, kAct>(p, v, binary);
     return;
   }
   const std::vector<WeightedMoments<double>> gm = weighted_group_moments(p, v, binary);
@@ -1211,7 +1222,7 @@ void forward_weighted(const ChannelForwardParams<T>& p, const View& v) {
   }
   if (!p.y) return;
   if (v.I == 1) {
-    apply_rows<T, kHasWeight, kHasBias, kActNone>(p, v, st);
+    apply_rows<T, kHasWeight, kHasBias, kAct>(p, v, st);
     return;
   }
   const bool stream = p.B * p.C * p.S * static_cast<int64_t>(sizeof(T)) >= kStreamBytes;
@@ -1219,7 +1230,7 @@ void forward_weighted(const ChannelForwardParams<T>& p, const View& v) {
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t s = r / v.O, o = r % v.O;
       for (int64_t c = 0; c < v.C; ++c)
-        apply_plane<T, kHasWeight, kHasBias, kActNone>(p, v, s, o, c, st[at(s * v.G + c / v.D)], stream);
+        apply_plane<T, kHasWeight, kHasBias, kAct>(p, v, s, o, c, st[at(s * v.G + c / v.D)], stream);
     }
     if (stream) stream_fence();
   });
@@ -1227,19 +1238,19 @@ void forward_weighted(const ChannelForwardParams<T>& p, const View& v) {
 
 // Backward with weighted statistics (training only). S1 = sum(dy xhat), S2 = sum(dy) per (sample,
 // channel) over every position, in row order; then dx with the weights.
-template <class T, bool kHasWeight>
+template <class T, bool kHasWeight, int kAct>
 void backward_weighted(const ChannelBackwardParams<T>& p, const View& v) {
   using C = compute_t<T>;
   if (v.I > 1 && use_planes(v) && !use_sample_planes(v)) {
-    backward_planes<T, kHasWeight, kActNone, true>(p, v);
+    backward_planes<T, kHasWeight, kAct, true>(p, v);
     return;
   }
   if (v.I == 1) {  // channels innermost: the row traversal, one weight per row
-    backward_rows_with<kActNone, true>(p, v);
+    backward_rows_with<kAct, true>(p, v);
     return;
   }
   if (use_sample_planes(v)) {  // BatchNorm's short planes, memory in order (the sums are the same)
-    backward_sample_planes<T, kHasWeight, kActNone, true>(p, v);
+    backward_sample_planes<T, kHasWeight, kAct, true>(p, v);
     return;
   }
   // other short planes: per (sample, channel) sums, then dx plane by plane
@@ -1247,7 +1258,7 @@ void backward_weighted(const ChannelBackwardParams<T>& p, const View& v) {
   std::vector<double> s1(at(v.samples * v.C), 0.0), s2(at(v.samples * v.C), 0.0);
   parallel_for(v.samples * v.C, grain_for(v.O * v.I), [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t)
-      plane_channel_sums<kActNone>(p, v, t / v.C, t % v.C, st[at((t / v.C) * v.G + (t % v.C) / v.D)],
+      plane_channel_sums<kAct>(p, v, t / v.C, t % v.C, st[at((t / v.C) * v.G + (t % v.C) / v.D)],
                                    s1[at(t)], s2[at(t)]);
   });
   write_param_grads(p, v, s1, s2);
@@ -1262,7 +1273,8 @@ void backward_weighted(const ChannelBackwardParams<T>& p, const View& v) {
       for (int64_t c = 0; c < v.C; ++c) {
         const int64_t t = s * v.G + c / v.D;
         const C w = kHasWeight ? static_cast<C>(p.weight[c]) : C(1);
-        weighted_plane_grad(p, v, s, o, c, st[at(t)], w, c1[at(t)], c2[at(t)], stream);
+        weighted_plane_grad<kAct>(p, v, s, o, c, st[at(t)], w, channel_param<kAct>(p.bias, c),
+                                  c1[at(t)], c2[at(t)], stream);
       }
     }
     if (stream) stream_fence();
@@ -1308,7 +1320,12 @@ template <class T> void channel_norm_forward(const ChannelForwardParams<T>& p) {
   using std::integral_constant;
   using Yes = std::true_type;
   if (p.omega && p.training) {  // weighted statistics: weight and bias set (params.h)
-    forward_weighted<T, true, true>(p, v);
+    if (p.activation == kActRelu)
+      forward_weighted<T, true, true, kActRelu>(p, v);
+    else if (p.activation == kActSilu)
+      forward_weighted<T, true, true, kActSilu>(p, v);
+    else
+      forward_weighted<T, true, true, kActNone>(p, v);
     return;
   }
   if (p.activation == kActRelu)  // weight and bias set (params.h)
@@ -1336,8 +1353,13 @@ template <class T> void channel_norm_backward(const ChannelBackwardParams<T>& p)
       backward_rows<T, kW, kA>(p, v);
   };
   using std::integral_constant;
-  if (p.omega && p.training) {  // weighted statistics: weight set (params.h)
-    backward_weighted<T, true>(p, v);
+  if (p.omega && p.training) {  // weighted statistics: weight set (params.h), bias with an activation
+    if (p.activation == kActRelu)
+      backward_weighted<T, true, kActRelu>(p, v);
+    else if (p.activation == kActSilu)
+      backward_weighted<T, true, kActSilu>(p, v);
+    else
+      backward_weighted<T, true, kActNone>(p, v);
     return;
   }
   if (p.activation == kActRelu)  // weight and bias set (params.h)

@@ -393,15 +393,13 @@ def spatial_shape(x, ca: int) -> Tuple[int, ...]:
     return tuple(x.shape[2:]) if ca == 1 else tuple(x.shape[1:-1])
 
 
-def position_weights(fn: str, xa, ca: int, mask, sample_weight, activation: int) -> None:
+def position_weights(fn: str, xa, ca: int, mask, sample_weight) -> None:
     """Static rules of ``mask=`` (boolean, broadcastable to x's shape without the channel axis,
     ``(N, *spatial)``) and ``sample_weight=`` (real, ``(N,)``); values are checked later."""
     if mask is None and sample_weight is None:
         return
     if is_device(mask) or is_device(sample_weight) or on_device(xa):
         raise TypeError(f"{fn}: mask and sample_weight take host (NumPy) arrays only")
-    if activation:
-        raise ValueError(f"{fn}: mask/sample_weight cannot be combined with an activation yet")
     target = (xa.shape[0], *spatial_shape(xa, ca))
     if mask is not None:
         m = arg(mask)

@@ -51,7 +51,7 @@ def position_weights(fn: str, plan: P.ChannelPlan, x: np.ndarray, mask, sample_w
         return None
     mask = None if mask is None else F.host_array(mask, fn, "mask")
     sample_weight = None if sample_weight is None else F.host_array(sample_weight, fn, "sample_weight")
-    P.position_weights(fn, x, plan.ca, mask, sample_weight, plan.activation)
+    P.position_weights(fn, x, plan.ca, mask, sample_weight)
     spatial = P.spatial_shape(x, plan.ca)
     omega = np.ones((x.shape[0], *spatial))
     if mask is not None:

@@ -467,7 +467,7 @@ def batch_norm(
     P.same_kind(fn, a["x"], running_mean=running_mean, running_var=running_var)
     plan = P.batch_norm(fn, a["x"], a["weight"], a["bias"], running_mean, running_var, training,
                         momentum, eps, channel_axis, a["out"], activation=activation)
-    P.position_weights(fn, a["x"], plan.ca, a["mask"], a["sample_weight"], plan.activation)
+    P.position_weights(fn, a["x"], plan.ca, a["mask"], a["sample_weight"])
     wts = position_weights(plan, a["x"], a["mask"], a["sample_weight"])
     return _channel_forward(plan, a["x"], a["weight"], a["bias"], running_mean, running_var,
                             a["out"], wts)
@@ -538,7 +538,7 @@ def _channel_backward_host(fn, kind, dy, x, mean, rstd, weight, training, channe
                    sample_weight=sample_weight)
     plan = P.channel_backward(fn, kind, a["dy"], a["x"], a["mean"], a["rstd"], a["weight"],
                               training, channel_axis, a["bias"], activation)
-    P.position_weights(fn, a["x"], plan.ca, a["mask"], a["sample_weight"], plan.activation)
+    P.position_weights(fn, a["x"], plan.ca, a["mask"], a["sample_weight"])
     wts = position_weights(plan._replace(N=a["x"].shape[0]), a["x"], a["mask"], a["sample_weight"])
     return _channel_backward(plan, a["dy"], a["x"], a["mean"], a["rstd"], a["weight"],
                              a["bias"], wts)
@@ -596,7 +596,7 @@ def group_norm(
     a = _host_args(fn, x=x, weight=weight, bias=bias, out=out, mask=mask)
     plan = P.group_norm(fn, a["x"], num_groups, a["weight"], a["bias"], eps, channel_axis,
                         a["out"], activation)
-    P.position_weights(fn, a["x"], plan.ca, a["mask"], None, plan.activation)
+    P.position_weights(fn, a["x"], plan.ca, a["mask"], None)
     wts = position_weights(plan, a["x"], a["mask"], None)
     return _channel_forward(plan, a["x"], a["weight"], a["bias"], None, None, a["out"], wts)
 
@@ -677,7 +677,7 @@ def instance_norm(
     P.same_kind(fn, a["x"], running_mean=running_mean, running_var=running_var)
     plan = P.instance_norm(fn, a["x"], a["weight"], a["bias"], running_mean, running_var,
                            training, momentum, eps, channel_axis, a["out"])
-    P.position_weights(fn, a["x"], plan.ca, a["mask"], None, plan.activation)
+    P.position_weights(fn, a["x"], plan.ca, a["mask"], None)
     wts = position_weights(plan, a["x"], a["mask"], None)
     return _channel_forward(plan, a["x"], a["weight"], a["bias"], running_mean, running_var,
                             a["out"], wts)

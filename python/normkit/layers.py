@@ -522,7 +522,8 @@ class BatchNorm(_RunningStatsNorm):
         bias`` with ``r = clip(sigma_B / sigma, rmin, rmax)`` and ``d = clip((mu_B - mu) /
         sigma, -dmax, dmax)``, where ``mu``, ``sigma = sqrt(running_var + eps)`` are the running
         statistics before the step; r and d are constants in the backward, as in the paper.
-        Needs ``track_running_stats``. Evaluation mode is unchanged.
+        With ``mask``/``sample_weight`` in :meth:`forward`, ``mu_B`` and ``sigma_B`` are the
+        weighted batch statistics. Needs ``track_running_stats``. Evaluation mode is unchanged.
     renorm_clipping : dict, optional
         ``{"rmax": ..., "rmin": ..., "dmax": ...}``; missing keys: no clipping
         (``rmin = 1/rmax``). ``rmax=1, dmax=0`` gives plain BatchNorm, bit for bit.
@@ -603,11 +604,8 @@ class BatchNorm(_RunningStatsNorm):
     # -- batch renormalization (Ioffe, 2017) and ghost batches (Hoffer et al., 2017) --------
     def forward(self, x, mask=None, sample_weight=None):
         use_batch = self.training or not self.track_running_stats
-        weighted = mask is not None or sample_weight is not None
         if use_batch and self.renorm and self.training:
-            if weighted:
-                raise ValueError("BatchNorm: renorm=True does not take mask/sample_weight yet")
-            return self._forward_renorm(x)
+            return self._forward_renorm(x, mask, sample_weight)
         if use_batch and self.virtual_batch_size is not None:
             return self._forward_ghost(x, mask, sample_weight)
         return super().forward(x, mask, sample_weight)
@@ -620,10 +618,10 @@ class BatchNorm(_RunningStatsNorm):
             return super().backward(dy)
         kind = saved[0]
         if kind == "renorm":
-            _, x, mean, rstd, r, d = saved
+            _, x, mean, rstd, r, d, weights = saved
             w = r if self.weight is None else self.weight * r
             g = F.batch_norm_backward(dy, x, mean, rstd, w.astype(mean.dtype), training=True,
-                                      channel_axis=self.channel_axis)
+                                      channel_axis=self.channel_axis, **weights)
             dw = r * g.dweight.astype(np.float64) + d * g.dbias.astype(np.float64)
             return self._set_grads(F.NormGrads(g.dx, dw.astype(mean.dtype), g.dbias))
         _, x, pieces, weights = saved  # ghost batches
@@ -651,12 +649,14 @@ class BatchNorm(_RunningStatsNorm):
         shape[self.channel_axis if self.channel_axis == 1 else ndim - 1] = self.num_features
         return tuple(shape)
 
-    def _forward_renorm(self, x):
+    def _forward_renorm(self, x, mask=None, sample_weight=None):
         """Batch renormalization: ``y = (xhat * r + d) * weight + bias`` with
         ``r = clip(sigma_B / sigma, 1/rmax.., rmax)`` and ``d = clip((mu_B - mu) / sigma, -dmax,
         dmax)`` from the running statistics before this step (sigma = sqrt(running_var + eps));
         r and d are constants for the backward. One kernel pass gives xhat * weight + bias and
-        updates the running statistics; where r != 1 or d != 0 y is corrected in place."""
+        updates the running statistics; where r != 1 or d != 0 y is corrected in place. With
+        ``mask``/``sample_weight`` the batch statistics (mu_B, sigma_B, and so r and d) are the
+        weighted ones, as in plain BatchNorm."""
         if not hasattr(x, "dtype"):
             x = np.asarray(x)
         self._check_running_dtype(x)
@@ -665,9 +665,10 @@ class BatchNorm(_RunningStatsNorm):
         momentum = self.momentum
         if momentum is None:
             momentum = 1.0 / (self.num_batches_tracked + 1)
+        weights = _weights_kw(mask, sample_weight)
         res = F.batch_norm(x, self.weight, self.bias, running_mean=self.running_mean,
                            running_var=self.running_var, training=True, momentum=momentum,
-                           eps=self.eps, channel_axis=self.channel_axis)
+                           eps=self.eps, channel_axis=self.channel_axis, **weights)
         self.num_batches_tracked += 1
         c = self.renorm_clipping
         with np.errstate(divide="ignore", invalid="ignore"):
@@ -681,7 +682,7 @@ class BatchNorm(_RunningStatsNorm):
             # y = r * (xhat * w + b) + (1 - r) * b + d * w
             np.multiply(y, r.reshape(shape), out=y, casting="unsafe")
             np.add(y, ((1.0 - r) * b + d * w).reshape(shape), out=y, casting="unsafe")
-        self._saved = ("renorm", np.asarray(x), res.mean, res.rstd, r, d)
+        self._saved = ("renorm", np.asarray(x), res.mean, res.rstd, r, d, weights)
         return y
 
     def _forward_ghost(self, x, mask=None, sample_weight=None):
