@@ -547,11 +547,13 @@ void apply_rows(const ChannelForwardParams<T>& p, const View& v,
 // Forward, row traversal: statistics (steps 1-3), then normalize + affine and write y.
 template <class T, bool kHasWeight, bool kHasBias, int kAct>
 void forward_rows(const ChannelForwardParams<T>& p, const View& v) {
-  std::vector<Moments<double>> gm(at(v.samples * v.G));
+  std::vector<Moments<double>> gm;  // evaluation mode: zero moments (unused)
   if (p.training) {
     std::vector<double> partial = chunk_moments(p, v);
     merge_chunks(v, partial);
     gm = group_moments(v, partial);
+  } else {
+    gm.resize(at(v.samples * v.G));
   }
   const auto st = finish_groups(p, gm);
   update_running(p, v, gm);
