@@ -252,10 +252,12 @@ def position_weights(plan: P.ChannelPlan, x, mask, sample_weight) -> Optional[_W
     if mask is not None:
         m = np.broadcast_to(mask, (N, *P.spatial_shape(x, plan.ca))).reshape(N, S)
     if sample_weight is None:  # a mask: 0/1 weights, counted without converting
-        if m.all():
-            return None
         count = np.count_nonzero(m, axis=1).astype(np.float64)
-        wts = _Weights(plan, m.astype(plan.sd).reshape(-1), count, count, count)
+        if np.all(count == S):
+            return None
+        omega = _empty((N * S,), plan.sd)  # from the buffer cache: no page faults per call
+        np.copyto(omega.reshape(N, S), m)
+        wts = _Weights(plan, omega, count, count, count)
     else:
         sw = P.weight_values(fn, sample_weight)
         omega = np.broadcast_to(sw[:, None], (N, S)) if m is None else m * sw[:, None]
