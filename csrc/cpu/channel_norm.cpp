@@ -323,11 +323,16 @@ NK_INLINE void apply_plane(const ChannelForwardParams<T>& p, const View& v, int6
   const C b = kHasBias ? static_cast<C>(p.bias[c]) : C(0);
   const GroupStats<C> st = group;  // a local copy: in registers across the stores to y
   const T* xp = p.x + v.offset(s, o, c);
-  elementwise(v.I, p.y + v.offset(s, o, c), stream, [&](int64_t i, auto width) {
-    if (ahead && (reinterpret_cast<uintptr_t>(ahead + i) & 63) < 8 * sizeof(T))  // once per line
+  const auto f = [&](int64_t i, auto width) {
+    constexpr auto kBytes = static_cast<uintptr_t>(decltype(width)::value * sizeof(T));
+    if (ahead && (reinterpret_cast<uintptr_t>(ahead + i) & 63) < kBytes)  // once per line
       __builtin_prefetch(ahead + i, 0, 2);
     return output_of<kAct, C>(xhat_of(loadw(xp + i, width), st), w, b);
-  });
+  };
+  if constexpr (kAct == kActSilu)  // arithmetic-bound: 16 floats a block on AVX-512
+    elementwise_wide(v.I, p.y + v.offset(s, o, c), stream, f);
+  else
+    elementwise(v.I, p.y + v.offset(s, o, c), stream, f);
 }
 
 // The apply step for the planes of group (s, g). next_t >= 0: the group the thread reduces next;
@@ -362,40 +367,30 @@ void plane_group_apply(const ChannelForwardParams<T>& p, const View& v, int64_t 
 
 // Forward, plane traversal: threads own groups. Each group is normalized right after its
 // statistics, while it is still in cache (x read once from memory), with the next group's planes
-// prefetched meanwhile (plane_group_apply). With SiLU the apply step is compute-bound (8-lane
-// exp and a division per element), and all statistics come first, the apply a second sweep:
-// GroupNorm (32, 256, 28, 28) + SiLU, float32, Xeon AVX-512, 2026-12-07, with the prefetch:
-// 1 thread 9.5-9.9 ms in two sweeps, 8.9-9.4 fused; 2 threads 3.7-4.1 two sweeps, 4.1-4.2
-// fused (an earlier run without the prefetch, 1 thread: 9.0 fused, 6.2-6.3 in two sweeps).
-// ReLU is fused: 3.7-4.2 ms against 5.0-7.0 in two sweeps, 1 thread.
+// prefetched meanwhile (plane_group_apply). That holds for SiLU too, whose apply step is bound by
+// arithmetic (exp and a division per element, 16 floats a block on AVX-512): GroupNorm
+// (32, 256, 28, 28) + SiLU, float32, Xeon, 2026-12-07, x cold / hot, ms: AVX-512 1 thread
+// 6.7-6.8 / 6.0 fused against 8.1 / 7.2 with all statistics first and the apply a second sweep
+// over x, 2 threads 3.7 / 3.2 against 4.4 / 3.2; AVX2 1 thread 8.7-8.9 / 8.0-8.3 against
+// 11.2 / 9.4, 2 threads 4.6-4.7 against 6.1. (The second sweep was faster when the apply ran
+// 8 floats a block with 16-byte streaming stores; see stream_block.) ReLU: fused 3.7-4.2 ms
+// against 5.0-7.0 in two sweeps, 1 thread.
 template <class T, bool kHasWeight, bool kHasBias, int kAct>
 void forward_planes(const ChannelForwardParams<T>& p, const View& v) {
   using C = compute_t<T>;
   const int64_t tasks = v.samples * v.G;
   std::vector<Moments<double>> gm(at(tasks));
   const bool stream = p.B * p.C * p.S * static_cast<int64_t>(sizeof(T)) >= kStreamBytes;
-  constexpr bool kSweeps = kAct == kActSilu;
   // Assumptions: I >= 1; each thread owns whole groups, so nothing is shared while it runs.
   parallel_for(tasks, grain_for(v.group_size()), [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       gm[at(t)] = plane_group_moments(p, v, t / v.G, t % v.G);
-      if constexpr (!kSweeps) {
-        const GroupStats<C> st = finish_group(p, t, gm[at(t)]);
-        const int64_t next = t + 1 < t1 && p.training && v.group_size() <= kTwoPassElements ? t + 1 : -1;
-        if (p.y) plane_group_apply<T, kHasWeight, kHasBias, kAct>(p, v, t / v.G, t % v.G, st, stream, next);
-      }
+      const GroupStats<C> st = finish_group(p, t, gm[at(t)]);
+      const int64_t next = t + 1 < t1 && p.training && v.group_size() <= kTwoPassElements ? t + 1 : -1;
+      if (p.y) plane_group_apply<T, kHasWeight, kHasBias, kAct>(p, v, t / v.G, t % v.G, st, stream, next);
     }
-    if (stream && !kSweeps) stream_fence();
+    if (stream) stream_fence();
   });
-  if constexpr (kSweeps) {
-    const std::vector<GroupStats<C>> st = finish_groups(p, gm);
-    if (p.y)
-      parallel_for(tasks, grain_for(v.group_size()), [&](int64_t t0, int64_t t1) {
-        for (int64_t t = t0; t < t1; ++t)
-          plane_group_apply<T, kHasWeight, kHasBias, kAct>(p, v, t / v.G, t % v.G, st[at(t)], stream);
-        if (stream) stream_fence();
-      });
-  }
   update_running(p, v, gm);
   export_moments(p, gm);
 }
