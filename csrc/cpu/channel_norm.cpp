@@ -324,9 +324,7 @@ NK_INLINE void apply_plane(const ChannelForwardParams<T>& p, const View& v, int6
   const GroupStats<C> st = group;  // a local copy: in registers across the stores to y
   const T* xp = p.x + v.offset(s, o, c);
   const auto f = [&](int64_t i, auto width) {
-    constexpr auto kBytes = static_cast<uintptr_t>(decltype(width)::value * sizeof(T));
-    if (ahead && (reinterpret_cast<uintptr_t>(ahead + i) & 63) < kBytes)  // once per line
-      __builtin_prefetch(ahead + i, 0, 2);
+    prefetch_line_once(ahead ? ahead + i : nullptr, width);
     return output_of<kAct, C>(xhat_of(loadw(xp + i, width), st), w, b);
   };
   if constexpr (kAct == kActSilu)  // arithmetic-bound: 16 floats a block on AVX-512

@@ -524,6 +524,19 @@ template <class T, class F> NK_INLINE void elementwise(int64_t n, T* out, bool s
   for (; j < n; ++j) storew(out + j, f(j, Width<1>{}), Width<1>{});
 }
 
+// Prefetch (into L2) the cache line holding p[0] when a block of W elements starting at p begins
+// a line: called with the same offset as a walk over elements, it prefetches each line once.
+// p == nullptr: nothing.
+template <class T, int W> NK_INLINE void prefetch_line_once(const T* p, Width<W>) {
+  constexpr auto kBytes = static_cast<uintptr_t>(W * sizeof(T));
+  if (p && (reinterpret_cast<uintptr_t>(p) & 63) < kBytes) __builtin_prefetch(p, 0, 2);
+}
+// The same for a line about to be written (prefetch with intent to write).
+template <class T, int W> NK_INLINE void prefetch_line_once_w(T* p, Width<W>) {
+  constexpr auto kBytes = static_cast<uintptr_t>(W * sizeof(T));
+  if (p && (reinterpret_cast<uintptr_t>(p) & 63) < kBytes) __builtin_prefetch(p, 1, 2);
+}
+
 // elementwise for float outputs whose f is bound by arithmetic: on AVX-512, blocks of 16 floats
 // (one zmm; a whole cache line per block, so streamed lines need no other block size), then
 // elementwise's blocks of 8 and single elements for the rest. Elsewhere, elementwise itself. f
