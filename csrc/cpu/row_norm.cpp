@@ -112,7 +112,7 @@ void row_forward_rows(const RowForwardParams<T>& p, int64_t r0, int64_t r1, bool
           prefetch_line_once(p.x + (r + 1) * N + j, w);
           if (p.residual) {
             prefetch_line_once(p.residual + (r + 1) * N + j, w);
-            prefetch_line_once_w(p.h + (r + 1) * N + j, w);
+            prefetch_line_once<true>(p.h + (r + 1) * N + j, w);
           }
         }
         return affine(xhat_of(loadw(x + j, w), st), param<kHasWeight>(p.weight, j, w, C(1)),

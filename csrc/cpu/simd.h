@@ -63,7 +63,7 @@ typedef int32_t i32x4 __attribute__((vector_size(16)));
 typedef float f8v __attribute__((vector_size(32)));
 typedef double d8v __attribute__((vector_size(64)));
 // 16 floats: one zmm register, only on AVX-512, where element-wise float work that is bound by
-// arithmetic (the fused SiLU) runs a block of 16 per instruction (kWideFloat, elementwise_wide).
+// arithmetic (the fused SiLU) runs a block of 16 per instruction (NK_WIDE_FLOAT, elementwise_wide).
 typedef float f16v __attribute__((vector_size(64)));
 // Memory is read and written through unaligned, may_alias views of native vectors: a plain
 // dereference, which every compiler turns into one full-width move. Never std::memcpy into a
@@ -526,15 +526,10 @@ template <class T, class F> NK_INLINE void elementwise(int64_t n, T* out, bool s
 
 // Prefetch (into L2) the cache line holding p[0] when a block of W elements starting at p begins
 // a line: called with the same offset as a walk over elements, it prefetches each line once.
-// p == nullptr: nothing.
-template <class T, int W> NK_INLINE void prefetch_line_once(const T* p, Width<W>) {
+// kWrite: the line is about to be written. p == nullptr: nothing.
+template <bool kWrite = false, class T, int W> NK_INLINE void prefetch_line_once(const T* p, Width<W>) {
   constexpr auto kBytes = static_cast<uintptr_t>(W * sizeof(T));
-  if (p && (reinterpret_cast<uintptr_t>(p) & 63) < kBytes) __builtin_prefetch(p, 0, 2);
-}
-// The same for a line about to be written (prefetch with intent to write).
-template <class T, int W> NK_INLINE void prefetch_line_once_w(T* p, Width<W>) {
-  constexpr auto kBytes = static_cast<uintptr_t>(W * sizeof(T));
-  if (p && (reinterpret_cast<uintptr_t>(p) & 63) < kBytes) __builtin_prefetch(p, 1, 2);
+  if (p && (reinterpret_cast<uintptr_t>(p) & 63) < kBytes) __builtin_prefetch(p, kWrite ? 1 : 0, 2);
 }
 
 // elementwise for float outputs whose f is bound by arithmetic: on AVX-512, blocks of 16 floats
