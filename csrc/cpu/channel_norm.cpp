@@ -558,7 +558,8 @@ void forward_rows(const ChannelForwardParams<T>& p, const View& v) {
 // one by one would jump through memory in pieces too small for the prefetchers). Threads own
 // rows o and walk memory in order; each plane (o, c) gives a two-pass piece, the pieces of a
 // channel are merged in row order, and a second sweep normalizes. Assumptions: per_sample is
-// false (one sample block), 1 <= I < kPiece.
+// false (one sample block), 1 <= I < kPiece in training, any I >= 1 in evaluation mode (no
+// statistics; use_eval_sample_planes).
 template <class T, bool kHasWeight, bool kHasBias, int kAct>
 void forward_sample_planes(const ChannelForwardParams<T>& p, const View& v) {
   using C = compute_t<T>;
@@ -1297,6 +1298,16 @@ bool use_sample_planes(const View& v) {
   return v.samples == 1 && v.D == 1 && v.O > 1 && v.I < kSamplePlane && use_planes(v);
 }
 
+// The evaluation-mode BatchNorm forward (no statistics: every element is normalized with the
+// running ones) walks memory in order, sample by sample, at any plane length: a channel's planes
+// lie a sample's size apart, so walking them channel by channel restarts the prefetchers at every
+// plane. Same elementwise step, same bits. (32, 64, 56, 56) float32, ms, AMD EPYC (Zen 4),
+// 2026-12-07, 1 thread: AVX2 2.04-2.14 -> 1.05-1.16, AVX-512 1.84-1.90 -> 1.12, SSE2 1.32-1.38
+// after; PyTorch 1.56-1.75 and np.copyto of the same array 1.52-2.01 in the same runs.
+bool use_eval_sample_planes(const View& v, bool training) {
+  return !training && v.samples == 1 && v.D == 1 && v.O > 1 && use_planes(v);
+}
+
 }  // namespace
 
 template <class T> void channel_norm_forward(const ChannelForwardParams<T>& p) {
@@ -1305,7 +1316,7 @@ template <class T> void channel_norm_forward(const ChannelForwardParams<T>& p) {
   const auto run = [&](auto has_w, auto has_b, auto act) {
     constexpr bool kW = decltype(has_w)::value, kB = decltype(has_b)::value;
     constexpr int kA = decltype(act)::value;
-    if (use_sample_planes(v))
+    if (use_sample_planes(v) || use_eval_sample_planes(v, p.training))
       forward_sample_planes<T, kW, kB, kA>(p, v);
     else if (use_planes(v))
       forward_planes<T, kW, kB, kA>(p, v);
