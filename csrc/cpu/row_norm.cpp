@@ -73,12 +73,20 @@ void row_forward_rows(const RowForwardParams<T>& p, int64_t r0, int64_t r1, bool
   using C = compute_t<T>;
   const int64_t N = p.N;
   const double inv_n = 1.0 / static_cast<double>(N);
+  // The loops read locals only: values reached through p would be reloaded after every store
+  // (a vector store may alias anything).
+  const T* const xb = p.x;
+  T* const yb = p.y;
+  const T* const resb = p.residual;
+  T* const hb = p.h;
+  const acc_t<T>* const wb = p.weight;
+  const acc_t<T>* const bb = p.bias;
   for (int64_t r = r0; r < r1; ++r) {
-    const T* x = p.x + r * N;
-    T* y = p.y + r * N;
-    if (p.residual) {  // 0) fused residual add: h = x + residual (same index read, then written)
-      const T* res = p.residual + r * N;
-      T* h = p.h + r * N;
+    const T* x = xb + r * N;
+    T* y = yb + r * N;
+    if (resb) {  // 0) fused residual add: h = x + residual (same index read, then written)
+      const T* res = resb + r * N;
+      T* h = hb + r * N;
       elementwise(N, h, false, [&](int64_t j, auto w) { return loadw(x + j, w) + loadw(res + j, w); });
       x = h;
     }
@@ -109,14 +117,14 @@ void row_forward_rows(const RowForwardParams<T>& p, int64_t r0, int64_t r1, bool
     bool_switch(ahead, [&](auto prefetch) {
       elementwise(N, y, stream, [&](int64_t j, auto w) {
         if constexpr (decltype(prefetch)::value) {
-          prefetch_line_once(p.x + (r + 1) * N + j, w);
-          if (p.residual) {
-            prefetch_line_once(p.residual + (r + 1) * N + j, w);
-            prefetch_line_once<true>(p.h + (r + 1) * N + j, w);
+          prefetch_line_once(xb + (r + 1) * N + j, w);
+          if (resb) {
+            prefetch_line_once(resb + (r + 1) * N + j, w);
+            prefetch_line_once<true>(hb + (r + 1) * N + j, w);
           }
         }
-        return affine(xhat_of(loadw(x + j, w), st), param<kHasWeight>(p.weight, j, w, C(1)),
-                      param<kHasBias>(p.bias, j, w, C(0)));
+        return affine(xhat_of(loadw(x + j, w), st), param<kHasWeight>(wb, j, w, C(1)),
+                      param<kHasBias>(bb, j, w, C(0)));
       });
     });
     // 3) write mean, rstd
@@ -141,6 +149,14 @@ void row_backward_rows(const RowBackwardParams<T>& p, int64_t r0, int64_t r1, do
   // Streaming stores need every row of a group to start at the same cache-line phase.
   stream = stream && (N * static_cast<int64_t>(sizeof(T))) % 64 == 0;
   const bool ahead_rows = N * static_cast<int64_t>(sizeof(T)) >= kPrefetchRowBytes;
+  // The dx loop reads locals only: values reached through p would be reloaded after every
+  // store (a vector store may alias anything). LayerNorm (512, 768) float32 backward, 1 thread,
+  // AMD EPYC (Zen 4), 2026-12-07, three interleaved pairs of processes (a noisy VM): AVX2
+  // 0.25-0.37 -> 0.26-0.30 ms, AVX-512 0.24-0.25 -> 0.18-0.22 ms. Same bits.
+  const T* const xb = p.x;
+  const T* const dyb = p.dy;
+  T* const dxb = p.dx;
+  const acc_t<T>* const wb = p.weight;
   for (int64_t g0 = r0; g0 < r1; g0 += kRowGroup) {
     const int64_t rows = std::min(kRowGroup, r1 - g0);
     GroupStats<C> st[kRowGroup];
@@ -166,7 +182,7 @@ void row_backward_rows(const RowBackwardParams<T>& p, int64_t r0, int64_t r1, do
       c2[k] = kCenter ? static_cast<C>(sum_g * inv_n) : C(0);
     }
     // dx, and partial dweight, dbias (the group's rows are read once more, from cache)
-    const Lines lines = stream_lines(p.dx + g0 * N, N, stream);
+    const Lines lines = stream_lines(dxb + g0 * N, N, stream);
     // the next group's rows of x and dy prefetched meanwhile (kPrefetchRowBytes)
     const int64_t ahead = ahead_rows ? std::min(kRowGroup, r1 - (g0 + rows)) : 0;
     bool_switch(ahead > 0, [&](auto prefetch) {
@@ -177,16 +193,15 @@ void row_backward_rows(const RowBackwardParams<T>& p, int64_t r0, int64_t r1, do
           const int64_t off = (g0 + k) * N + j;
           if constexpr (decltype(prefetch)::value) {
             if (k < ahead) {
-              prefetch_line_once(p.x + off + rows * N, w);
-              prefetch_line_once(p.dy + off + rows * N, w);
+              prefetch_line_once(xb + off + rows * N, w);
+              prefetch_line_once(dyb + off + rows * N, w);
             }
           }
-          const auto d = loadw(p.dy + off, w);
-          const auto xh = xhat_of(loadw(p.x + off, w), st[k]);
+          const auto d = loadw(dyb + off, w);
+          const auto xh = xhat_of(loadw(xb + off, w), st[k]);
           dw += widen(d) * widen(xh);
           db += widen(d);
-          put(p.dx + off,
-              input_grad(d * param<kHasWeight>(p.weight, j, w, C(1)), xh, st[k].rstd, c1[k], c2[k]),
+          put(dxb + off, input_grad(d * param<kHasWeight>(wb, j, w, C(1)), xh, st[k].rstd, c1[k], c2[k]),
               w, j < lines.end);
         }
         storew(pdw + j, dw, w);
