@@ -712,7 +712,8 @@ template <int kAct, class A> NK_INLINE auto channel_param(const A* param, int64_
 // channel's weight w and bias b, the group's coefficients c1, c2.
 template <int kAct, class T, class C = compute_t<T>>
 NK_INLINE void plane_grad(const ChannelBackwardParams<T>& p, const T* xp, const T* dyp, T* dxp,
-                          int64_t I, const GroupStats<C>& st, C w, C b, C c1, C c2, bool stream) {
+                          int64_t I, const GroupStats<C>& group, C w, C b, C c1, C c2, bool stream) {
+  const GroupStats<C> st = group;  // a local copy: in registers across the stores to dx
   if (!p.training && kAct == kActNone)  // x unread: a NaN in x does not reach dx
     elementwise(I, dxp, stream, [&](int64_t i, auto width) {
       return input_grad_const(loadw(dyp + i, width) * w, st.rstd);
