@@ -82,6 +82,15 @@ struct ScalarOps {
   static NK_HOST_DEVICE NK_INLINE V where_pos(V z, A a, B b) {
     return z > V(0) ? V(a) : V(b);
   }
+  // -|z|: z with its sign bit set (a NaN stays a NaN)
+  template <class V> static NK_HOST_DEVICE NK_INLINE V neg_abs(V z) {
+    using B = typename ExpConst<V>::Bits;
+    B b;
+    memcpy(&b, &z, sizeof(V));
+    b |= B{1} << (8 * sizeof(V) - 1);
+    memcpy(&z, &b, sizeof(V));
+    return z;
+  }
   // 0 where a < lim, else v
   template <class V, class L> static NK_HOST_DEVICE NK_INLINE V zero_below(V a, L lim, V v) {
     return a < V(lim) ? V(0) : v;
@@ -111,9 +120,10 @@ template <class Ops, class E, class V> NK_HOST_DEVICE NK_INLINE V exp_nonpos(V a
   return Ops::zero_below(a, K::kLowest, Ops::scale_pow2(p, t));
 }
 
-// sigmoid(z), from e = exp(-|z|).
+// sigmoid(z), from e = exp(-|z|) (-|z| by setting the sign bit: one logical operation rather than
+// a comparison and a selection; for z = +0 it gives -0, whose exp is the same 1).
 template <class Ops, class E, class V> NK_HOST_DEVICE NK_INLINE V sigmoid_of(V z) {
-  const V e = exp_nonpos<Ops, E>(Ops::where_pos(z, -z, z));
+  const V e = exp_nonpos<Ops, E>(Ops::neg_abs(z));
   return Ops::where_pos(z, E(1), e) / (e + E(1));
 }
 
