@@ -397,11 +397,18 @@ void forward_planes(const ChannelForwardParams<T>& p, const View& v) {
 // [s][k][cols means | cols M2s]: one pass of shifted sums over the chunk (float/half/bfloat16),
 // the shift each column's value in the chunk's first row (an element of the chunk, as the error
 // bound in cpu/lanes.h needs), or two passes (double).
+#if defined(__AVX__)
+constexpr bool kSseOnly = false;
+#else
+constexpr bool kSseOnly = true;
+#endif
+
 template <class T> std::vector<double> chunk_moments(const ChannelForwardParams<T>& p, const View& v) {
   const int64_t cols = v.cols(), rpc = v.rows_per_chunk(), n_chunks = v.chunks();
   const int64_t tasks = v.samples * n_chunks;
   std::vector<double> partial(at(tasks * 2 * cols), 0.0);
   parallel_for(tasks, grain_for(std::min(v.O, rpc) * cols), [&](int64_t t0, int64_t t1) {
+    std::vector<double> shift(kShiftedStats<T> && !kSseOnly ? at(cols) : 0);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t s = t / n_chunks, k = t % n_chunks;
       const int64_t r0 = k * rpc, r1 = r0 + v.chunk_rows(k);
@@ -412,10 +419,28 @@ template <class T> std::vector<double> chunk_moments(const ChannelForwardParams<
         const int64_t n = cols;
         const T* const xs = p.x + v.offset(s, 0, 0);
         const T* const x0 = xs + r0 * n;
-        column_sums(r0, r1, n, mean, m2, [&](int64_t r, int64_t j, auto w) {
-          const auto d = widen(loadw(xs + r * n + j, w)) - widen(loadw(x0 + j, w));
-          return two(d, d * d);
-        });
+        // The shifts (the chunk's first row) widened once into `shift` rather than converted
+        // again for every row (where the sums fill the registers, GCC re-widened them from a
+        // stack copy each row). Not on SSE2, where a double operand from memory is a separate
+        // (unaligned) load while the conversion reads memory itself. Float32 forward, 1 thread,
+        // AMD EPYC (Zen 4), 2026-12-07, ms, five interleaved pairs of processes (a noisy VM):
+        // BatchNorm1d (4096, 1024) AVX-512 2.1-2.8 (median 2.3) -> 1.9-2.2 (1.9), AVX2 2.4-2.8
+        // either way; channels-last BatchNorm (32, 56, 56, 64) within noise. (SSE2: BatchNorm1d
+        // 3.6 -> 3.2-3.3, but the channels-last forward 4.4-4.6 -> 5.1-5.3, also when only
+        // BatchNorm1d's shape took the new path.) Same bits.
+        if constexpr (kSseOnly) {
+          column_sums(r0, r1, n, mean, m2, [&](int64_t r, int64_t j, auto w) {
+            const auto d = widen(loadw(xs + r * n + j, w)) - widen(loadw(x0 + j, w));
+            return two(d, d * d);
+          });
+        } else {
+          double* const sh = shift.data();
+          for_blocks(n, [&](int64_t j, auto w) { storew(sh + j, widen(loadw(x0 + j, w)), w); });
+          column_sums(r0, r1, n, mean, m2, [&](int64_t r, int64_t j, auto w) {
+            const auto d = widen(loadw(xs + r * n + j, w)) - loadw(sh + j, w);
+            return two(d, d * d);
+          });
+        }
         const double inv_n = 1.0 / static_cast<double>(r1 - r0);
         for (int64_t j = 0; j < cols; ++j) {
           const auto mm = shifted_mean_m2_inv(inv_n, widen(loadw(x0 + j, Width<1>{})), mean[j], m2[j]);
