@@ -1152,8 +1152,9 @@ std::vector<WeightedMoments<double>> weighted_piece_moments(const ChannelForward
         // skipping it would. Every row is read, so the walk down the rows stays sequential for
         // the prefetchers, and the loop reads locals only (a vector store may alias anything
         // reached through p). Channels-last BatchNorm (32, 56, 56, 64), 80 % kept, float32
-        // forward, 1 thread, AMD EPYC (Zen 4), 2026-12-07: masked / unmasked time AVX2
-        // 1.36-1.73 -> see the README's masked rows. Same bits.
+        // forward, 1 thread, AMD EPYC (Zen 4), 2026-12-07, masked / unmasked time over four runs
+        // of each: AVX2 1.36-1.73 -> 1.24-1.31, AVX-512 1.44-1.72 -> 1.05-1.27 (redirecting the
+        // reads with locals only and no branch, but still skipping rows: no better). Same bits.
         const int64_t n = v.C;
         const T* const xs = p.x + v.offset(s, 0, 0);
         const A* const oms = p.omega + s * v.O;
