@@ -1130,6 +1130,7 @@ std::vector<WeightedMoments<double>> weighted_piece_moments(const ChannelForward
   std::vector<WeightedMoments<double>> part(at(v.samples * pieces * v.C));
   parallel_for(v.samples * pieces, grain_for(std::min(v.O, rpp) * v.C * v.I), [&](int64_t t0, int64_t t1) {
     std::vector<double> shift(at(v.C)), s1(at(v.C)), s2(at(v.C));
+    std::vector<compute_t<T>> kcs(at(v.C));
     std::vector<double> om_of(v.I == 1 ? at(std::min(v.O, rpp)) : 0);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t s = t / pieces, r0 = (t % pieces) * rpp, r1 = std::min(v.O, r0 + rpp);
@@ -1172,6 +1173,33 @@ std::vector<WeightedMoments<double>> weighted_piece_moments(const ChannelForward
         });
         for (int64_t c = 0; c < v.C; ++c)
           out[c] = weighted_from_shifted(w, shift[at(c)], s1[at(c)], s2[at(c)]);
+        continue;
+      }
+      if (v.I <= kShiftPiece) {
+        // One piece per plane: walked in memory order, row by row and each row's channels in
+        // turn (each channel's sums still add the rows in order: the same bits as channel by
+        // channel). Channel by channel, the planes of a channel lie a sample apart and each
+        // restarts the prefetchers. BatchNorm (64, 256, 512) float32 with 80 % of positions
+        // kept, 1 thread, AMD EPYC (Zen 4), 2026-12-07, masked / unmasked time, two runs each:
+        // AVX-512 1.45-1.57 -> 1.15-1.17, AVX2 1.97-2.07 -> 1.15-1.27.
+        const int64_t fr = r0 + first / v.I, fi = first % v.I;
+        for (int64_t c = 0; c < v.C; ++c) kcs[at(c)] = loadw(p.x + v.offset(s, fr, c) + fi, Width<1>{});
+        std::fill(s1.begin(), s1.end(), 0.0);
+        std::fill(s2.begin(), s2.end(), 0.0);
+        for (int64_t r = r0; r < r1; ++r) {
+          const A* omr = p.omega + (s * v.O + r) * v.I;
+          for (int64_t c = 0; c < v.C; ++c) {
+            double ra, rb;
+            weighted_shifted_sums<kBinary>(p.x + v.offset(s, r, c), omr, v.I, kcs[at(c)], ra, rb);
+            s1[at(c)] += ra;
+            s2[at(c)] += rb;
+          }
+        }
+        for (int64_t c = 0; c < v.C; ++c) {
+          WeightedMoments<double> m;
+          weighted_merge(m, weighted_from_shifted(w, widen(kcs[at(c)]), s1[at(c)], s2[at(c)]));
+          out[c] = m;
+        }
         continue;
       }
       for (int64_t c = 0; c < v.C; ++c) {
