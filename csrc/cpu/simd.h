@@ -239,13 +239,15 @@ struct BlockOps {
     } else if constexpr (IsPack<V>::value) {
       return z.map([&](auto k) { return where_pos(z.template part<k>(), part_of<k>(a), part_of<k>(b)); });
     } else {
-      // (m & a) | (~m & b), not the vector ?: (one blend on AVX2, a k-mask select on AVX-512):
-      // with ?: GCC 12 spilled three of the lane sums of the masked statistics loop on AVX-512
-      // (BatchNorm (64, 256, 512) masked 1.55x the unmasked time instead of ~1.3x), for 4 % on
-      // the fused SiLU with AVX2.
+#if defined(__AVX__) && !defined(__AVX512F__)
+      return z > V{} ? as_block<V>(a) : as_block<V>(b);  // one blend (vblendvps / vblendvpd)
+#else
+      // (m & a) | (~m & b): on AVX-512 the vector ?: became a k-mask select, and GCC 12 then
+      // spilled three lane sums of the masked statistics loop to the stack; SSE2 has no blend
       using U = typename LaneBits<V>::type;
       const U m = (U)(z > V{});
       return (V)((m & (U)as_block<V>(a)) | (~m & (U)as_block<V>(b)));
+#endif
     }
   }
   template <class V> static NK_INLINE V neg_abs(V z) {
@@ -587,7 +589,8 @@ template <bool kWrite = false, class T, int W> NK_INLINE void prefetch_line_once
 // GroupNorm (32, 256, 28, 28) + SiLU forward, float32, 1 thread, AMD EPYC (Zen 4), 2026-12-07,
 // medians in ms, AVX-512 / AVX2 / SSE2 (plain GroupNorm 1.9 / 2.0-2.2 / 3.1): one vector a block
 // (one zmm, one ymm, two xmm) 6.5 / 9.0 / 14.2; fwide 6.0-6.1 / 7.6 (two ymm: 8.0) / 14.3-14.4;
-// with sigmoid_of's -|z| as one logical operation as well 5.5-5.7 / 6.9 / 12.0. Same bits. The
+// with sigmoid_of's -|z| as one logical operation as well 5.5-5.7 / 6.9 / 12.0; where_pos as
+// one blend on AVX2: 6.5-6.6 on AVX2. Same bits. The
 // AVX2 loop keeps most constants in memory operands (16 ymm registers); those loads are cheaper
 // than the chains' stalls.
 template <class T, class F> NK_INLINE void elementwise_wide(int64_t n, T* out, bool stream, F&& f) {
