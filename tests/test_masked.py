@@ -104,7 +104,8 @@ def _omega(mask, sw, N, spatial):
 
 
 # planes longer than the shift piece (4100), short planes, channels innermost
-SHAPES = [(5, 4, 6, 7), (12, 4, 3), (3, 2, 4100), (40, 6)]
+# (4, 4, 9, 10): BatchNorm planes of 90 elements take the sample-major weighted statistics
+SHAPES = [(5, 4, 6, 7), (12, 4, 3), (3, 2, 4100), (40, 6), (4, 4, 9, 10)]
 
 
 # sample_weight is a batch_norm option only
