@@ -66,7 +66,9 @@ constexpr int64_t kStreamBytes = int64_t{8} << 20;  // outputs this large use st
 // 2.1-2.8 -> 1.7-2.1, baseline 3.7-5.7 -> 3.3-4.8 (evaluation, the apply pass alone: AVX2
 // 1.1-1.8 -> 0.8-1.2); backward AVX2 4.8-5.6 -> 3.6-4.1, AVX-512 4.6-5.8 -> 3.6-4.3, baseline
 // 5.9-6.2 -> 4.5-5.3; 2 threads, forward AVX2 1.5-1.9 -> 1.25-1.5. The rows after the next
-// block (or row) and the next alone gave about the same. Same bits (prefetches only).
+// block (or row) and the next alone gave about the same. Masked BatchNorm1d (4096, 1024), 80 %
+// kept (its statistics pass prefetched too), masked / unmasked forward: AVX-512 1.06-1.11,
+// AVX2 1.30-1.32. Same bits (prefetches only).
 constexpr int64_t kPrefetchRowBytes = 4096;
 
 // The index map of core/channel_view.h, plus the row traversal's chunking.
@@ -463,7 +465,7 @@ template <class T> std::vector<double> chunk_moments(const ChannelForwardParams<
                   const auto d = widen(loadw(xs + r * n + j, w)) - loadw(sh + j, w);
                   return two(d, d * d);
                 },
-                [&](int64_t r, int64_t j, auto w) {
+                [xs, n, o_end](int64_t r, int64_t j, auto w) {  // by value: no reloads after stores
                   if constexpr (decltype(prefetch)::value)
                     if (r < o_end) prefetch_line_once(xs + r * n + j, w);
                 });
@@ -931,7 +933,7 @@ void row_grad_sums(const ChannelBackwardParams<T>& p, const View& v,
                                                     column_bias<kAct>(bc, j, w)));
               return two(d * widen(xh), d);
             },
-            [&](int64_t r, int64_t j, auto w) {  // rows ahead (kPrefetchRowBytes)
+            [xs, dys, n, o_end](int64_t r, int64_t j, auto w) {  // rows ahead (kPrefetchRowBytes)
               if constexpr (decltype(prefetch)::value)
                 if (r < o_end) {
                   prefetch_line_once(xs + r * n + j, w);
@@ -1214,14 +1216,23 @@ std::vector<WeightedMoments<double>> weighted_piece_moments(const ChannelForward
         double* const oml = om_of.data();  // oml[r - r0]: row r's weight
         for (int64_t r = r0; r < r1; ++r) oml[r - r0] = static_cast<double>(oms[r]);
         const double* const sh = shift.data();
-        column_sums(r0, r1, n, s1.data(), s2.data(), [&](int64_t r, int64_t j, auto wd) {
-          const double om = oml[r - r0];
-          const auto dx = widen(loadw(xs + r * n + j, wd)) - loadw(sh + j, wd);
-          const auto d = BlockOps::where_pos(decltype(dx){} + om, dx, 0.0);
-          if constexpr (kBinary)  // om is 0 (d = 0 then) or 1: the products are d and d * d
-            return two(d, d * d);
-          else
-            return two(d * om, d * d * om);
+        const int64_t o_end = v.O;
+        bool_switch(n * static_cast<int64_t>(sizeof(T)) >= kPrefetchRowBytes, [&](auto prefetch) {
+          column_sums(
+              r0, r1, n, s1.data(), s2.data(),
+              [&](int64_t r, int64_t j, auto wd) {
+                const double om = oml[r - r0];
+                const auto dx = widen(loadw(xs + r * n + j, wd)) - loadw(sh + j, wd);
+                const auto d = BlockOps::where_pos(decltype(dx){} + om, dx, 0.0);
+                if constexpr (kBinary)  // om is 0 (d = 0 then) or 1: the products are d and d * d
+                  return two(d, d * d);
+                else
+                  return two(d * om, d * d * om);
+              },
+              [xs, n, o_end](int64_t r, int64_t j, auto wd) {  // rows ahead (kPrefetchRowBytes)
+                if constexpr (decltype(prefetch)::value)
+                  if (r < o_end) prefetch_line_once(xs + r * n + j, wd);
+              });
         });
         for (int64_t c = 0; c < v.C; ++c)
           out[c] = weighted_from_shifted(w, shift[at(c)], s1[at(c)], s2[at(c)]);
