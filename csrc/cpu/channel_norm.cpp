@@ -58,7 +58,7 @@ constexpr int64_t kTwoPassElements = int64_t{1} << 18;  // groups up to this siz
 constexpr int64_t kPiece = 4096;           // elements per two-pass piece in the plane traversal
 constexpr int64_t kChunkElements = 65536;  // elements per row chunk in the row traversal
 constexpr int64_t kStreamBytes = int64_t{8} << 20;  // outputs this large use streaming stores
-// Rows of at least this many bytes (a page each) have the rows ahead prefetched in the row
+// Rows of at least kPrefetchRowBytes (cpu/simd.h) have the rows ahead prefetched in the row
 // traversal's passes (statistics: the next-but-one block of kRowBlock rows; apply and dx: the
 // row after next): each row starts on a new page, where the hardware prefetchers start cold.
 // BatchNorm1d (4096, 1024) float32, 1 thread, AMD EPYC (Zen 4), 2026-12-07, ms, three or six
@@ -69,7 +69,6 @@ constexpr int64_t kStreamBytes = int64_t{8} << 20;  // outputs this large use st
 // block (or row) and the next alone gave about the same. Masked BatchNorm1d (4096, 1024), 80 %
 // kept (its statistics pass prefetched too), masked / unmasked forward: AVX-512 1.06-1.11,
 // AVX2 1.30-1.32. Same bits (prefetches only).
-constexpr int64_t kPrefetchRowBytes = 4096;
 
 // The index map of core/channel_view.h, plus the row traversal's chunking.
 struct View : ChannelView {

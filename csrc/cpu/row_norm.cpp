@@ -40,10 +40,10 @@ constexpr int64_t kRowsPerChunk = 64;
 // Outputs at least this large are written with streaming stores (they cannot stay in cache).
 constexpr int64_t kStreamBytes = int64_t{8} << 20;
 
-// Rows of at least this many bytes have the next row (forward: x, and residual and h with a fused
-// add; backward: the next group's x and dy rows) prefetched while the current one is written,
-// one cache line per line written. Such a row starts on a new page, where the hardware
-// prefetchers start cold, and its statistics pass waited on memory. Xeon (second host),
+// Rows of at least kPrefetchRowBytes (cpu/simd.h) have the next row (forward: x, and residual
+// and h with a fused add; backward: the next group's x and dy rows) prefetched while the current
+// one is written, one cache line per line written. Such a row starts on a new page, where the
+// hardware prefetchers start cold, and its statistics pass waited on memory. Xeon (second host),
 // float32, 2026-12-07, ms, interleaved runs, x in L3 (the benchmark's case), 1 / 2 threads:
 // - forward, AVX-512: LayerNorm (8192, 1024) 5.8-6.0 -> 4.2-4.5 (1 thread), (4096, 4096)
 //   11.3-11.5 -> 8.6-8.8 / 6.0 -> 4.1-4.2; RMSNorm alike; add_layer_norm (8192, 1024)
@@ -53,7 +53,6 @@ constexpr int64_t kStreamBytes = int64_t{8} << 20;
 //   -> 19.7-21.2; RMSNorm alike.
 // Shorter rows share pages and the hardware prefetch serves them: with the threshold at 2 KiB,
 // the (512, 768) backward was 6-13 % slower on AVX-512 (and 5-10 % faster on AVX2).
-constexpr int64_t kPrefetchRowBytes = 4096;
 
 // Per-column parameter w (or the constant 1) as a block or scalar.
 template <bool kHas, class A, class W> NK_INLINE auto param(const A* p, int64_t j, W w, A dflt) {

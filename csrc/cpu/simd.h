@@ -569,6 +569,11 @@ template <class T, class F> NK_INLINE void elementwise(int64_t n, T* out, bool s
   for (; j < n; ++j) storew(out + j, f(j, Width<1>{}), Width<1>{});
 }
 
+// Rows of at least this many bytes (a page) have the rows ahead prefetched by the kernels that
+// walk rows (row_norm.cpp, channel_norm.cpp's row traversal): each such row starts on a new
+// page, where the hardware prefetchers start cold. Measurements with each use.
+constexpr int64_t kPrefetchRowBytes = 4096;
+
 // Prefetch (into L2) the cache line holding p[0] when a block of W elements starting at p begins
 // a line: called with the same offset as a walk over elements, it prefetches each line once.
 // kWrite: the line is about to be written. p == nullptr: nothing.
