@@ -10,12 +10,14 @@
 //   2) normalize + affine: y = xhat * w + b (core/norm_math.h).
 //   3) write y, mean, rstd. The row is fully reduced before any of its y is written, so y may
 //      be x itself (in place).
-// Backward per row: c1, c2 from one pass (both sums), then dx; dweight/dbias are sums over rows,
-// accumulated per fixed chunk of kRowsPerChunk rows and combined in chunk order (determinism).
+// Backward per row: one pass in double forms c1, c2 (both sums) and adds the row to the partial
+// dweight/dbias, then dx in the compute type; dweight/dbias are sums over rows, accumulated per
+// fixed chunk of kRowsPerChunk rows and combined in chunk order (determinism).
 //
 // Threads: rows are independent; parallel_for over rows (forward) or row chunks (backward).
 // Memory: y / dx of at least kStreamBytes are written with streaming stores (cpu/simd.h).
 #include <algorithm>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -134,111 +136,62 @@ void row_forward_rows(const RowForwardParams<T>& p, int64_t r0, int64_t r1, bool
 }
 
 // Assumptions: dy, x, dx dense (M, N); rows [r0, r1) lie in one chunk whose partial dweight and
-// dbias rows are pdw, pdb (N doubles each, zeroed by the caller). Rows are processed in groups
-// of kRowGroup so that each partial is loaded and stored once per group rather than per row;
-// within a group the rows are still added in row order, so the sums do not change.
-constexpr int64_t kRowGroup = 4;
-
-// The backward's dx pass takes two blocks of 8 floats (one cache line) of each row in turn when
-// dx is streamed, so that a streamed line is written by two consecutive stores: one block of
-// each of the group's rows in turn left four lines half written at a time. LayerNorm float32
-// backward, AMD EPYC (Zen 4), 2026-12-07, ms, interleaved processes, (8192, 1024) | (4096, 4096),
-// 1 thread: AVX2 13.7-14.3 -> 9.4-10.0 | 29.3-30.3 -> 20.0-21.9, AVX-512 11.9-12.5 -> 8.5-9.0 |
-// 25.9-27.4 -> 17.8-18.6, baseline 15.4-15.6 -> 12.2-12.5 | 30.9-31.1 -> 24.3-25.1; 2 threads:
-// AVX2 8.0 -> 6.3 | 15.7 -> 13.5, AVX-512 7.0 -> 5.4 | 15.1 -> 10.8 (unstreamed dx, for
-// comparison: AVX2 11.0, AVX-512 9.4 on (8192, 1024)). Rows not streamed (in cache) keep one block
-// at a time: (512, 768) was 2-4 % slower with two. Same bits (the same operations; each column's
-// rows still added in order).
-template <class T> constexpr bool kLineBlocks = sizeof(T) == 4;
-
-template <class T, bool kCenter, bool kHasWeight>
-void row_backward_rows(const RowBackwardParams<T>& p, int64_t r0, int64_t r1, double* pdw,
-                       double* pdb, bool stream) {
+// dbias rows are pdw, pdb (N doubles each, zeroed by the caller); wd is the weight in double
+// (null without weight). Per row:
+//   1) one pass in double over dy and x - mean (each widened once): the row's sums
+//      sum(g * (x - mean)) and sum(g) with g = dy * w (fixed lanes, cpu/lanes.h), and the
+//      chunk's partials dweight += dy * xhat, dbias += dy (rows added in row order);
+//   2) dx in the compute type from the row again (now in L1): no conversion at all.
+// The partials used to be formed in the dx pass from widened dy and float xhat, so dy and x were
+// widened twice; the conversions (four vcvtps2pd and two vextractf128 per 8 floats a pass on
+// AVX2) bound the cache-resident case. LayerNorm float32 backward, 1 thread, AMD EPYC (Zen 4),
+// 2026-12-08, ms, interleaved processes (the build before against this one), AVX2 | AVX-512 |
+// SSE2: (512, 768) 0.224 -> 0.178 | 0.177 -> 0.168 | 0.40 -> 0.38; (8192, 1024) 10.2-10.6 ->
+// 6.4-6.8 | 8.6-9.1 -> 5.8-6.0 | 16.7 -> 9.8; (4096, 4096) 21-24 -> 16 | 21 -> 15; RMSNorm
+// (8192, 1024) 10.9 -> 5.2 | 8.1 -> 4.9 | 12.2 -> 6.9. Bits: dx and dweight change in the last
+// places (g = dy * w and x - mean now formed in double, dweight from a double xhat: closer to a
+// float64 reference); still the same on every level and thread count.
+template <class T, bool kCenter, bool kHasWeight, bool kHasBias>
+void row_backward_rows(const RowBackwardParams<T>& p, const double* wd, int64_t r0, int64_t r1,
+                       double* pdw, double* pdb, bool stream) {
   using C = compute_t<T>;
   const int64_t N = p.N;
   const double inv_n = 1.0 / static_cast<double>(N);
-  // Streaming stores need every row of a group to start at the same cache-line phase.
-  stream = stream && (N * static_cast<int64_t>(sizeof(T))) % 64 == 0;
   const bool ahead_rows = N * static_cast<int64_t>(sizeof(T)) >= kPrefetchRowBytes;
-  // The dx loop reads locals only: values reached through p would be reloaded after every
-  // store (a vector store may alias anything). LayerNorm (512, 768) float32 backward, 1 thread,
-  // AMD EPYC (Zen 4), 2026-12-07, three interleaved pairs of processes (a noisy VM): AVX2
-  // 0.25-0.37 -> 0.26-0.30 ms, AVX-512 0.24-0.25 -> 0.18-0.22 ms. Same bits.
+  // The loops read locals only: values reached through p would be reloaded after every store
+  // (a vector store may alias anything).
   const T* const xb = p.x;
   const T* const dyb = p.dy;
   T* const dxb = p.dx;
   const acc_t<T>* const wb = p.weight;
-  for (int64_t g0 = r0; g0 < r1; g0 += kRowGroup) {
-    const int64_t rows = std::min(kRowGroup, r1 - g0);
-    GroupStats<C> st[kRowGroup];
-    C c1[kRowGroup], c2[kRowGroup];
-    for (int64_t k = 0; k < rows; ++k) {
-      const int64_t r = g0 + k;
-      const T* x = p.x + r * N;
-      const T* dy = p.dy + r * N;
-      const double mean = kCenter ? static_cast<double>(p.mean[r]) : 0.0;
-      st[k] = make_group_stats<C>(mean, static_cast<double>(p.rstd[r]));
-      // c1 = sum(g * xhat) / N = rstd * (sum(g * (x - hi)) - lo * sum(g)) / N, the sums in
-      // double (x - hi is exact in float for x near the mean; no per-element xhat needed), and
-      // c2 = sum(g) / N
-      double sum_gx = 0.0, sum_g = 0.0;
-      const C hi = st[k].mean_hi;
-      lane_sum2(N, sum_gx, sum_g, [&](int64_t j, auto w) {
-        const auto g = widen(loadw(dy + j, w) * param<kHasWeight>(p.weight, j, w, C(1)));
-        return two(g * widen(loadw(x + j, w) - hi), g);
+  for (int64_t r = r0; r < r1; ++r) {
+    const T* const x = xb + r * N;
+    const T* const dy = dyb + r * N;
+    const double mean = kCenter ? static_cast<double>(p.mean[r]) : 0.0;
+    const double rstd = static_cast<double>(p.rstd[r]);
+    const GroupStats<C> st = make_group_stats<C>(mean, rstd);
+    double sum_gx = 0.0, sum_g = 0.0;
+    lane_sum2(N, sum_gx, sum_g, [&](int64_t j, auto w) {
+      const auto d = load_wide(dy + j, w);
+      auto xc = load_wide(x + j, w);
+      if constexpr (kCenter) xc = xc - mean;
+      storew(pdw + j, loadw(pdw + j, w) + d * (xc * rstd), w);
+      if constexpr (kHasBias) storew(pdb + j, loadw(pdb + j, w) + d, w);
+      const auto g = d * param<kHasWeight>(wd, j, w, 1.0);
+      return two(g * xc, g);
+    });
+    const C c1 = static_cast<C>(rstd * sum_gx * inv_n);
+    const C c2 = kCenter ? static_cast<C>(sum_g * inv_n) : C(0);
+    // the next row's x and dy prefetched meanwhile (kPrefetchRowBytes)
+    bool_switch(ahead_rows && r + 1 < r1, [&](auto prefetch) {
+      elementwise(N, dxb + r * N, stream, [&](int64_t j, auto w) {
+        if constexpr (decltype(prefetch)::value) {
+          prefetch_line_once(x + N + j, w);
+          prefetch_line_once(dy + N + j, w);
+        }
+        const auto xh = xhat_of(loadw(x + j, w), st);
+        return input_grad(loadw(dy + j, w) * param<kHasWeight>(wb, j, w, C(1)), xh, st.rstd, c1, c2);
       });
-      const double rstd = static_cast<double>(p.rstd[r]);
-      const double lo = static_cast<double>(st[k].mean_lo);
-      c1[k] = static_cast<C>(rstd * (sum_gx - lo * sum_g) * inv_n);
-      c2[k] = kCenter ? static_cast<C>(sum_g * inv_n) : C(0);
-    }
-    // dx, and partial dweight, dbias (the group's rows are read once more, from cache)
-    const Lines lines = stream_lines(dxb + g0 * N, N, stream);
-    // the next group's rows of x and dy prefetched meanwhile (kPrefetchRowBytes)
-    const int64_t ahead = ahead_rows ? std::min(kRowGroup, r1 - (g0 + rows)) : 0;
-    bool_switch(ahead > 0, [&](auto prefetch) {
-      // kParts consecutive blocks from column j, each row's blocks in turn: with two blocks of
-      // 8 floats a row's cache line is written by two consecutive stores (kLineBlocks)
-      const auto columns = [&](int64_t j, auto w, auto parts) {
-        constexpr int kParts = decltype(parts)::value;
-        constexpr int64_t W = decltype(w)::value;
-        using D = decltype(loadw(pdw + j, w));
-        D dw[kParts], db[kParts];
-        for (int q = 0; q < kParts; ++q) {
-          dw[q] = loadw(pdw + j + q * W, w);
-          db[q] = loadw(pdb + j + q * W, w);
-        }
-        for (int64_t k = 0; k < rows; ++k)
-          for (int q = 0; q < kParts; ++q) {
-            const int64_t jq = j + q * W;
-            const int64_t off = (g0 + k) * N + jq;
-            if constexpr (decltype(prefetch)::value) {
-              if (k < ahead) {
-                prefetch_line_once(xb + off + rows * N, w);
-                prefetch_line_once(dyb + off + rows * N, w);
-              }
-            }
-            const auto d = loadw(dyb + off, w);
-            const auto xh = xhat_of(loadw(xb + off, w), st[k]);
-            dw[q] += widen(d) * widen(xh);
-            db[q] += widen(d);
-            put(dxb + off, input_grad(d * param<kHasWeight>(wb, jq, w, C(1)), xh, st[k].rstd, c1[k], c2[k]),
-                w, jq < lines.end);
-          }
-        for (int q = 0; q < kParts; ++q) {
-          storew(pdw + j + q * W, dw[q], w);
-          storew(pdb + j + q * W, db[q], w);
-        }
-      };
-      int64_t j = 0;
-      for (; j < lines.head && j < N; ++j) columns(j, Width<1>{}, std::integral_constant<int, 1>{});
-#if defined(NK_HAVE_VECTOR_EXT)
-      if (kLineBlocks<T> && lines.end > lines.head)  // streamed lines only (kLineBlocks)
-        for (; j + 2 * kBlock <= N; j += 2 * kBlock)
-          columns(j, Width<8>{}, std::integral_constant<int, 2>{});
-      for (; j + kBlock <= N; j += kBlock) columns(j, Width<8>{}, std::integral_constant<int, 1>{});
-#endif
-      for (; j < N; ++j) columns(j, Width<1>{}, std::integral_constant<int, 1>{});
     });
   }
   if (stream) stream_fence();
@@ -280,15 +233,26 @@ template <class T> void row_norm_backward(const RowBackwardParams<T>& p) {
   const int64_t stride = 2 * N + 16;
   std::vector<double> partial(static_cast<size_t>(n_chunks * stride), 0.0);
   const bool stream = rows * N * static_cast<int64_t>(sizeof(T)) >= kStreamBytes;
+  // the weight in double for the sums (float weights widened once here, not per row)
+  std::vector<double> wide_w;
+  const double* wd = nullptr;
+  if constexpr (std::is_same_v<A, double>) {
+    wd = p.weight;
+  } else if (p.weight) {
+    wide_w.assign(p.weight, p.weight + N);
+    wd = wide_w.data();
+  }
   bool_switch(p.mean != nullptr, [&](auto center) {
     bool_switch(p.weight != nullptr, [&](auto has_w) {
-      parallel_for(n_chunks, grain_for(kRowsPerChunk * N), [&](int64_t c0, int64_t c1) {
-        for (int64_t c = c0; c < c1; ++c) {
-          double* pdw = partial.data() + c * stride;
-          const int64_t r0 = first + c * kRowsPerChunk, r1 = std::min(M, r0 + kRowsPerChunk);
-          row_backward_rows<T, decltype(center)::value, decltype(has_w)::value>(
-              p, r0, r1, pdw, pdw + N + 16, stream);
-        }
+      bool_switch(p.dbias != nullptr, [&](auto has_b) {
+        parallel_for(n_chunks, grain_for(kRowsPerChunk * N), [&](int64_t c0, int64_t c1) {
+          for (int64_t c = c0; c < c1; ++c) {
+            double* pdw = partial.data() + c * stride;
+            const int64_t r0 = first + c * kRowsPerChunk, r1 = std::min(M, r0 + kRowsPerChunk);
+            row_backward_rows<T, decltype(center)::value, decltype(has_w)::value,
+                              decltype(has_b)::value>(p, wd, r0, r1, pdw, pdw + N + 16, stream);
+          }
+        });
       });
     });
   });

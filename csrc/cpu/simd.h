@@ -392,6 +392,26 @@ NK_INLINE d8 widen(f8 v) {
 NK_INLINE d8 widen(d8 v) { return v; }
 #endif
 
+// p[0..w) loaded and widened to double. Float blocks are converted straight from memory
+// (vcvtps2pd with a memory operand, 4 or 8 floats at a time), without the register shuffles of
+// widen(loadw(p, w)) (AVX2: a vextractf128 per 8 floats, SSE2: two movhlps).
+template <class T, int W> NK_INLINE auto load_wide(const T* p, Width<W> w) { return widen(loadw(p, w)); }
+#if defined(NK_HAVE_VECTOR_EXT)
+NK_INLINE d8 load_wide(const float* p, Width<8>) {
+#if defined(__AVX512F__)
+  return (d8)_mm512_maskz_cvtps_pd(static_cast<__mmask8>(0xff), _mm256_loadu_ps(p));  // as widen
+#elif defined(__AVX__)
+  return d8{(d4)_mm256_cvtps_pd(_mm_loadu_ps(p)), (d4)_mm256_cvtps_pd(_mm_loadu_ps(p + 4))};
+#else
+  const auto half2 = [](const float* q) {  // movq: two floats
+    return _mm_castsi128_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q)));
+  };
+  return d8{(d2)_mm_cvtps_pd(half2(p)), (d2)_mm_cvtps_pd(half2(p + 2)), (d2)_mm_cvtps_pd(half2(p + 4)),
+             (d2)_mm_cvtps_pd(half2(p + 6))};
+#endif
+}
+#endif
+
 // ---- stores: compute type -> storage type, ordinary or streaming -------------------------------
 template <class T> NK_INLINE void storew(T* p, compute_t<T> v, Width<1>) { *p = store<T>(v); }
 
