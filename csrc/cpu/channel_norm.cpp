@@ -194,10 +194,10 @@ template <class C> struct ColumnStats {
 // passes for double.
 template <class T> Moments<double> piece_moments(const T* x, int64_t len) {
   if constexpr (kShiftedStats<T>) return shifted_moments(x, len);
-  const double mean = lane_sum(len, [&](int64_t i, auto w) { return widen(loadw(x + i, w)); }) /
+  const double mean = lane_sum(len, [&](int64_t i, auto w) { return load_wide(x + i, w); }) /
                       static_cast<double>(len);
   const double m2 = lane_sum(len, [&](int64_t i, auto w) {
-    const auto d = widen(loadw(x + i, w)) - mean;
+    const auto d = load_wide(x + i, w) - mean;
     return d * d;
   });
   return moments_from_two_pass(len, mean, m2);
@@ -449,19 +449,19 @@ template <class T> std::vector<double> chunk_moments(const ChannelForwardParams<
         // BatchNorm1d's shape took the new path.) Same bits.
         if constexpr (kSseOnly) {
           column_sums(r0, r1, n, mean, m2, [&](int64_t r, int64_t j, auto w) {
-            const auto d = widen(loadw(xs + r * n + j, w)) - widen(loadw(x0 + j, w));
+            const auto d = load_wide(xs + r * n + j, w) - load_wide(x0 + j, w);
             return two(d, d * d);
           });
         } else {
           double* const sh = shift.data();
-          for_blocks(n, [&](int64_t j, auto w) { storew(sh + j, widen(loadw(x0 + j, w)), w); });
+          for_blocks(n, [&](int64_t j, auto w) { storew(sh + j, load_wide(x0 + j, w), w); });
           const int64_t o_end = v.O;
           const bool far = n * static_cast<int64_t>(sizeof(T)) >= kPrefetchRowBytes;
           bool_switch(far, [&](auto prefetch) {
             column_sums(
                 r0, r1, n, mean, m2,
                 [&](int64_t r, int64_t j, auto w) {
-                  const auto d = widen(loadw(xs + r * n + j, w)) - loadw(sh + j, w);
+                  const auto d = load_wide(xs + r * n + j, w) - loadw(sh + j, w);
                   return two(d, d * d);
                 },
                 [xs, n, o_end](int64_t r, int64_t j, auto w) {  // by value: no reloads after stores
@@ -472,7 +472,7 @@ template <class T> std::vector<double> chunk_moments(const ChannelForwardParams<
         }
         const double inv_n = 1.0 / static_cast<double>(r1 - r0);
         for (int64_t j = 0; j < cols; ++j) {
-          const auto mm = shifted_mean_m2_inv(inv_n, widen(loadw(x0 + j, Width<1>{})), mean[j], m2[j]);
+          const auto mm = shifted_mean_m2_inv(inv_n, load_wide(x0 + j, Width<1>{}), mean[j], m2[j]);
           mean[j] = mm.first;
           m2[j] = mm.second;
         }
@@ -480,14 +480,14 @@ template <class T> std::vector<double> chunk_moments(const ChannelForwardParams<
       }
       for (int64_t r = r0; r < r1; ++r) {
         const T* xr = p.x + v.offset(s, r, 0);
-        for_blocks(cols, [&](int64_t j, auto w) { add_to(mean + j, widen(loadw(xr + j, w))); });
+        for_blocks(cols, [&](int64_t j, auto w) { add_to(mean + j, load_wide(xr + j, w)); });
       }
       const double inv = 1.0 / static_cast<double>(r1 - r0);
       for (int64_t j = 0; j < cols; ++j) mean[j] *= inv;
       for (int64_t r = r0; r < r1; ++r) {
         const T* xr = p.x + v.offset(s, r, 0);
         for_blocks(cols, [&](int64_t j, auto w) {
-          const auto d = widen(loadw(xr + j, w)) - loadw(mean + j, w);
+          const auto d = load_wide(xr + j, w) - loadw(mean + j, w);
           add_to(m2 + j, d * d);
         });
       }
@@ -727,7 +727,7 @@ void forward_sample_planes(const ChannelForwardParams<T>& p, const View& v) {
     // pieces' sums are added in row order, and pieces merged in order with Chan's formula
     const int64_t rows_per_piece = std::max<int64_t>(1, kShiftPiece / v.I);
     const auto shift_of = [&](int64_t o, int64_t c) {
-      return widen(loadw(p.x + v.offset(0, o / rows_per_piece * rows_per_piece, c), Width<1>{}));
+      return load_wide(p.x + v.offset(0, o / rows_per_piece * rows_per_piece, c), Width<1>{});
     };
     std::vector<double> sums(at(2 * v.O * v.C), 0.0);
     parallel_for(v.O, grain_for(v.C * v.I), [&](int64_t o0, int64_t o1) {
@@ -1211,8 +1211,8 @@ NK_INLINE void weighted_shifted_sums(const T* xp, const A* om, int64_t len, comp
     });
   } else {
     lane_sum2(len, a, b, [&](int64_t i, auto wd) {
-      const auto ow = widen(loadw(om + i, wd));
-      const auto d = BlockOps::where_pos(ow, widen(loadw(xp + i, wd)) - k, 0.0);
+      const auto ow = load_wide(om + i, wd);
+      const auto d = BlockOps::where_pos(ow, load_wide(xp + i, wd) - k, 0.0);
       return two(ow * d, ow * d * d);
     });
   }
@@ -1253,7 +1253,7 @@ std::vector<WeightedMoments<double>> weighted_piece_moments(const ChannelForward
       if (first < 0 && v.I <= kShiftPiece) continue;  // nothing weighted: empty moments
       if (v.I == 1) {  // channels innermost: one weight per row, columns summed together
         const T* x0 = p.x + v.offset(s, r0 + first, 0);
-        for (int64_t c = 0; c < v.C; ++c) shift[at(c)] = widen(loadw(x0 + c, Width<1>{}));
+        for (int64_t c = 0; c < v.C; ++c) shift[at(c)] = load_wide(x0 + c, Width<1>{});
         std::fill(s1.begin(), s1.end(), 0.0);
         std::fill(s2.begin(), s2.end(), 0.0);
         // An excluded row (weight 0, whatever x holds) gives d = +0.0 (a select, not a branch:
@@ -1276,7 +1276,7 @@ std::vector<WeightedMoments<double>> weighted_piece_moments(const ChannelForward
               r0, r1, n, s1.data(), s2.data(),
               [&](int64_t r, int64_t j, auto wd) {
                 const double om = oml[r - r0];
-                const auto dx = widen(loadw(xs + r * n + j, wd)) - loadw(sh + j, wd);
+                const auto dx = load_wide(xs + r * n + j, wd) - loadw(sh + j, wd);
                 const auto d = BlockOps::where_pos(decltype(dx){} + om, dx, 0.0);
                 if constexpr (kBinary)  // om is 0 (d = 0 then) or 1: the products are d and d * d
                   return two(d, d * d);

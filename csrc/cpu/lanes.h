@@ -218,7 +218,7 @@ template <class T>
 NK_INLINE void add_shifted_sums(const T* x, int64_t n, double shift, double& s1, double& s2) {
   double a = 0.0, b = 0.0;
   lane_sum2(n, a, b, [&](int64_t i, auto w) {
-    const auto d = widen(loadw(x + i, w)) - shift;
+    const auto d = load_wide(x + i, w) - shift;
     return two(d, d * d);
   });
   s1 += a;
@@ -246,7 +246,7 @@ template <class T> NK_INLINE Moments<double> shifted_moments(const T* x, int64_t
   for (int64_t i = 0; i < n; i += kShiftPiece) {
     const int64_t len = n - i < kShiftPiece ? n - i : kShiftPiece;
     double s1 = 0.0, s2 = 0.0;
-    const double shift = widen(loadw(x + i, Width<1>{}));
+    const double shift = load_wide(x + i, Width<1>{});
     add_shifted_sums(x + i, len, shift, s1, s2);
     const auto mm = shifted_mean_m2(len, shift, s1, s2);
     welford_merge(m, moments_from_two_pass(len, mm.first, mm.second));

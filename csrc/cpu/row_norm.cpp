@@ -98,14 +98,14 @@ void row_forward_rows(const RowForwardParams<T>& p, int64_t r0, int64_t r1, bool
       mean = m.mean;
       var = m.m2 * inv_n;
     } else if constexpr (kCenter) {
-      mean = lane_sum(N, [&](int64_t j, auto w) { return widen(loadw(x + j, w)); }) * inv_n;
+      mean = lane_sum(N, [&](int64_t j, auto w) { return load_wide(x + j, w); }) * inv_n;
       var = lane_sum(N, [&](int64_t j, auto w) {
-              const auto d = widen(loadw(x + j, w)) - mean;
+              const auto d = load_wide(x + j, w) - mean;
               return d * d;
             }) * inv_n;
     } else {
       var = lane_sum(N, [&](int64_t j, auto w) {
-              const auto v = widen(loadw(x + j, w));
+              const auto v = load_wide(x + j, w);
               return v * v;
             }) * inv_n;
     }

@@ -394,7 +394,10 @@ NK_INLINE d8 widen(d8 v) { return v; }
 
 // p[0..w) loaded and widened to double. Float blocks are converted straight from memory
 // (vcvtps2pd with a memory operand, 4 or 8 floats at a time), without the register shuffles of
-// widen(loadw(p, w)) (AVX2: a vextractf128 per 8 floats, SSE2: two movhlps).
+// widen(loadw(p, w)) (AVX2: a vextractf128 per 8 floats, SSE2: two movhlps). Same values (the
+// conversion is exact). LayerNorm (512, 768) float32 forward (its statistics pass), 1 thread, AMD
+// EPYC (Zen 4), 2026-12-08, interleaved processes: AVX2 0.112 -> 0.103 ms, SSE2 0.19 -> 0.18 ms;
+// the memory-bound channel statistics (BatchNorm, GroupNorm) within noise. Same bits.
 template <class T, int W> NK_INLINE auto load_wide(const T* p, Width<W> w) { return widen(loadw(p, w)); }
 #if defined(NK_HAVE_VECTOR_EXT)
 NK_INLINE d8 load_wide(const float* p, Width<8>) {
