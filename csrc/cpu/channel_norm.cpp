@@ -59,8 +59,9 @@ constexpr int64_t kPiece = 4096;           // elements per two-pass piece in the
 constexpr int64_t kChunkElements = 65536;  // elements per row chunk in the row traversal
 constexpr int64_t kStreamBytes = int64_t{8} << 20;  // outputs this large use streaming stores
 // Rows of at least kPrefetchRowBytes (cpu/simd.h) have the rows ahead prefetched in the row
-// traversal's passes (statistics: the next-but-one block of kRowBlock rows; apply and dx: the
-// row after next): each row starts on a new page, where the hardware prefetchers start cold.
+// traversal's apply and dx passes (the row after next): each row starts on a new page, where the
+// hardware prefetchers start cold. The statistics passes prefetch the next-but-one block of
+// kRowBlock rows from kPrefetchSumRowBytes (512) on: see column_sums.
 // BatchNorm1d (4096, 1024) float32, 1 thread, AMD EPYC (Zen 4), 2026-12-07, ms, three or six
 // interleaved pairs of processes (a noisy VM): forward AVX2 2.3-3.5 -> 1.8-2.2, AVX-512
 // 2.1-2.8 -> 1.7-2.1, baseline 3.7-5.7 -> 3.3-4.8 (evaluation, the apply pass alone: AVX2
@@ -122,7 +123,7 @@ NK_INLINE auto wide_grad_of(const T* dyp, [[maybe_unused]] V xh, [[maybe_unused]
 //   a[j] += f(r, j).first,  b[j] += f(r, j).second,  rows added in order,
 // where f(r, j, width) gives a pair of double values or 8-double blocks (columns j .. j+7), and
 // ahead(r, j, width), called on the wide path's rows 2 * kRowBlock ahead (r may be >= r1), may
-// prefetch them (kPrefetchRowBytes).
+// prefetch them (kPrefetchSumRowBytes).
 // Narrow rows (kRegisterCols columns or fewer, as channels-last BatchNorm's) are summed a block
 // of 32 columns at a time with the sums held in registers down the rows; wider rows a row at a
 // time with the sums in memory (walking down 32 columns of rows that far apart would defeat the
@@ -130,7 +131,21 @@ NK_INLINE auto wide_grad_of(const T* dyp, [[maybe_unused]] V xh, [[maybe_unused]
 // SSE2 the 32 columns' sums do not all fit the registers; blocks of 16 / 8 columns that do were
 // slower, 2026-12-07, Xeon: channels-last BatchNorm (32, 56, 56, 64) forward AVX2 6.5 -> 7.8 ms,
 // backward baseline 13.7 -> 16.7 ms, since each block walks the chunk's rows again.)
-constexpr int64_t kRegisterCols = 256;
+// kRegisterCols was 256 until 2026-12-08: from 65 to 256 columns the register path walked each
+// chunk's rows once per 32 columns with a row's length as stride, and the statistics of
+// BatchNorm1d with 128-512 features ran at a third of the speed of 1024 features. Those rows now
+// take the row-at-a-time path, whose statistics passes (forward, masked forward, backward sums)
+// prefetch the rows 2 * kRowBlock ahead from kPrefetchSumRowBytes on (was kPrefetchRowBytes, a
+// page). Float32, 1 thread, AMD EPYC (Zen 4), ms, old build against new, interleaved processes,
+// AVX2 | AVX-512 | SSE2: BatchNorm1d training forward (32768, 256) 7.1-8.0 -> 3.6-3.7 | 6.1-6.5
+// -> 3.2-3.9 | 15.8 -> 9.2 (PyTorch 5.2-5.7); (65536, 128) 5.7 -> 3.9-4.0 | 5.3-5.6 -> 3.5-3.9 |
+// 14.9 -> 7.5; (8192, 512) 2.3-2.6 -> 1.6-1.7 | 2.1 -> 1.5-1.8 | 4.0 -> 3.5; masked forward
+// (32768, 256) 8.7 -> 5.1 | 6.9 -> 4.4; backward (32768, 256) 17.4-18.1 -> 15.9-17.8 |
+// 17.9-21 -> 13.4-13.9, (100000, 96) 12.8-15.9 -> 10.3-11.0 | 12-12.9 -> 9.2-9.4, (65536, 128)
+// within noise (11-17 ms either way). 64 columns and fewer (channels-last BatchNorm) unchanged.
+// Same bits (both paths add the same terms in the same order).
+constexpr int64_t kRegisterCols = 64;
+constexpr int64_t kPrefetchSumRowBytes = 512;
 constexpr int kRowBlock = 4;
 
 struct NoPrefetch {
@@ -469,7 +484,7 @@ template <class T> std::vector<double> chunk_moments(const ChannelForwardParams<
           double* const sh = shift.data();
           for_blocks(n, [&](int64_t j, auto w) { storew(sh + j, load_wide(x0 + j, w), w); });
           const int64_t o_end = v.O;
-          const bool far = n * static_cast<int64_t>(sizeof(T)) >= kPrefetchRowBytes;
+          const bool far = n * static_cast<int64_t>(sizeof(T)) >= kPrefetchSumRowBytes;
           bool_switch(far, [&](auto prefetch) {
             column_sums(
                 r0, r1, n, mean, m2,
@@ -989,7 +1004,7 @@ void row_grad_sums(const ChannelBackwardParams<T>& p, const View& v,
       double* s_dy_xhat = partial.data() + t * 2 * n;
       const int64_t r0 = k * rpc, r1 = r0 + v.chunk_rows(k);
       const int64_t o_end = v.O;
-      bool_switch(n * static_cast<int64_t>(sizeof(T)) >= kPrefetchRowBytes, [&](auto prefetch) {
+      bool_switch(n * static_cast<int64_t>(sizeof(T)) >= kPrefetchSumRowBytes, [&](auto prefetch) {
         column_sums(
             r0, r1, n, s_dy_xhat, s_dy_xhat + n,
             [&](int64_t r, int64_t j, auto w) {
@@ -1000,7 +1015,7 @@ void row_grad_sums(const ChannelBackwardParams<T>& p, const View& v,
                                                    column_bias<kAct>(bc, j, w), w);
               return two(d * widen(xh), d);
             },
-            [xs, dys, n, o_end](int64_t r, int64_t j, auto w) {  // rows ahead (kPrefetchRowBytes)
+            [xs, dys, n, o_end](int64_t r, int64_t j, auto w) {  // rows ahead (kPrefetchSumRowBytes)
               if constexpr (decltype(prefetch)::value)
                 if (r < o_end) {
                   prefetch_line_once(xs + r * n + j, w);
@@ -1284,7 +1299,7 @@ std::vector<WeightedMoments<double>> weighted_piece_moments(const ChannelForward
         for (int64_t r = r0; r < r1; ++r) oml[r - r0] = static_cast<double>(oms[r]);
         const double* const sh = shift.data();
         const int64_t o_end = v.O;
-        bool_switch(n * static_cast<int64_t>(sizeof(T)) >= kPrefetchRowBytes, [&](auto prefetch) {
+        bool_switch(n * static_cast<int64_t>(sizeof(T)) >= kPrefetchSumRowBytes, [&](auto prefetch) {
           column_sums(
               r0, r1, n, s1.data(), s2.data(),
               [&](int64_t r, int64_t j, auto wd) {
@@ -1296,7 +1311,7 @@ std::vector<WeightedMoments<double>> weighted_piece_moments(const ChannelForward
                 else
                   return two(d * om, d * d * om);
               },
-              [xs, n, o_end](int64_t r, int64_t j, auto wd) {  // rows ahead (kPrefetchRowBytes)
+              [xs, n, o_end](int64_t r, int64_t j, auto wd) {  // rows ahead (kPrefetchSumRowBytes)
                 if constexpr (decltype(prefetch)::value)
                   if (r < o_end) prefetch_line_once(xs + r * n + j, wd);
               });
