@@ -140,10 +140,13 @@ NK_INLINE auto wide_grad_of(const T* dyp, [[maybe_unused]] V xh, [[maybe_unused]
 // AVX2 | AVX-512 | SSE2: BatchNorm1d training forward (32768, 256) 7.1-8.0 -> 3.6-3.7 | 6.1-6.5
 // -> 3.2-3.9 | 15.8 -> 9.2 (PyTorch 5.2-5.7); (65536, 128) 5.7 -> 3.9-4.0 | 5.3-5.6 -> 3.5-3.9 |
 // 14.9 -> 7.5; (8192, 512) 2.3-2.6 -> 1.6-1.7 | 2.1 -> 1.5-1.8 | 4.0 -> 3.5; masked forward
-// (32768, 256) 8.7 -> 5.1 | 6.9 -> 4.4; backward (32768, 256) 17.4-18.1 -> 15.9-17.8 |
-// 17.9-21 -> 13.4-13.9, (100000, 96) 12.8-15.9 -> 10.3-11.0 | 12-12.9 -> 9.2-9.4, (65536, 128)
-// within noise (11-17 ms either way). 64 columns and fewer (channels-last BatchNorm) unchanged.
-// Same bits (both paths add the same terms in the same order).
+// (32768, 256) 8.7 -> 5.1 | 6.9 -> 4.4. 64 columns and fewer (channels-last BatchNorm)
+// unchanged. Same bits (both paths add the same terms in the same order). The backward sums'
+// prefetch was missing from the float build altogether (row_grad_sums, prefetch_line); with it
+// and the two changes above, BatchNorm1d backward (4096, 1024) 4.3 -> 3.6-3.8 | 3.5-3.7 ->
+// 3.3-3.5, (8192, 512) 4.7 -> 3.2 | 4.2-4.4 -> 3.1-3.3, (32768, 256) 13.8-14.1 -> 9.4-10.7 |
+// 15.5 -> 6.5-7.9, (65536, 128) 9.7 -> 6.4-6.7 | 8.6-8.8 -> 6.1-6.7, (100000, 96) 10-11.8 ->
+// 9.0-9.3 | 9.0-9.9 -> 8.0-9.2.
 constexpr int64_t kRegisterCols = 64;
 constexpr int64_t kPrefetchSumRowBytes = 512;
 constexpr int kRowBlock = 4;
@@ -1015,11 +1018,13 @@ void row_grad_sums(const ChannelBackwardParams<T>& p, const View& v,
                                                    column_bias<kAct>(bc, j, w), w);
               return two(d * widen(xh), d);
             },
-            [xs, dys, n, o_end](int64_t r, int64_t j, auto w) {  // rows ahead (kPrefetchSumRowBytes)
+            // rows ahead (kPrefetchSumRowBytes), on every block: with prefetch_line_once here
+            // (once per line) GCC 12 left no prefetch at all in the float instantiations
+            [xs, dys, n, o_end](int64_t r, int64_t j, auto) {
               if constexpr (decltype(prefetch)::value)
                 if (r < o_end) {
-                  prefetch_line_once(xs + r * n + j, w);
-                  prefetch_line_once(dys + r * n + j, w);
+                  prefetch_line(xs + r * n + j);
+                  prefetch_line(dys + r * n + j);
                 }
             });
       });

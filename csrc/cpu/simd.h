@@ -611,6 +611,12 @@ template <bool kWrite = false, class T, int W> NK_INLINE void prefetch_line_once
   }
 }
 
+// Prefetch (into L2) the cache line holding p, on every call. Where prefetch_line_once's
+// conditional prefetches vanished from the build (GCC 12, the float instantiations of the row
+// traversal's backward sums: not one prefetch instruction in the object), this form stays; a
+// second prefetch of a line in flight costs one instruction.
+template <class T> NK_INLINE void prefetch_line(const T* p) { __builtin_prefetch(p, 0, 2); }
+
 // elementwise for float outputs whose f is bound by arithmetic: blocks of kWide floats (fwide,
 // several independent vectors), then elementwise's blocks of 8 and single elements for the rest.
 // f must give the same bits per element whatever the width (the kernels' lane-wise formulas do).
