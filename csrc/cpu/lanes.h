@@ -239,19 +239,31 @@ NK_INLINE std::pair<double, double> shifted_mean_m2(int64_t n, double shift, dou
 
 constexpr int64_t kShiftPiece = 4096;
 
-// Moments of x[0, n) (n >= 1): pieces of at most kShiftPiece elements, each shifted by its first
-// element, merged in order with Chan's formula.
-template <class T> NK_INLINE Moments<double> shifted_moments(const T* x, int64_t n) {
+// Moments of n >= 1 values in pieces of at most kShiftPiece elements, each shifted by its first
+// value, merged in order with Chan's formula: value(i, width) gives the values as doubles (it
+// may have side effects: it is called once per element), shift(i) the value of element i
+// without side effects.
+template <class S, class V> NK_INLINE Moments<double> shifted_moments_by(int64_t n, S&& shift_of, V&& value) {
   Moments<double> m;
   for (int64_t i = 0; i < n; i += kShiftPiece) {
     const int64_t len = n - i < kShiftPiece ? n - i : kShiftPiece;
     double s1 = 0.0, s2 = 0.0;
-    const double shift = load_wide(x + i, Width<1>{});
-    add_shifted_sums(x + i, len, shift, s1, s2);
+    const double shift = shift_of(i);
+    lane_sum2(len, s1, s2, [&](int64_t k, auto w) {
+      const auto d = value(i + k, w) - shift;
+      return two(d, d * d);
+    });
     const auto mm = shifted_mean_m2(len, shift, s1, s2);
     welford_merge(m, moments_from_two_pass(len, mm.first, mm.second));
   }
   return m;
+}
+
+// Moments of x[0, n) (n >= 1).
+template <class T> NK_INLINE Moments<double> shifted_moments(const T* x, int64_t n) {
+  return shifted_moments_by(
+      n, [x](int64_t i) { return load_wide(x + i, Width<1>{}); },
+      [x](int64_t i, auto w) { return load_wide(x + i, w); });
 }
 
 }  // namespace nk::cpu
