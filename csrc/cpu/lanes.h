@@ -240,19 +240,16 @@ NK_INLINE std::pair<double, double> shifted_mean_m2(int64_t n, double shift, dou
 constexpr int64_t kShiftPiece = 4096;
 
 // Moments of n >= 1 values in pieces of at most kShiftPiece elements, each shifted by its first
-// value, merged in order with Chan's formula: value(i, width) gives the values as doubles (it
-// may have side effects: it is called once per element), shift(i) the value of element i
-// without side effects.
-template <class S, class V> NK_INLINE Moments<double> shifted_moments_by(int64_t n, S&& shift_of, V&& value) {
+// value, merged in order with Chan's formula: shift_of(i) is the value of element i, and
+// sums(i, len, shift, s1, s2) adds the shifted sums of elements [i, i + len) to s1, s2 (zero).
+template <class S, class Sums>
+NK_INLINE Moments<double> piecewise_shifted_moments(int64_t n, S&& shift_of, Sums&& sums) {
   Moments<double> m;
   for (int64_t i = 0; i < n; i += kShiftPiece) {
     const int64_t len = n - i < kShiftPiece ? n - i : kShiftPiece;
     double s1 = 0.0, s2 = 0.0;
     const double shift = shift_of(i);
-    lane_sum2(len, s1, s2, [&](int64_t k, auto w) {
-      const auto d = value(i + k, w) - shift;
-      return two(d, d * d);
-    });
+    sums(i, len, shift, s1, s2);
     const auto mm = shifted_mean_m2(len, shift, s1, s2);
     welford_merge(m, moments_from_two_pass(len, mm.first, mm.second));
   }
@@ -261,9 +258,11 @@ template <class S, class V> NK_INLINE Moments<double> shifted_moments_by(int64_t
 
 // Moments of x[0, n) (n >= 1).
 template <class T> NK_INLINE Moments<double> shifted_moments(const T* x, int64_t n) {
-  return shifted_moments_by(
+  return piecewise_shifted_moments(
       n, [x](int64_t i) { return load_wide(x + i, Width<1>{}); },
-      [x](int64_t i, auto w) { return load_wide(x + i, w); });
+      [x](int64_t i, int64_t len, double shift, double& s1, double& s2) {
+        add_shifted_sums(x + i, len, shift, s1, s2);
+      });
 }
 
 }  // namespace nk::cpu

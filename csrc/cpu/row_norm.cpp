@@ -101,12 +101,15 @@ void row_forward_rows(const RowForwardParams<T>& p, int64_t r0, int64_t r1, bool
         // 7.4 either way; add_rms_norm (512, 768) (the branch below) 0.16-0.24 -> 0.136-0.143
         // on both levels. (Prefetching the next 3 KiB row of x, residual and h instead was 5 %
         // slower.)
-        const Moments<double> m = shifted_moments_by(
+        const Moments<double> m = piecewise_shifted_moments(
             N, [x, res](int64_t i) { return static_cast<double>(x[i] + res[i]); },
-            [x, res, h](int64_t i, auto w) {
-              const auto v = loadw(x + i, w) + loadw(res + i, w);
-              storew(h + i, v, w);
-              return widen(v);
+            [x, res, h](int64_t i, int64_t len, double shift, double& s1, double& s2) {
+              lane_sum2(len, s1, s2, [&](int64_t k, auto w) {
+                const auto v = loadw(x + i + k, w) + loadw(res + i + k, w);
+                storew(h + i + k, v, w);
+                const auto d = widen(v) - shift;
+                return two(d, d * d);
+              });
             });
         mean = m.mean;
         var = m.m2 * inv_n;
